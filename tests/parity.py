@@ -1,0 +1,101 @@
+"""Compare a vision-ft model with timm's on the same weights.
+
+timm's model is randomly initialised, then every norm parameter, BatchNorm statistic and any
+constant-valued tensor (zero-init residual branches, LayerScale, tokens) is perturbed, so a
+mapping bug cannot hide behind an identity default. Its state dict goes through vision-ft's real
+loading path as a .safetensors file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import vision_ft
+
+TOLERANCE = 1e-4  # max |delta| relative to the largest |value| of the reference output
+
+
+def perturbed_timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if key.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+            elif key.endswith("running_mean") or tensor.ndim == 1 or _is_constant(tensor):
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen) + (1.0 if _is_scale(key) else 0.0))
+    return model
+
+
+def _is_scale(key: str) -> bool:
+    return key.endswith("weight") or key.endswith("gamma")
+
+
+def _is_constant(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and bool((tensor == tensor.flatten()[0]).all())
+
+
+def save_checkpoint(model: torch.nn.Module, directory: Path, name: str = "ckpt") -> Path:
+    path = Path(directory) / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def torch_outputs(model: torch.nn.Module, x_nchw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        t = torch.from_numpy(x_nchw)
+        feats = model.forward_features(t)
+        return model.forward_head(feats).numpy(), model.forward_head(feats, pre_logits=True).numpy()
+
+
+def jax_outputs(model, x_nchw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.transpose(x_nchw, (0, 2, 3, 1))
+    feats = model.forward_features(x)
+    return np.asarray(model.forward_head(feats)), np.asarray(model.forward_head(feats, pre_logits=True))
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-12))
+
+
+def assert_parity(
+    name: str,
+    tmp_path: Path,
+    *,
+    img_size: int,
+    batch: int = 2,
+    timm_kwargs: dict | None = None,
+    ours_kwargs: dict | None = None,
+    check_logits: bool = True,
+) -> dict[str, float]:
+    """Build timm's ``name`` with ``timm_kwargs``, load its weights into vision-ft's ``name`` built
+    with ``ours_kwargs`` and compare logits and pre-logit embeddings on one random batch."""
+    ref = perturbed_timm_model(name, **(timm_kwargs or {}))
+    ckpt = save_checkpoint(ref, tmp_path)
+    ours = vision_ft.create_model(name, pretrained=str(ckpt), **(ours_kwargs or timm_kwargs or {}))
+    in_chans = ref.patch_embed.proj.in_channels if hasattr(ref, "patch_embed") else _in_chans(ref)
+    x = np.random.default_rng(0).standard_normal((batch, in_chans, img_size, img_size)).astype(np.float32)
+    ref_logits, ref_pre = torch_outputs(ref, x)
+    our_logits, our_pre = jax_outputs(ours, x)
+    errors = {"pre_logits": relative_error(our_pre, ref_pre)}
+    if check_logits:
+        errors["logits"] = relative_error(our_logits, ref_logits)
+    assert all(e <= TOLERANCE for e in errors.values()), f"{name}: {errors}"
+    return errors
+
+
+def _in_chans(model: torch.nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            return module.in_channels
+    raise ValueError("no conv layer")

@@ -1,0 +1,87 @@
+"""Building blocks shared by several architecture families, with PyTorch/timm numerics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's BatchNorm momentum 0.1 weights the new batch; Flax's 0.9 weights the running value.
+BN_MOMENTUM = 0.9
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """nn.GELU in PyTorch is the exact erf form; jax.nn.gelu defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def torch_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> tuple[tuple[int, int], ...]:
+    """timm's symmetric padding ``((stride - 1) + dilation * (k - 1)) // 2`` on both spatial axes."""
+    pad = ((stride - 1) + dilation * (kernel_size - 1)) // 2
+    return ((pad, pad), (pad, pad))
+
+
+def conv2d(
+    in_chs: int,
+    out_chs: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    dilation: int = 1,
+    bias: bool = False,
+    padding: str | tuple = "torch",
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A 2-D convolution in NHWC. ``padding="torch"`` is timm's symmetric padding; ``"SAME"`` is
+    TensorFlow's (extra row/column at the bottom/right), which tf_* ports need."""
+    if padding == "torch":
+        padding = torch_padding(kernel_size, stride, dilation)
+    return nnx.Conv(
+        in_chs,
+        out_chs,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=padding,
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        use_bias=bias,
+        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def batch_norm(
+    num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+) -> nnx.BatchNorm:
+    return nnx.BatchNorm(
+        num_features, momentum=BN_MOMENTUM, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: drop a whole residual branch per sample, scaling survivors by 1/keep."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs):
+        self.rate = rate
+        self.rngs = rngs["dropout"].fork() if rate > 0 else None
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def linear_head(
+    in_features: int, num_classes: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+) -> nnx.Module | None:
+    """A classifier layer, or ``None`` for ``num_classes=0`` (features only, as timm's Identity)."""
+    if num_classes <= 0:
+        return None
+    return nnx.Linear(in_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -1,0 +1,109 @@
+"""Model registry: timm's architecture names, their default pretrained configs and weight rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flax import nnx
+
+from vision_ft.weights.mapping import MappingRule
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """What a checkpoint expects of its inputs, as in timm's ``pretrained_cfg``.
+
+    ``first_conv`` and ``classifier`` are module paths; they are the same in timm's state dict and
+    in the NNX module because every port mirrors timm's module names.
+    """
+
+    architecture: str
+    tag: str = ""
+    hf_hub_id: str | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    num_classes: int = 1000
+    first_conv: str = "conv1"
+    classifier: str = "fc"
+    license: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}.{self.tag}" if self.tag else self.architecture
+
+
+StateDict = dict[str, np.ndarray]
+StateDictFilter = Callable[[StateDict, nnx.Module], StateDict]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str
+    build: Callable[..., nnx.Module]
+    default_cfg: PretrainedCfg
+    rules: Sequence[MappingRule]
+    tags: tuple[str, ...] = ()
+    # timm's checkpoint_filter_fn analogue: reshapes a checkpoint for this model before mapping.
+    filter_state_dict: StateDictFilter | None = None
+    # keys timm's state dict holds that carry no parameter (BatchNorm's step counter, buffers)
+    ignore_keys: tuple[str, ...] = field(default=(r".*num_batches_tracked$",))
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(entry: ModelEntry) -> ModelEntry:
+    if entry.name in _REGISTRY:
+        raise ValueError(f"model {entry.name!r} registered twice")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    _import_families()
+    base = name.split(".", 1)[0]
+    if base not in _REGISTRY:
+        close = fnmatch.filter(_REGISTRY, f"*{base[:6]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise KeyError(f"unknown model {name!r}{hint}; see `vision-ft models`")
+    entry = _REGISTRY[base]
+    if "." in name:
+        tag = name.split(".", 1)[1]
+        entry = dataclasses.replace(entry, default_cfg=cfg_for_tag(entry, tag))
+    return entry
+
+
+def cfg_for_tag(entry: ModelEntry, tag: str) -> PretrainedCfg:
+    cfg = entry.default_cfg
+    if tag == cfg.tag:
+        return cfg
+    return dataclasses.replace(cfg, tag=tag, hf_hub_id=f"timm/{entry.name}.{tag}")
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """Registered architecture names matching a shell-style ``pattern``; with ``pretrained=True``,
+    ``name.tag`` for every known pretrained tag instead."""
+    _import_families()
+    names = sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    if not pretrained:
+        return names
+    return [f"{n}.{t}" for n in names for t in _REGISTRY[n].tags]
+
+
+def all_entries() -> Mapping[str, ModelEntry]:
+    _import_families()
+    return dict(_REGISTRY)
+
+
+def _import_families() -> None:
+    # Families register themselves on import; importing here keeps `registry` free of cycles.
+    import vision_ft.models  # noqa: F401

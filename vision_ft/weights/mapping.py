@@ -1,0 +1,179 @@
+"""Map timm state-dict keys onto NNX parameter paths with ordered ``(regex, kind, target)`` rules.
+
+Each architecture module declares a table of :class:`MappingRule`. A rule matches a timm *module*
+path (``layer1.0.conv1``) and its ``kind`` says how that module's tensors become NNX variables:
+PyTorch's OIHW conv kernels become HWIO, linear weights are transposed, BatchNorm's running
+statistics become ``mean``/``var``. ``PARAM`` rules match a whole key (``cls_token``) instead.
+Every key must be claimed by a rule and every model variable must be filled, or loading fails
+with one error that lists every problem.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class Kind(enum.Enum):
+    CONV = "conv"
+    LINEAR = "linear"
+    BATCHNORM = "batchnorm"
+    LAYERNORM = "layernorm"
+    PARAM = "param"
+
+
+def _conv_kernel(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO (depthwise: (C,1,h,w) -> (h,w,1,C))
+
+
+def _linear_kernel(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w)
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+# timm parameter name -> (NNX variable name, transform), per module kind
+_SUFFIXES: dict[Kind, dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]] = {
+    Kind.CONV: {"weight": ("kernel", _conv_kernel), "bias": ("bias", _same)},
+    Kind.LINEAR: {"weight": ("kernel", _linear_kernel), "bias": ("bias", _same)},
+    Kind.BATCHNORM: {
+        "weight": ("scale", _same),
+        "bias": ("bias", _same),
+        "running_mean": ("mean", _same),
+        "running_var": ("var", _same),
+    },
+    Kind.LAYERNORM: {"weight": ("scale", _same), "bias": ("bias", _same)},
+}
+
+
+@dataclass(frozen=True)
+class MappingRule:
+    """``pattern`` is a regex matched in full against a timm module path (a whole key for PARAM).
+    ``target`` is an ``re`` replacement template giving the NNX path; ``None`` keeps the path."""
+
+    pattern: str
+    kind: Kind
+    target: str | None = None
+
+    def apply(self, key: str) -> tuple[str, np.ndarray | None, Callable] | None:
+        if self.kind is Kind.PARAM:
+            m = re.fullmatch(self.pattern, key)
+            if m is None:
+                return None
+            return (m.expand(self.target) if self.target else key), None, _same
+        module, _, param = key.rpartition(".")
+        suffix = _SUFFIXES[self.kind].get(param)
+        m = re.fullmatch(self.pattern, module)
+        if m is None or suffix is None:
+            return None
+        nnx_module = m.expand(self.target) if self.target else module
+        return f"{nnx_module}.{suffix[0]}", None, suffix[1]
+
+
+def conv(pattern: str, target: str | None = None) -> MappingRule:
+    return MappingRule(pattern, Kind.CONV, target)
+
+
+def linear(pattern: str, target: str | None = None) -> MappingRule:
+    return MappingRule(pattern, Kind.LINEAR, target)
+
+
+def batchnorm(pattern: str, target: str | None = None) -> MappingRule:
+    return MappingRule(pattern, Kind.BATCHNORM, target)
+
+
+def layernorm(pattern: str, target: str | None = None) -> MappingRule:
+    return MappingRule(pattern, Kind.LAYERNORM, target)
+
+
+def param(pattern: str, target: str | None = None) -> MappingRule:
+    return MappingRule(pattern, Kind.PARAM, target)
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not fit a model; the message lists every offending key."""
+
+
+Path = tuple[str | int, ...]
+
+
+def parse_path(dotted: str) -> Path:
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+def format_path(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def model_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
+    """Every parameter and batch statistic of ``model`` by NNX path."""
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    return {tuple(path): var for path, var in nnx.to_flat_state(state)}
+
+
+def _first_match(rules: Sequence[MappingRule], key: str):
+    for rule in rules:
+        hit = rule.apply(key)
+        if hit is not None:
+            return hit
+    return None
+
+
+def load_state_dict_into(
+    model: nnx.Module,
+    state_dict: dict[str, np.ndarray],
+    rules: Sequence[MappingRule],
+    *,
+    ignore: Iterable[str] = (),
+    keep_model_init: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> None:
+    """Write ``state_dict`` into ``model`` in place, or raise :class:`WeightLoadError`.
+
+    ``ignore`` are regexes of checkpoint keys that carry nothing to load; ``keep_model_init`` are
+    regexes of NNX paths that may stay at their initial value (a classifier replaced for new
+    classes). Nothing is written unless the whole checkpoint fits.
+    """
+    ignore_res = [re.compile(p) for p in ignore]
+    keep_res = [re.compile(p) for p in keep_model_init]
+    targets = model_variables(model)
+    unexpected, mismatched, updates = [], [], {}
+    for key, value in state_dict.items():
+        if any(r.fullmatch(key) for r in ignore_res):
+            continue
+        hit = _first_match(rules, key)
+        path = parse_path(hit[0]) if hit else None
+        if path is None or path not in targets:
+            unexpected.append(key if hit is None else f"{key} (-> {hit[0]})")
+            continue
+        array = hit[2](np.asarray(value))
+        expected = targets[path].get_value().shape
+        if array.shape != tuple(expected):
+            mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
+            continue
+        if path in updates:
+            unexpected.append(f"{key} (-> {hit[0]}, already filled)")
+            continue
+        updates[path] = array
+    missing = [
+        format_path(p)
+        for p in targets
+        if p not in updates and not any(r.fullmatch(format_path(p)) for r in keep_res)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise WeightLoadError("\n".join(lines))
+    for path, array in updates.items():
+        var = targets[path]
+        var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))

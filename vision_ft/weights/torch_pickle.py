@@ -1,0 +1,173 @@
+"""Read PyTorch ``.pth``/``.bin`` state dicts into NumPy without torch and without running file code.
+
+PyTorch checkpoints are pickles. A plain ``pickle.load`` would import and call whatever the file
+names, so this reader uses an unpickler that resolves only the handful of globals a state dict
+needs (tensor rebuild functions, storage types, ``OrderedDict``) and refuses everything else.
+Both on-disk layouts are supported: the zip archive written since PyTorch 1.6 and the older
+"legacy" stream of consecutive pickles followed by raw storages.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The file asks for a Python global that a plain state dict never needs."""
+
+
+@dataclass
+class _Storage:
+    dtype: type
+    key: str
+    numel: int | None = None
+    data: np.ndarray | None = None
+
+
+@dataclass
+class _LazyTensor:
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def materialize(self) -> np.ndarray:
+        flat = self.storage.data
+        if flat is None:
+            raise pickle.UnpicklingError(f"storage {self.storage.key} has no data")
+        if not self.size:
+            return np.array(flat[self.offset])
+        itemsize = flat.dtype.itemsize
+        view = np.lib.stride_tricks.as_strided(
+            flat[self.offset :], shape=self.size, strides=tuple(s * itemsize for s in self.stride)
+        )
+        return np.array(view)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
+    return _LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, *_unused):
+    return data
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.dtype = _STORAGE_DTYPES[name]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, storages: dict[str, _Storage]):
+        super().__init__(file)
+        self._storages = storages
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise UnsafePickleError(f"refusing to load global {module}.{name}: not part of a plain state dict")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise UnsafePickleError(f"unsupported persistent id {pid!r}")
+        storage_type, key = pid[1], str(pid[2])
+        if not isinstance(storage_type, _StorageType):
+            raise UnsafePickleError(f"unsupported storage type {storage_type!r}")
+        if key not in self._storages:
+            numel = int(pid[4]) if len(pid) > 4 else None
+            self._storages[key] = _Storage(storage_type.dtype, key, numel)
+        return self._storages[key]
+
+
+def _materialize(obj):
+    if isinstance(obj, _LazyTensor):
+        return obj.materialize()
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialize(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_materialize(v) for v in obj)
+    return obj
+
+
+def _load_zip(path: Path) -> object:
+    storages: dict[str, _Storage] = {}
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pkl_name = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl_name is None:
+            raise pickle.UnpicklingError("zip archive has no data.pkl: not a PyTorch checkpoint")
+        prefix = pkl_name[: -len("data.pkl")]
+        obj = _RestrictedUnpickler(io.BytesIO(archive.read(pkl_name)), storages).load()
+        for storage in storages.values():
+            raw = archive.read(f"{prefix}data/{storage.key}")
+            storage.data = np.frombuffer(raw, dtype=storage.dtype)
+    return obj
+
+
+def _load_legacy(path: Path) -> object:
+    storages: dict[str, _Storage] = {}
+    with open(path, "rb") as f:
+        magic = _RestrictedUnpickler(f, storages).load()
+        if magic != _LEGACY_MAGIC:
+            raise pickle.UnpicklingError("not a PyTorch checkpoint (bad magic number)")
+        _RestrictedUnpickler(f, storages).load()  # protocol version
+        _RestrictedUnpickler(f, storages).load()  # sys info (endianness, type sizes)
+        obj = _RestrictedUnpickler(f, storages).load()
+        keys = _RestrictedUnpickler(f, storages).load()
+        for key in keys:
+            storage = storages[str(key)]
+            (numel,) = struct.unpack("<q", f.read(8))
+            nbytes = numel * np.dtype(storage.dtype).itemsize
+            raw = f.read(nbytes)
+            if len(raw) != nbytes:
+                raise pickle.UnpicklingError("file is truncated")
+            storage.data = np.frombuffer(raw, dtype=storage.dtype)
+    return obj
+
+
+def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Load a PyTorch state dict as ``{name: np.ndarray}``; tensors nested under
+    ``state_dict``/``model`` keys (training checkpoints) are unwrapped."""
+    path = Path(path)
+    obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    obj = _materialize(obj)
+    for wrapper in ("state_dict", "model", "model_ema"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict):
+        raise pickle.UnpicklingError(f"expected a state dict, found {type(obj).__name__}")
+    state = {}
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            state[str(key).removeprefix("module.")] = value
+    return state
