@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -61,6 +62,10 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
+class UnknownModelError(KeyError):
+    """No registered architecture has this name."""
+
+
 def register_model(entry: ModelEntry) -> ModelEntry:
     if entry.name in _REGISTRY:
         raise ValueError(f"model {entry.name!r} registered twice")
@@ -74,7 +79,7 @@ def get_model_entry(name: str) -> ModelEntry:
     if base not in _REGISTRY:
         close = fnmatch.filter(_REGISTRY, f"*{base[:6]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint}; see `vision-ft models`")
+        raise UnknownModelError(f"unknown model {name!r}{hint}; see `vision-ft models`")
     entry = _REGISTRY[base]
     if "." in name:
         tag = name.split(".", 1)[1]
@@ -93,10 +98,14 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Registered architecture names matching a shell-style ``pattern``; with ``pretrained=True``,
     ``name.tag`` for every known pretrained tag instead."""
     _import_families()
-    names = sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    names = sorted((n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)), key=_natural_key)
     if not pretrained:
         return names
     return [f"{n}.{t}" for n in names for t in _REGISTRY[n].tags]
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def all_entries() -> Mapping[str, ModelEntry]:

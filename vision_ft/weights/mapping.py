@@ -146,6 +146,7 @@ def load_state_dict_into(
     keep_res = [re.compile(p) for p in keep_model_init]
     targets = model_variables(model)
     unexpected, mismatched, updates = [], [], {}
+    mismatched_paths = set()
     for key, value in state_dict.items():
         if any(r.fullmatch(key) for r in ignore_res):
             continue
@@ -158,6 +159,7 @@ def load_state_dict_into(
         expected = targets[path].get_value().shape
         if array.shape != tuple(expected):
             mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
+            mismatched_paths.add(path)
             continue
         if path in updates:
             unexpected.append(f"{key} (-> {hit[0]}, already filled)")
@@ -166,7 +168,7 @@ def load_state_dict_into(
     missing = [
         format_path(p)
         for p in targets
-        if p not in updates and not any(r.fullmatch(format_path(p)) for r in keep_res)
+        if p not in updates and p not in mismatched_paths and not any(r.fullmatch(format_path(p)) for r in keep_res)
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit {type(model).__name__}:"]

@@ -1,0 +1,211 @@
+"""Checkpoint reading and timm's loading semantics, exercised on ResNet-18 at small inputs."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import vision_ft
+from tests.parity import (
+    TOLERANCE,
+    jax_outputs,
+    perturbed_timm_model,
+    relative_error,
+    save_checkpoint,
+    torch_outputs,
+)
+from vision_ft.weights.mapping import WeightLoadError
+from vision_ft.weights.sources import WeightSourceError
+from vision_ft.weights.torch_pickle import UnsafePickleError, load_torch_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def resnet18_ckpt(tmp_path_factory):
+    ref = perturbed_timm_model("resnet18")
+    return ref, save_checkpoint(ref, tmp_path_factory.mktemp("ckpt"))
+
+
+def _batch(in_chans, size=48):
+    return np.random.default_rng(1).standard_normal((2, in_chans, size, size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pth_reader_matches_torch_load(tmp_path, zip_format):
+    state = {
+        "w": torch.randn(4, 3).t(),  # non-contiguous
+        "view": torch.arange(10.0)[3:7],  # storage offset
+        "half": torch.randn(5).half(),
+        "bf16": torch.randn(5).bfloat16(),
+        "steps": torch.tensor(7),
+    }
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    loaded = load_torch_state_dict(path)
+    assert set(loaded) == set(state)
+    for key, tensor in state.items():
+        np.testing.assert_array_equal(loaded[key].astype(np.float32), tensor.float().numpy())
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pth_reader_never_executes_code(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(2), "x": _RunsCode(marker)}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafePickleError, match="posix.system"):
+        load_torch_state_dict(path)
+    assert not marker.exists()
+    with pytest.raises(WeightSourceError, match="refused"):
+        vision_ft.create_model("resnet18", pretrained=path)
+
+
+def test_pth_and_safetensors_load_identically(tmp_path, resnet18_ckpt):
+    ref, st_path = resnet18_ckpt
+    pth_path = tmp_path / "ckpt.pth"
+    torch.save(ref.state_dict(), pth_path)
+    x = _batch(3)
+    a = jax_outputs(vision_ft.create_model("resnet18", pretrained=st_path), x)
+    b = jax_outputs(vision_ft.create_model("resnet18", pretrained=pth_path), x)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_safetensors_loading_needs_no_torch(resnet18_ckpt):
+    _, path = resnet18_ckpt
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        import vision_ft
+        m = vision_ft.create_model("resnet18", pretrained={str(path)!r})
+        print(m.num_classes)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "1000"
+
+
+@pytest.mark.parametrize("in_chans", [1, 4, 13])
+def test_in_chans_adapted_like_timm(tmp_path, resnet18_ckpt, in_chans):
+    _, path = resnet18_ckpt
+    ref = timm.create_model(
+        "resnet18", in_chans=in_chans, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
+    ours = vision_ft.create_model("resnet18", pretrained=path, in_chans=in_chans)
+    x = _batch(in_chans)
+    for mine, theirs in zip(jax_outputs(ours, x), torch_outputs(ref, x), strict=True):
+        assert relative_error(mine, theirs) <= TOLERANCE
+    assert len(ours.pretrained_cfg.mean) == in_chans
+
+
+def test_new_num_classes_drops_classifier(resnet18_ckpt):
+    ref, path = resnet18_ckpt
+    ours = vision_ft.create_model("resnet18", pretrained=path, num_classes=7)
+    x = _batch(3)
+    logits, pre = jax_outputs(ours, x)
+    assert logits.shape == (2, 7)
+    assert relative_error(pre, torch_outputs(ref, x)[1]) <= TOLERANCE
+    headless = vision_ft.create_model("resnet18", pretrained=path, num_classes=0)
+    assert headless.fc is None
+    np.testing.assert_allclose(jax_outputs(headless, x)[0], pre, rtol=1e-6)
+
+
+def test_num_classes_follows_checkpoint_when_unset(tmp_path):
+    ref = perturbed_timm_model("resnet18", num_classes=3)
+    path = save_checkpoint(ref, tmp_path)
+    assert vision_ft.create_model("resnet18", pretrained=path).num_classes == 3
+
+
+def test_mismatched_checkpoint_lists_every_problem(tmp_path, resnet18_ckpt):
+    ref, _ = resnet18_ckpt
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    del state["layer1.0.conv1.weight"], state["layer4.1.bn2.running_var"]
+    state["extra.weight"] = torch.zeros(3)
+    state["layer2.0.conv2.weight"] = torch.zeros(128, 128, 1, 1)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightLoadError) as err:
+        vision_ft.create_model("resnet18", pretrained=path)
+    message = str(err.value)
+    for fragment in ("layer1.0.conv1.kernel", "layer4.1.bn2.var", "extra.weight", "layer2.0.conv2.weight"):
+        assert fragment in message
+    assert "missing (2)" in message and "unexpected (1)" in message and "shape mismatch (1)" in message
+
+
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
+    path = save_checkpoint(perturbed_timm_model("resnet18"), tmp_path)
+    with pytest.raises(WeightLoadError, match="missing"):
+        vision_ft.create_model("resnet50", pretrained=path)
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(WeightSourceError, match="no such file"):
+        vision_ft.create_model("resnet18", pretrained=tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightSourceError, match="could not be read"):
+        vision_ft.create_model("resnet18", pretrained=junk)
+    truncated = tmp_path / "trunc.pth"
+    torch.save({"w": torch.randn(100)}, truncated, _use_new_zipfile_serialization=False)
+    truncated.write_bytes(truncated.read_bytes()[:-50])
+    with pytest.raises(WeightSourceError, match="could not be read"):
+        vision_ft.create_model("resnet18", pretrained=truncated)
+
+
+def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, Path | str]) -> None:
+    """Lay out files as huggingface_hub's cache does, so an offline download finds them."""
+    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    for name, content in files.items():
+        target = snapshot / name
+        if isinstance(content, Path):
+            target.write_bytes(content.read_bytes())
+        else:
+            target.write_text(content)
+
+
+def test_hf_hub_spec_offline_from_cache(tmp_path, resnet18_ckpt, monkeypatch):
+    _, path = resnet18_ckpt
+    cache = tmp_path / "hub"
+    config = '{"pretrained_cfg": {"crop_pct": 0.9, "interpolation": "bilinear", "num_classes": 1000}}'
+    _fake_hub_cache(cache, "timm/resnet18.tv_in1k", {"model.safetensors": path, "config.json": config})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    model = vision_ft.create_model("resnet18", pretrained="hf-hub:timm/resnet18.tv_in1k")
+    assert model.pretrained_cfg.interpolation == "bilinear" and model.pretrained_cfg.crop_pct == 0.9
+    np.testing.assert_array_equal(
+        jax_outputs(model, _batch(3))[0], jax_outputs(vision_ft.create_model("resnet18", pretrained=path), _batch(3))[0]
+    )
+    with pytest.raises(WeightSourceError, match="could not fetch weights hf-hub:timm/resnet18.a1_in1k"):
+        vision_ft.create_model("resnet18", pretrained=True)
+
+
+def test_list_models():
+    names = vision_ft.list_models()
+    for family_member in ("resnet50d", "efficientnet_b3", "tf_efficientnet_lite4", "convnext_large",
+                          "vit_base_patch16_384", "vit_small_patch14_reg4_dinov2"):
+        assert family_member in names
+    assert vision_ft.list_models("resnet*") == ["resnet18", "resnet34", "resnet50", "resnet50d", "resnet101", "resnet152"]
+    assert "resnet50.a1_in1k" in vision_ft.list_models("resnet50", pretrained=True)
