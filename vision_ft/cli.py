@@ -10,12 +10,24 @@ from pathlib import Path
 
 import click
 
+from vision_ft.data.npz import DataError
 from vision_ft.models.registry import UnknownModelError
+from vision_ft.train.checkpoint import CheckpointMismatchError
+from vision_ft.train.config import ConfigError
+from vision_ft.train.rules import RuleError
 from vision_ft.weights.mapping import WeightLoadError
 from vision_ft.weights.sources import WeightSourceError
 
 # Errors that mean "the user's input is wrong": a message, exit code 2, no traceback.
-USER_ERRORS = (WeightSourceError, WeightLoadError, UnknownModelError)
+USER_ERRORS = (
+    WeightSourceError,
+    WeightLoadError,
+    UnknownModelError,
+    ConfigError,
+    DataError,
+    RuleError,
+    CheckpointMismatchError,
+)
 
 
 class UserError(click.ClickException):
@@ -116,6 +128,45 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
     click.echo(f"{image.name}  ({model_name}, {model.pretrained_cfg.input_size[1]} px)")
     for idx in np.argsort(-probs)[:top_k]:
         click.echo(f"  {probs[idx]:7.4f}  {idx:4d}  {labels[idx]}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML file of fit settings.")
+@click.option("--model", help="timm architecture name [tf_efficientnet_lite0].")
+@click.option("--pretrained", help="true, false, hf-hub:timm/NAME.TAG or a checkpoint file [true].")
+@click.option("--data", help="npz:PATH (MedMNIST layout) [bundled BreastMNIST].")
+@click.option("--img-size", type=int)
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--freeze", help="Comma-separated regexes or groups (stem, blocks.N[-M], stages.N, head, backbone).")
+@click.option("--layer-decay", type=float, help="Layer-wise LR decay, e.g. 0.75.")
+@click.option("--class-weights", type=click.Choice(["none", "auto"]))
+@click.option("--recipe", type=click.Choice(["standard", "fine_tune"]))
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option("--train-bn/--no-train-bn", default=None, help="Update BatchNorm statistics of frozen layers.")
+@click.option("--seed", type=int)
+@click.option("--output", help="Run directory [runs/fit].")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --output exactly.")
+@click.option("--no-progress", is_flag=True, help="Log instead of drawing a progress bar.")
+@user_errors_exit_2
+def fit(config_path: Path | None, no_progress: bool, **overrides) -> None:
+    """Fine-tune a pretrained backbone (default: tf_efficientnet_lite0 on bundled BreastMNIST)."""
+    from vision_ft.train.config import load_config
+    from vision_ft.train.loop import FitRun, RunDirError
+
+    cfg = load_config(config_path, overrides)
+    try:
+        final = FitRun(cfg, progress=not no_progress).run()
+    except (RunDirError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    test = final.get("test")
+    if test:
+        click.echo(
+            f"test AUC {test['auc']:.4f}  accuracy {test['accuracy']:.4f}  balanced accuracy "
+            f"{test['balanced_accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  ({final['wall_seconds']:.0f} s)"
+        )
+    click.echo(f"run written to {cfg.output}")
 
 
 if __name__ == "__main__":

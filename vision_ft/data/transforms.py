@@ -9,7 +9,7 @@ from PIL import Image
 
 from vision_ft.models.registry import PretrainedCfg
 
-_PIL_INTERPOLATION = {
+PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -26,7 +26,7 @@ def resize_shorter(image: Image.Image, size: int, interpolation: str) -> Image.I
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
-    return image.resize((new_w, new_h), _PIL_INTERPOLATION[interpolation])
+    return image.resize((new_w, new_h), PIL_INTERPOLATION[interpolation])
 
 
 def center_crop(image: Image.Image, height: int, width: int) -> Image.Image:

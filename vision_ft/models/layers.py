@@ -55,11 +55,30 @@ def conv2d(
     )
 
 
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm that a fine-tune can freeze: with ``frozen_stats`` set it always normalizes
+    with its running statistics and never updates them, like a frozen timm layer kept in eval mode,
+    whatever ``train`` the model is called with."""
+
+    frozen_stats: bool = False
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        if self.frozen_stats:
+            use_running_average = True
+        return super().__call__(x, use_running_average=use_running_average, mask=mask)
+
+
 def batch_norm(
     num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
-) -> nnx.BatchNorm:
-    return nnx.BatchNorm(
-        num_features, momentum=BN_MOMENTUM, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+) -> BatchNorm:
+    return BatchNorm(
+        num_features,
+        momentum=BN_MOMENTUM,
+        epsilon=eps,
+        use_fast_variance=False,  # two-pass variance, closer to PyTorch's than E[x^2] - E[x]^2
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
     )
 
 

@@ -184,6 +184,10 @@ class ResNet(Backbone):
             return x
         return self.fc(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping for layer-wise settings: the stem, then stages (coarse) or blocks."""
+        return dict(stem=r"^conv1|^bn1", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         self.num_classes = num_classes
         self.fc = linear_head(self.num_features, num_classes, rngs=rngs or nnx.Rngs(0), **self._head_kw)

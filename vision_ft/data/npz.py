@@ -1,0 +1,80 @@
+"""``npz:PATH`` sources: MedMNIST-style archives with ``{split}_images`` and ``{split}_labels``."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vision_ft.data.transforms import PIL_INTERPOLATION
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Unusable data: the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class ArraySplit:
+    """Images as uint8 NHWC (already at the model's resolution) and integer labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read every split present in a MedMNIST-layout ``.npz``; ``train`` is required."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        # allow_pickle=False: an .npz holding object arrays cannot run code on load
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"data file {path} could not be read: {e}") from None
+    splits = {}
+    for split in SPLITS:
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None and labels is None:
+            continue
+        if images is None or labels is None:
+            raise DataError(f"{path}: {split}_images and {split}_labels must come together")
+        labels = labels.reshape(len(labels), -1)
+        if labels.shape[1] != 1:
+            raise DataError(f"{path}: {split}_labels has {labels.shape[1]} columns; multi-label is not supported here")
+        if images.ndim not in (3, 4) or len(images) != len(labels):
+            raise DataError(f"{path}: {split}_images has shape {images.shape} for {len(labels)} labels")
+        if images.dtype != np.uint8:
+            raise DataError(f"{path}: {split}_images must be uint8, found {images.dtype}")
+        splits[split] = (images if images.ndim == 4 else images[..., None], labels[:, 0].astype(np.int64))
+    if "train" not in splits:
+        raise DataError(f"{path} has no train_images/train_labels")
+    return splits
+
+
+def resize_images(images: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    """Resize uint8 NHWC images to ``size`` x ``size`` with PIL's filter of that name."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, images.shape[3]), np.uint8)
+    resample = PIL_INTERPOLATION[interpolation]
+    for i, image in enumerate(images):
+        pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+        resized = np.asarray(pil.resize((size, size), resample))
+        out[i] = resized[..., None] if resized.ndim == 2 else resized
+    return out
+
+
+def load_npz_splits(path: str | Path, size: int, interpolation: str) -> dict[str, ArraySplit]:
+    return {
+        name: ArraySplit(resize_images(images, size, interpolation), labels)
+        for name, (images, labels) in load_npz(path).items()
+    }

@@ -1,0 +1,1 @@
+"""Training: optimizer rules, step, loop, checkpoints and metrics."""

@@ -1,0 +1,100 @@
+"""Run checkpoints with Orbax: the latest state for ``--resume`` and the best by a validation metric.
+
+Orbax writes each checkpoint to a temporary directory and renames it into place when complete, and
+deletes an older one only after the newer one is final, so a process killed mid-write leaves the
+previous checkpoint intact. Restoring goes against an abstract target and first checks every key
+and shape of the saved tree, so a checkpoint from another model or config fails with one message
+listing the differences instead of loading partially.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose tree does not match what this run expects."""
+
+
+def _key_str(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {".".join(_key_str(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+
+def check_compatible(saved_metadata, abstract, where: str) -> None:
+    saved, wanted = _shapes(saved_metadata), _shapes(abstract)
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    mismatched = [f"{k}: saved {saved[k]} vs expected {wanted[k]}" for k in sorted(set(saved) & set(wanted))
+                  if saved[k] != wanted[k]]
+    if missing or unexpected or mismatched:
+        parts = [f"checkpoint {where} does not match this run"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                parts.append(f"{title} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
+        raise CheckpointMismatchError("; ".join(parts))
+
+
+def abstract_like(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class RunCheckpoints:
+    """``DIR/latest`` keeps the newest state; ``DIR/best`` keeps the best by a scalar metric."""
+
+    def __init__(self, directory: str | Path, *, best_mode: str = "max"):
+        self.directory = Path(directory).absolute()
+        common = dict(create=True, enable_async_checkpointing=False)
+        self.latest = ocp.CheckpointManager(
+            self.directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **common)
+        )
+        self.best = ocp.CheckpointManager(
+            self.directory / "best",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["score"], best_mode=best_mode, **common
+            ),
+        )
+
+    def save_latest(self, step: int, state) -> None:
+        self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.latest.wait_until_finished()
+
+    def save_best(self, step: int, state, score: float) -> None:
+        self.best.save(step, args=ocp.args.StandardSave(state), metrics={"score": float(score)}, force=True)
+        self.best.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.best.best_step()
+
+    def _restore(self, manager: ocp.CheckpointManager, step: int, abstract):
+        check_compatible(manager.item_metadata(step), abstract, str(manager.directory / str(step)))
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def restore_latest(self, abstract):
+        step = self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.directory / 'latest'}")
+        return step, self._restore(self.latest, step, abstract)
+
+    def restore_best(self, abstract):
+        step = self.best_step()
+        if step is None:
+            raise FileNotFoundError(f"no best checkpoint in {self.directory / 'best'}")
+        return step, self._restore(self.best, step, abstract)
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

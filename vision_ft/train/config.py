@@ -1,0 +1,135 @@
+"""``vision-ft fit`` configuration: a frozen dataclass, loaded from YAML and command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BUNDLED_DATA = "npz:bundled:breastmnist"
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    # what to train
+    model: str = "tf_efficientnet_lite0"
+    pretrained: str = "true"  # "true", "false", "hf-hub:timm/NAME.TAG", a checkpoint file, or "run:DIR"
+    data: str = BUNDLED_DATA
+    img_size: int = 128
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    clip_norm: float = 1.0
+    accumulate_steps: int = 1
+    label_smoothing: float = 0.1
+    class_weights: str = "none"  # "none" or "auto" (inverse class frequency)
+    drop_path_rate: float = 0.1
+    # which parameters train, and how fast: ordered (pattern, value) rules; see train/rules.py
+    freeze: tuple[str, ...] = ()
+    lr_rules: tuple[tuple[str, float], ...] = ((".*", 1.0),)
+    layer_decay: float | None = None
+    train_bn: bool = False  # frozen BatchNorm layers keep running statistics unless this is set
+    # fastai's fine_tune: head-only epochs with the backbone frozen, then everything unfrozen
+    recipe: str = "standard"  # "standard" or "fine_tune"
+    head_epochs: int = 1
+    head_lr_mult: float = 10.0  # LR multiplier of the head phase relative to lr
+    # augmentation, applied on device
+    hflip: bool = True
+    vflip: bool = False
+    translate: float = 0.1  # max shift as a fraction of the image side
+    # run
+    precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 parameters)
+    seed: int = 0
+    output: str = "runs/fit"
+    resume: bool = False
+    select_metric: str = "auc"
+    save_every_steps: int = 0  # 0: at each epoch end only
+    eval_batch_size: int = 64
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def validate(self) -> FitConfig:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.img_size >= 16, "img_size must be >= 16"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.accumulate_steps >= 1, "accumulate_steps must be >= 1"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.class_weights in ("none", "auto"), "class_weights must be 'none' or 'auto'"),
+            (self.recipe in ("standard", "fine_tune"), "recipe must be 'standard' or 'fine_tune'"),
+            (self.precision in ("fp32", "bf16"), "precision must be 'fp32' or 'bf16'"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
+            (self.select_metric in ("auc", "accuracy", "balanced_accuracy", "macro_f1", "loss"),
+             "select_metric must be auc, accuracy, balanced_accuracy, macro_f1 or loss"),
+            (self.recipe != "fine_tune" or self.head_epochs < self.epochs, "head_epochs must be < epochs"),
+            (0 <= self.translate < 0.5, "translate must be in [0, 0.5)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("extra")
+        out["freeze"] = list(self.freeze)
+        out["lr_rules"] = [list(r) for r in self.lr_rules]
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(FitConfig) if f.name != "extra"}
+
+
+def _coerce(name: str, value):
+    hint = typing.get_type_hints(FitConfig)[name]
+    try:
+        if name == "freeze":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(s.strip() for s in items if str(s).strip())
+        if name == "lr_rules":
+            return tuple((str(p), float(m)) for p, m in value)
+        if name == "layer_decay":
+            return None if value in (None, "none") else float(value)
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return {int: int, float: float, str: str}.get(hint, lambda v: v)(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value for {name}: {value!r}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> FitConfig:
+    """Defaults, then the YAML file, then overrides (``None`` values are ignored)."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        unknown = sorted(set(loaded) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return FitConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()

@@ -1,0 +1,316 @@
+"""``fit``: fine-tune a model on a dataset with checkpoints, evaluation and exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vision_ft.data.batches import eval_batches, train_batch
+from vision_ft.data.sources import Dataset, load_dataset
+from vision_ft.models.factory import create_model
+from vision_ft.train import report
+from vision_ft.train.checkpoint import RunCheckpoints, abstract_like
+from vision_ft.train.config import FitConfig
+from vision_ft.train.groups import layer_ids, param_paths
+from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.optimizer import build_optimizer, warmup_cosine
+from vision_ft.train.rules import build_plan
+from vision_ft.train.step import Augment, Trainer, data_mesh, freeze_batchnorm
+
+log = logging.getLogger("vision_ft.fit")
+
+
+class RunDirError(ValueError):
+    """The output directory holds another run and --resume was not given."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of steps with one set of trainable parameters and one optimizer."""
+
+    name: str
+    first_step: int
+    last_step: int  # exclusive
+    freeze: tuple[str, ...]
+    lr: float
+    layer_decay: float | None
+
+
+def plan_phases(cfg: FitConfig, steps_per_epoch: int, num_layers: int) -> list[Phase]:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.recipe == "standard":
+        return [Phase("train", 0, total, cfg.freeze, cfg.lr, cfg.layer_decay)]
+    # fastai's fine_tune: train the new head alone, then everything with discriminative rates that
+    # fall by 100x from the head to the stem (unless layer_decay says otherwise), at half the LR.
+    head_steps = cfg.head_epochs * steps_per_epoch
+    decay = cfg.layer_decay if cfg.layer_decay is not None else 0.01 ** (1 / max(num_layers - 1, 1))
+    return [
+        Phase("head", 0, head_steps, (*cfg.freeze, "backbone"), cfg.lr * cfg.head_lr_mult, None),
+        Phase("full", head_steps, total, cfg.freeze, cfg.lr / 2, decay),
+    ]
+
+
+def class_weights_for(cfg: FitConfig, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    if cfg.class_weights == "none":
+        return np.ones(num_classes, np.float32)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+def _resolve_pretrained(spec: str) -> bool | str:
+    return {"true": True, "false": False}.get(spec.lower(), spec)
+
+
+class FitRun:
+    """One fine-tuning run: data, model, phases, checkpoints and reporting."""
+
+    def __init__(self, cfg: FitConfig, *, devices=None, progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.progress = progress
+        self.mesh = data_mesh(devices)
+        n_dev = self.mesh.devices.size
+        if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
+            raise ValueError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
+        self._check_output_dir()
+        dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
+        probe = create_model(cfg.model)  # cheap way to learn the default preprocessing
+        interpolation = probe.pretrained_cfg.interpolation
+        del probe
+        self.data: Dataset = load_dataset(cfg.data, img_size=cfg.img_size, interpolation=interpolation)
+        self.num_classes = len(self.data.class_names)
+        self.model = create_model(
+            cfg.model,
+            pretrained=_resolve_pretrained(cfg.pretrained),
+            num_classes=self.num_classes,
+            in_chans=self.data.channels,
+            img_size=cfg.img_size,
+            drop_path_rate=cfg.drop_path_rate,
+            dtype=dtype,
+            seed=cfg.seed,
+        )
+        train = self.data.splits["train"]
+        self.steps_per_epoch = len(train) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        num_layers = max(layer_ids(param_paths(self.model), self.model.group_matcher()).values()) + 1
+        self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers)
+        self.class_weights = class_weights_for(cfg, train.labels, self.num_classes)
+        self.checkpoints = RunCheckpoints(self.out / "checkpoints", best_mode="min" if cfg.select_metric == "loss" else "max")
+
+    def _check_output_dir(self) -> None:
+        has_run = (self.out / "checkpoints").exists() or (self.out / "metrics.jsonl").exists()
+        if has_run and not self.cfg.resume:
+            raise RunDirError(f"--output {self.out} already holds a run; pass --resume or choose another directory")
+        if self.cfg.resume and not has_run:
+            raise RunDirError(f"--resume: {self.out} holds no run to resume")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # -- phases ---------------------------------------------------------------------------------
+    def _trainer(self, phase: Phase) -> Trainer:
+        cfg = self.cfg
+        plan = build_plan(self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay)
+        freeze_batchnorm(self.model, plan, enabled=not cfg.train_bn)
+        steps = phase.last_step - phase.first_step
+        schedule = warmup_cosine(
+            phase.lr,
+            total_steps=max(steps // cfg.accumulate_steps, 1),
+            warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch) // cfg.accumulate_steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        tx = build_optimizer(
+            plan, schedule, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, accumulate_steps=cfg.accumulate_steps
+        )
+        trainable = sum(s.trainable for s in plan.values())
+        log.info("phase %s: %d/%d parameter tensors trainable, lr %.2e", phase.name, trainable, len(plan), phase.lr)
+        return Trainer(
+            self.model,
+            plan,
+            tx,
+            self.mesh,
+            class_weights=self.class_weights,
+            label_smoothing=cfg.label_smoothing,
+            augment=Augment(cfg.hflip, cfg.vflip, cfg.translate),
+            seed=cfg.seed,
+        )
+
+    def _phase_at(self, step: int) -> Phase:
+        return next(p for p in self.phases if p.first_step <= step < p.last_step)
+
+    # -- checkpoint state -------------------------------------------------------------------------
+    def _state(self, trainer: Trainer, step: int, best_score: float) -> dict:
+        trainer.write_back(self.model)
+        return {
+            "params": nnx.state(self.model, nnx.Param),
+            "stats": nnx.state(self.model, nnx.BatchStat),
+            "opt_state": trainer.opt_state,
+            "step": jnp.int32(step),
+            "best_score": jnp.float32(best_score),
+        }
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def predict_split(self, trainer: Trainer, split: str) -> tuple[np.ndarray, np.ndarray]:
+        data = self.data.splits[split]
+        outputs = []
+        for images, _, real in eval_batches(data, self.cfg.eval_batch_size):
+            outputs.append(np.asarray(trainer.predict(images))[:real])
+        return data.labels, np.concatenate(outputs)
+
+    def evaluate(self, trainer: Trainer, split: str) -> dict:
+        labels, logits = self.predict_split(trainer, split)
+        return classification_metrics(labels, logits, self.class_weights)
+
+    def _score(self, metrics: dict) -> float:
+        value = metrics[self.cfg.select_metric]
+        return float(value) if np.isfinite(value) else -math.inf
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        started = time.time()
+        report.write_json(self.out / "config.json", {**cfg.to_dict(), "num_classes": self.num_classes,
+                                                     "class_names": list(self.data.class_names),
+                                                     "in_chans": self.data.channels,
+                                                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg)})
+        step, best_score = 0, -math.inf if cfg.select_metric != "loss" else math.inf
+        trainer = self._trainer(self.phases[0])
+        if cfg.resume:
+            step, best_score, trainer = self._resume(trainer)
+        metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None)
+        has_val = "val" in self.data.splits
+        train_split = self.data.splits["train"]
+        phase = self._phase_at(step) if step < self.total_steps else self.phases[-1]
+        epoch_losses: list[float] = []
+        progress = _Progress(self.total_steps, cfg.batch_size, enabled=self.progress)
+        progress.advance_to(step)
+        while step < self.total_steps:
+            current = self._phase_at(step)
+            if current is not phase:
+                trainer.write_back(self.model)
+                phase, trainer = current, self._trainer(current)
+            images, labels, mask = train_batch(train_split, step, cfg.batch_size, cfg.seed)
+            out = trainer.train_step(images, labels, mask, step)
+            epoch_losses.append(out["loss"])
+            step += 1
+            progress.update(step, out["loss"])
+            end_of_epoch = step % self.steps_per_epoch == 0
+            if end_of_epoch:
+                epoch = step // self.steps_per_epoch
+                metrics_log.log("train", epoch, step, {"loss": float(np.mean(jax.device_get(epoch_losses)))})
+                epoch_losses = []
+                if has_val:
+                    val = self.evaluate(trainer, "val")
+                    metrics_log.log("val", epoch, step, val)
+                    score = self._score(val) if cfg.select_metric != "loss" else val["loss"]
+                    improved = score > best_score if cfg.select_metric != "loss" else score < best_score
+                    progress.note(f"epoch {epoch}: val {cfg.select_metric} {val[cfg.select_metric]:.4f}")
+                    if improved:
+                        best_score = score
+                        self.checkpoints.save_best(step, self._state(trainer, step, best_score), score)
+            if end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
+        progress.close()
+        final = self._finish(trainer, metrics_log, started)
+        metrics_log.close()
+        self.checkpoints.close()
+        return final
+
+    def _resume(self, trainer: Trainer) -> tuple[int, float, Trainer]:
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            raise RunDirError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        phase = self._phase_at(latest) if latest < self.total_steps else self.phases[-1]
+        if phase is not self.phases[0]:
+            trainer.write_back(self.model)
+            trainer = self._trainer(phase)
+        _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
+        nnx.update(self.model, restored["params"], restored["stats"])
+        trainer = self._trainer(phase)
+        trainer.opt_state = jax.device_put(restored["opt_state"], trainer.replicated)
+        log.info("resumed from step %d", int(restored["step"]))
+        return int(restored["step"]), float(restored["best_score"]), trainer
+
+    def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
+        """Evaluate the best checkpoint (by validation metric) on the test split and write reports."""
+        best_step = self.checkpoints.best_step()
+        if best_step is not None:
+            _, restored = self.checkpoints.restore_best(abstract_like(self._state(trainer, 0, 0.0)))
+            nnx.update(self.model, restored["params"], restored["stats"])
+            trainer = self._trainer(self.phases[-1])
+        best_val = next(
+            (r for r in metrics_log.records if r["split"] == "val" and r["step"] == best_step), None
+        )
+        final: dict = {"best_val": _public(best_val) if best_val else None}
+        names = list(self.data.class_names)
+        if "test" in self.data.splits:
+            labels, logits = self.predict_split(trainer, "test")
+            test = classification_metrics(labels, logits, self.class_weights)
+            final["test"] = _public(test)
+            epoch = best_val["epoch"] if best_val else self.cfg.epochs
+            metrics_log.log("test", epoch, best_step or self.total_steps, test)
+            probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+            report.plot_confusion_matrix(test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test")
+            report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
+        report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
+        final["best_step"] = best_step
+        final["wall_seconds"] = round(time.time() - started, 1)
+        report.write_json(self.out / "final.json", final)
+        return final
+
+
+def _public(metrics: dict) -> dict:
+    keep = ("epoch", "step", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+class _Progress:
+    """A rich progress bar with ETA and images/s; silent when disabled."""
+
+    def __init__(self, total: int, batch_size: int, *, enabled: bool):
+        self.enabled, self.batch_size = enabled, batch_size
+        self._t0, self._start_step = time.time(), 0
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]} img/s  loss {task.fields[loss]}"),
+        )
+        self.task = self.bar.add_task("fit", total=total, rate="-", loss="-")
+        self.bar.start()
+
+    def advance_to(self, step: int) -> None:
+        self._start_step = step
+        if self.enabled:
+            self.bar.update(self.task, completed=step)
+
+    def update(self, step: int, loss) -> None:
+        if not self.enabled:
+            return
+        rate = (step - self._start_step) * self.batch_size / max(time.time() - self._t0, 1e-9)
+        fields = {"rate": f"{rate:.0f}"}
+        if step % 10 == 0:
+            fields["loss"] = f"{float(loss):.4f}"
+        self.bar.update(self.task, completed=step, **fields)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            self.bar.console.log(message)
+        else:
+            log.info(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()

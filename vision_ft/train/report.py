@@ -1,0 +1,121 @@
+"""What a run writes under ``--output``: metrics.jsonl, TensorBoard events, PNG plots, final.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vision_ft.train.metrics import roc_curve
+
+SCALARS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc")
+
+
+class MetricsLog:
+    """Appends one JSON object per evaluation to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, directory: Path, *, resume_step: int | None = None):
+        from tensorboardX import SummaryWriter
+
+        self.path = directory / "metrics.jsonl"
+        records = self.read(self.path) if resume_step is not None else []
+        # on resume, forget what was logged after the checkpoint: those steps run again
+        self.records = [r for r in records if r["step"] <= (resume_step or 0)]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def log(self, split: str, epoch: int, step: int, metrics: dict) -> dict:
+        record = {"epoch": epoch, "step": step, "split": split, **metrics}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and np.isfinite(value):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        self.writer.flush()
+        return record
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot_learning_curves(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        rows = [r for r in records if r["split"] == split]
+        if rows:
+            axes[0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], style, label=f"{split} loss")
+    for key in ("auc", "accuracy", "balanced_accuracy"):
+        rows = [r for r in records if r["split"] == "val" and key in r]
+        if rows:
+            axes[1].plot([r["epoch"] for r in rows], [r[key] for r in rows], "o-", label=f"val {key}")
+    axes[0].set_xlabel("epoch")
+    axes[1].set_xlabel("epoch")
+    axes[0].legend()
+    axes[1].legend()
+    axes[1].set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(cm) + 2.5, 1.2 * len(cm) + 2))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(cm)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    for c in classes:
+        if 0 < (labels == c).sum() < len(labels):
+            fpr, tpr = roc_curve(labels == c, probs[:, c])
+            ax.plot(fpr, tpr, label=class_names[c])
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
