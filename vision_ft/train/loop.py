@@ -149,13 +149,20 @@ class FitRun:
         return next(p for p in self.phases if p.first_step <= step < p.last_step)
 
     # -- checkpoint state -------------------------------------------------------------------------
-    def _state(self, trainer: Trainer, step: int, best_score: float) -> dict:
+    def _weights(self, trainer: Trainer, step: int) -> dict:
+        """What the best checkpoint keeps: the model's weights, enough to evaluate or embed."""
         trainer.write_back(self.model)
         return {
             "params": nnx.state(self.model, nnx.Param),
             "stats": nnx.state(self.model, nnx.BatchStat),
-            "opt_state": trainer.opt_state,
             "step": jnp.int32(step),
+        }
+
+    def _state(self, trainer: Trainer, step: int, best_score: float) -> dict:
+        """What the latest checkpoint keeps: everything ``--resume`` needs to continue exactly."""
+        return {
+            **self._weights(trainer, step),
+            "opt_state": trainer.opt_state,
             "best_score": jnp.float32(best_score),
         }
 
@@ -217,7 +224,7 @@ class FitRun:
                     progress.note(f"epoch {epoch}: val {cfg.select_metric} {val[cfg.select_metric]:.4f}")
                     if improved:
                         best_score = score
-                        self.checkpoints.save_best(step, self._state(trainer, step, best_score), score)
+                        self.checkpoints.save_best(step, self._weights(trainer, step), score)
             if end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
                 self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
         progress.close()
@@ -245,7 +252,7 @@ class FitRun:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports."""
         best_step = self.checkpoints.best_step()
         if best_step is not None:
-            _, restored = self.checkpoints.restore_best(abstract_like(self._state(trainer, 0, 0.0)))
+            _, restored = self.checkpoints.restore_best(abstract_like(self._weights(trainer, 0)))
             nnx.update(self.model, restored["params"], restored["stats"])
             trainer = self._trainer(self.phases[-1])
         best_val = next(

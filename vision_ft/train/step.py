@@ -133,7 +133,7 @@ class Trainer:
             )
             updates, opt_state = tx.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
-            return trainable, opt_state, new_stats, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            return trainable, opt_state, new_stats, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
         def eval_step(trainable, stats, frozen, other, images):
             model = nnx.merge(graphdef, trainable, frozen, stats, other)

@@ -1,0 +1,124 @@
+"""`vision-ft fit` end to end: exact resume after SIGKILL, and bad input -> one line, exit code 2."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.train_fixtures import write_synthetic_npz
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    # one device keeps the subprocesses light; the 8-device path is covered in test_train.py
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def fit_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", *args]
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    data = write_synthetic_npz(tmp_path / "data.npz", sizes=(128, 32, 32))
+    cfg = dict(model="resnet18", pretrained="false", data=f"npz:{data}", img_size=48, epochs=4, batch_size=16,
+               eval_batch_size=16, save_every_steps=2, drop_path_rate=0.1, seed=3)
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _latest_steps(run: Path) -> list[int]:
+    latest = run / "checkpoints" / "latest"
+    if not latest.exists():
+        return []
+    return sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
+    full = tmp_path / "full"
+    subprocess.run(fit_cmd("--config", str(config_file), "--output", str(full)), env=_env(), check=True,
+                   capture_output=True, timeout=900)
+    expected = json.loads((full / "final.json").read_text())
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(fit_cmd("--config", str(config_file), "--output", str(killed)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(s >= 6 for s in _latest_steps(killed)):
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final.json").exists()
+    kept = _latest_steps(killed)
+    assert kept and max(kept) < 32  # 4 epochs x 8 steps: interrupted mid-run
+    # debris of a checkpoint that was being written when the process died must not matter
+    (killed / "checkpoints" / "latest" / "30.orbax-checkpoint-tmp-1").mkdir()
+
+    resumed = subprocess.run(fit_cmd("--config", str(config_file), "--output", str(killed), "--resume"),
+                             env=_env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((killed / "final.json").read_text())
+    assert got["best_step"] == expected["best_step"]
+    for split in ("best_val", "test"):
+        for key, value in expected[split].items():
+            assert got[split][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, key)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    full_steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert steps == full_steps
+
+
+def _one_line_exit_2(result, culprit):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert culprit in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (("--epochs", "0"), "epochs"),
+        (("--data", "npz:/no/such/file.npz"), "/no/such/file.npz"),
+        (("--data", "csv:whatever"), "csv:whatever"),
+        (("--model", "resnet9000"), "resnet9000"),
+        (("--freeze", "no_such_layer"), "no_such_layer"),
+        (("--lr", "fast"), "--lr"),
+        (("--resume",), "no run to resume"),
+    ],
+)
+def test_fit_bad_options(tmp_path, args, culprit):
+    result = subprocess.run(fit_cmd("--output", str(tmp_path / "out"), "--pretrained", "false", *args),
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    _one_line_exit_2(result, culprit)
+
+
+def test_fit_bad_files(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("epochs: 3\nnot_a_setting: 1\n")
+    _one_line_exit_2(subprocess.run(fit_cmd("--config", str(bad_yaml)), env=_env(), capture_output=True,
+                                    text=True, timeout=300), "not_a_setting")
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 truncated")
+    _one_line_exit_2(subprocess.run(fit_cmd("--data", f"npz:{broken}", "--output", str(tmp_path / "o")),
+                                    env=_env(), capture_output=True, text=True, timeout=300), "broken.npz")
+
+
+def test_existing_run_is_never_overwritten(tmp_path, config_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = subprocess.run(fit_cmd("--config", str(config_file), "--output", str(out)), env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    _one_line_exit_2(result, "already holds a run")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'

@@ -1,0 +1,193 @@
+"""The fine-tuning engine: rules, frozen layers, sharding, recompilation, checkpoints."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import vision_ft
+from tests.train_fixtures import tiny_config
+from vision_ft.data.batches import eval_batches, train_batch
+from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from vision_ft.train.groups import layer_decay_scales, named_group
+from vision_ft.train.loop import FitRun, RunDirError
+from vision_ft.train.metrics import binary_auc, classification_metrics
+from vision_ft.train.optimizer import build_optimizer, keypath_to_str
+from vision_ft.train.rules import RuleError, build_plan
+from vision_ft.train.step import Trainer, data_mesh, freeze_batchnorm
+from vision_ft.weights.mapping import format_path
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return vision_ft.create_model("resnet18", num_classes=2)
+
+
+def test_named_groups_follow_timm_grouping(resnet18):
+    assert named_group(resnet18, "stem") == {"conv1.kernel", "bn1.scale", "bn1.bias"}
+    assert named_group(resnet18, "head") == {"fc.kernel", "fc.bias"}
+    assert all(p.startswith("layer4.") for p in named_group(resnet18, "stages.3"))
+    blocks = named_group(resnet18, "blocks.0-1")
+    assert {p.split(".")[0] + "." + p.split(".")[1] for p in blocks} == {"layer1.0", "layer1.1"}
+    with pytest.raises(ValueError, match="out of range"):
+        named_group(resnet18, "stages.4")
+    scales = layer_decay_scales(resnet18, 0.5)
+    # timm: stem is layer 0, 8 blocks are 1..8, the head is 9 -> decay ** (9 - id)
+    assert scales["fc.kernel"] == 1.0 and scales["layer4.1.conv1.kernel"] == 0.5
+    assert scales["conv1.kernel"] == 0.5**9
+
+
+def test_plan_rules(resnet18):
+    plan = build_plan(resnet18, freeze=["stem", r"layer1\..*"], lr_rules=[("head", 10.0), (".*", 1.0)])
+    assert not plan["conv1.kernel"].trainable and not plan["layer1.0.bn1.scale"].trainable
+    assert plan["layer2.0.conv1.kernel"].trainable and plan["fc.kernel"].lr_scale == 10.0
+    assert plan["layer2.0.conv1.kernel"].weight_decay and not plan["layer2.0.bn1.scale"].weight_decay
+    assert not plan["fc.bias"].weight_decay
+    with pytest.raises(RuleError, match="match no LR rule"):
+        build_plan(resnet18, lr_rules=[("head", 1.0)])
+    with pytest.raises(RuleError, match="matches no parameter"):
+        build_plan(resnet18, freeze=["nothing_here"])
+
+
+def test_frozen_params_have_no_optimizer_state(resnet18):
+    plan = build_plan(resnet18, freeze=["backbone"])
+    trainer = Trainer(resnet18, plan, build_optimizer(plan, optax.constant_schedule(1e-3)), data_mesh(),
+                      class_weights=np.ones(2))
+    paths = {keypath_to_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(trainer.trainable)[0]}
+    assert paths == {"fc.kernel", "fc.bias"}
+    # Adam's mu and nu exist for the two head tensors only
+    opt_leaves = [x for x in jax.tree.leaves(trainer.opt_state) if getattr(x, "ndim", 0) > 0]
+    assert sorted(x.shape for x in opt_leaves) == sorted([(512, 2), (512, 2), (2,), (2,)])
+
+
+def _numpy_state(model, kind):
+    return {format_path(p): np.array(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, kind))}
+
+
+def test_fit_with_frozen_backbone_changes_only_the_head(tmp_path):
+    cfg = tiny_config(tmp_path, freeze=("backbone",), epochs=1)
+    run = FitRun(cfg, progress=False)
+    params_before = _numpy_state(run.model, nnx.Param)
+    stats_before = _numpy_state(run.model, nnx.BatchStat)
+    run.run()
+    params_after = _numpy_state(run.model, nnx.Param)
+    stats_after = _numpy_state(run.model, nnx.BatchStat)
+    for path, before in params_before.items():
+        if path.startswith("fc."):
+            assert not np.array_equal(before, params_after[path]), path
+        else:
+            assert np.array_equal(before, params_after[path]), path
+    for path, before in stats_before.items():
+        assert np.array_equal(before, stats_after[path]), path
+
+
+def test_train_bn_updates_frozen_statistics(tmp_path):
+    cfg = tiny_config(tmp_path, freeze=("backbone",), epochs=1, train_bn=True)
+    run = FitRun(cfg, progress=False)
+    before = _numpy_state(run.model, nnx.BatchStat)
+    run.run()
+    after = _numpy_state(run.model, nnx.BatchStat)
+    assert not np.array_equal(before["bn1.mean"], after["bn1.mean"])
+
+
+def _run_steps(model, devices, batches):
+    plan = build_plan(model)
+    # SGD keeps updates proportional to gradients; Adam's m/sqrt(v) would turn float noise in
+    # near-zero gradients into full-size steps of either sign, hiding what this test compares.
+    tx = optax.sgd(0.05, momentum=0.9)
+    trainer = Trainer(model, plan, tx, data_mesh(devices), class_weights=np.ones(2))
+    losses = [float(trainer.train_step(*batch, step)["loss"]) for step, batch in enumerate(batches)]
+    trainer.write_back(model)
+    return losses, _numpy_state(model, nnx.Param), _numpy_state(model, nnx.BatchStat)
+
+
+def test_one_device_and_eight_devices_agree(tmp_path):
+    assert jax.device_count() == 8, "conftest simulates 8 CPU devices"
+    cfg = tiny_config(tmp_path)
+    run = FitRun(cfg, progress=False)
+    train = run.data.splits["train"]
+    batches = [train_batch(train, s, 16, 0) for s in range(3)]
+    one = _run_steps(vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
+                     jax.devices()[:1], batches)
+    eight = _run_steps(vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
+                       jax.devices(), batches)
+    np.testing.assert_allclose(one[0], eight[0], rtol=1e-4)
+    for a, b in ((one[1], eight[1]), (one[2], eight[2])):
+        for path in a:
+            np.testing.assert_allclose(a[path], b[path], rtol=1e-3, atol=1e-4, err_msg=path)
+
+
+def test_no_recompilation_after_first_step(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run = FitRun(cfg, progress=False)
+    trainer = run._trainer(run.phases[0])
+    train = run.data.splits["train"]
+    for step in range(4):
+        trainer.train_step(*train_batch(train, step, 16, 0), step)
+    assert trainer._train_step._cache_size() == 1
+    val = run.data.splits["val"]
+    val = type(val)(val.images[:21], val.labels[:21])  # 21 = 16 + a padded batch of 5
+    outputs = [np.asarray(trainer.predict(images))[:real] for images, _, real in eval_batches(val, 16)]
+    assert sum(len(o) for o in outputs) == 21
+    assert trainer._eval_step._cache_size() == 1
+
+
+def test_fit_writes_reports(tmp_path):
+    cfg = tiny_config(tmp_path)
+    final = FitRun(cfg, progress=False).run()
+    out = tmp_path / "run"
+    for name in ("metrics.jsonl", "final.json", "config.json", "learning_curves.png", "confusion_matrix.png", "roc.png"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "val", "test"}
+    assert all({"epoch", "step", "split", "loss"} <= set(r) for r in records)
+    saved = json.loads((out / "final.json").read_text())
+    assert set(saved["test"]) >= {"accuracy", "auc", "balanced_accuracy", "macro_f1", "loss"}
+    assert saved["test"] == json.loads(json.dumps(final["test"]))
+    # the synthetic task is learnable: the model must beat chance clearly
+    assert saved["test"]["auc"] > 0.8
+    with pytest.raises(RunDirError, match="already holds a run"):
+        FitRun(cfg, progress=False)
+
+
+def test_fine_tune_recipe_switches_phase(tmp_path):
+    cfg = tiny_config(tmp_path, recipe="fine_tune", head_epochs=1, epochs=2)
+    run = FitRun(cfg, progress=False)
+    assert [p.name for p in run.phases] == ["head", "full"]
+    assert "backbone" in run.phases[0].freeze and run.phases[1].layer_decay < 1
+    final = run.run()
+    assert final["test"]["auc"] > 0.5
+
+
+def test_checkpoint_restore_checks_keys_and_shapes(tmp_path):
+    ckpts = RunCheckpoints(tmp_path / "ckpt")
+    state = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    ckpts.save_latest(1, state)
+    step, restored = ckpts.restore_latest(abstract_like(state))
+    assert step == 1 and np.array_equal(restored["b"], state["b"])
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): c.*shape mismatch \(1\): a"):
+        ckpts.restore_latest(abstract_like({"a": np.zeros((3, 3), np.float32), "b": state["b"], "c": state["b"]}))
+
+
+def test_metrics_against_hand_computed_values():
+    labels = np.array([0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4])
+    # pairs (pos, neg): 0.35>0.1, 0.35<0.4, 0.8>both, 0.4>0.1, 0.4=0.4 (half) -> 4.5/6
+    assert binary_auc(labels, scores) == pytest.approx(4.5 / 6)
+    logits = np.log(np.stack([1 - scores, scores], axis=1))
+    m = classification_metrics(labels, logits)
+    assert m["confusion_matrix"] == [[2, 0], [2, 1]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
+    f1_0, f1_1 = 2 * 0.5 * 1 / 1.5, 2 * 1 * (1 / 3) / (4 / 3)
+    assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+def test_freeze_batchnorm_marks_only_fully_frozen_layers(resnet18):
+    plan = build_plan(resnet18, freeze=["stem"])
+    assert freeze_batchnorm(resnet18, plan) == 1 and resnet18.bn1.frozen_stats
+    assert freeze_batchnorm(resnet18, plan, enabled=False) == 0 and not resnet18.bn1.frozen_stats
