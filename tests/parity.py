@@ -99,3 +99,19 @@ def _in_chans(model: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Conv2d):
             return module.in_channels
     raise ValueError("no conv layer")
+
+
+def assert_models_match(
+    ref: torch.nn.Module, ours, *, img_size: int, batch: int = 2, check_logits: bool = True, label: str = ""
+) -> dict[str, float]:
+    """:func:`assert_parity`'s comparison for two models built elsewhere (a timm model loaded by
+    timm's own pretrained path, say), on one random batch with ``ref``'s input channels."""
+    in_chans = ref.patch_embed.proj.in_channels if hasattr(ref, "patch_embed") else _in_chans(ref)
+    x = np.random.default_rng(0).standard_normal((batch, in_chans, img_size, img_size)).astype(np.float32)
+    ref_logits, ref_pre = torch_outputs(ref, x)
+    our_logits, our_pre = jax_outputs(ours, x)
+    errors = {"pre_logits": relative_error(our_pre, ref_pre)}
+    if check_logits:
+        errors["logits"] = relative_error(our_logits, ref_logits)
+    assert all(e <= TOLERANCE for e in errors.values()), f"{label}: {errors}"
+    return errors

@@ -167,7 +167,7 @@ class ResNet(Backbone):
             setattr(self, f"layer{stage + 1}", nnx.List(blocks))
         self.num_features = in_chs
         self.num_classes = num_classes
-        self.fc = linear_head(in_chs, num_classes, rngs=rngs, **kw)
+        self.fc = nnx.data(linear_head(in_chs, num_classes, rngs=rngs, **kw))
 
     def forward_features(self, x, *, train: bool = False):
         x = self.conv1(x, train) if isinstance(self.conv1, DeepStem) else self.conv1(x)
@@ -190,7 +190,7 @@ class ResNet(Backbone):
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         self.num_classes = num_classes
-        self.fc = linear_head(self.num_features, num_classes, rngs=rngs or nnx.Rngs(0), **self._head_kw)
+        self.fc = nnx.data(linear_head(self.num_features, num_classes, rngs=rngs or nnx.Rngs(0), **self._head_kw))
 
 
 def weight_rules(config: ResNetConfig) -> tuple:

