@@ -32,7 +32,9 @@ def perturbed_timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
             if key.endswith("running_var"):
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
             elif key.endswith("running_mean") or tensor.ndim == 1 or _is_constant(tensor):
-                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen) + (1.0 if _is_scale(key) else 0.0))
+                tensor.copy_(
+                    0.2 * torch.randn(tensor.shape, generator=gen) + (1.0 if _is_scale(key) else 0.0)
+                )
     return model
 
 

@@ -30,8 +30,18 @@ def fit_cmd(*args: str) -> list[str]:
 @pytest.fixture
 def config_file(tmp_path):
     data = write_synthetic_npz(tmp_path / "data.npz", sizes=(128, 32, 32))
-    cfg = dict(model="resnet18", pretrained="false", data=f"npz:{data}", img_size=48, epochs=4, batch_size=16,
-               eval_batch_size=16, save_every_steps=2, drop_path_rate=0.1, seed=3)
+    cfg = dict(
+        model="resnet18",
+        pretrained="false",
+        data=f"npz:{data}",
+        img_size=48,
+        epochs=4,
+        batch_size=16,
+        eval_batch_size=16,
+        save_every_steps=2,
+        drop_path_rate=0.1,
+        seed=3,
+    )
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -46,13 +56,22 @@ def _latest_steps(run: Path) -> list[int]:
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
     full = tmp_path / "full"
-    subprocess.run(fit_cmd("--config", str(config_file), "--output", str(full)), env=_env(), check=True,
-                   capture_output=True, timeout=900)
+    subprocess.run(
+        fit_cmd("--config", str(config_file), "--output", str(full)),
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     expected = json.loads((full / "final.json").read_text())
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(fit_cmd("--config", str(config_file), "--output", str(killed)), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        fit_cmd("--config", str(config_file), "--output", str(killed)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not any(s >= 6 for s in _latest_steps(killed)):
         assert proc.poll() is None, "run ended before it could be killed"
@@ -65,14 +84,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
     # debris of a checkpoint that was being written when the process died must not matter
     (killed / "checkpoints" / "latest" / "30.orbax-checkpoint-tmp-1").mkdir()
 
-    resumed = subprocess.run(fit_cmd("--config", str(config_file), "--output", str(killed), "--resume"),
-                             env=_env(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        fit_cmd("--config", str(config_file), "--output", str(killed), "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stderr
     got = json.loads((killed / "final.json").read_text())
     assert got["best_step"] == expected["best_step"]
     for split in ("best_val", "test"):
         for key, value in expected[split].items():
-            assert got[split][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, key)
+            if key == "confusion_matrix":
+                assert got[split][key] == value, split
+            else:
+                assert got[split][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, key)
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     full_steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert steps == full_steps
@@ -81,8 +108,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
 def _one_line_exit_2(result, culprit):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert culprit in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and culprit in errors[0], result.stderr
 
 
 @pytest.mark.parametrize(
@@ -98,27 +125,49 @@ def _one_line_exit_2(result, culprit):
     ],
 )
 def test_fit_bad_options(tmp_path, args, culprit):
-    result = subprocess.run(fit_cmd("--output", str(tmp_path / "out"), "--pretrained", "false", *args),
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        fit_cmd("--output", str(tmp_path / "out"), "--pretrained", "false", *args),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _one_line_exit_2(result, culprit)
 
 
 def test_fit_bad_files(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("epochs: 3\nnot_a_setting: 1\n")
-    _one_line_exit_2(subprocess.run(fit_cmd("--config", str(bad_yaml)), env=_env(), capture_output=True,
-                                    text=True, timeout=300), "not_a_setting")
+    _one_line_exit_2(
+        subprocess.run(
+            fit_cmd("--config", str(bad_yaml)), env=_env(), capture_output=True, text=True, timeout=300
+        ),
+        "not_a_setting",
+    )
     broken = tmp_path / "broken.npz"
     broken.write_bytes(b"PK\x03\x04 truncated")
-    _one_line_exit_2(subprocess.run(fit_cmd("--data", f"npz:{broken}", "--output", str(tmp_path / "o")),
-                                    env=_env(), capture_output=True, text=True, timeout=300), "broken.npz")
+    _one_line_exit_2(
+        subprocess.run(
+            fit_cmd("--data", f"npz:{broken}", "--output", str(tmp_path / "o")),
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        "broken.npz",
+    )
 
 
 def test_existing_run_is_never_overwritten(tmp_path, config_file):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    result = subprocess.run(fit_cmd("--config", str(config_file), "--output", str(out)), env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        fit_cmd("--config", str(config_file), "--output", str(out)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _one_line_exit_2(result, "already holds a run")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'

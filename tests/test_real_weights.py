@@ -40,7 +40,9 @@ def test_offline_lite0_classifies_photo_like_timm():
         x = eval_transform(img, model.pretrained_cfg)[None]
     ours = np.asarray(torch.softmax(torch.from_numpy(np.asarray(model(x))), -1))[0]
     with torch.no_grad():
-        theirs = torch.softmax(_timm_lite0_with_package_weights()(torch.from_numpy(x).permute(0, 3, 1, 2)), -1)[0]
+        theirs = torch.softmax(
+            _timm_lite0_with_package_weights()(torch.from_numpy(x).permute(0, 3, 1, 2)), -1
+        )[0]
     theirs = theirs.numpy()
     top5 = np.argsort(-ours)[:5]
     np.testing.assert_array_equal(top5, np.argsort(-theirs)[:5])

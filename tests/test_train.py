@@ -1,6 +1,7 @@
 """The fine-tuning engine: rules, frozen layers, sharding, recompilation, checkpoints."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,16 +10,20 @@ import pytest
 from flax import nnx
 
 import vision_ft
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import tiny_config, write_synthetic_npz
 from vision_ft.data.batches import eval_batches, train_batch
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from vision_ft.train.config import load_config
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
 from vision_ft.train.optimizer import build_optimizer, keypath_to_str
 from vision_ft.train.rules import RuleError, build_plan
+from vision_ft.train.run_dir import load_run_model
 from vision_ft.train.step import Trainer, data_mesh, freeze_batchnorm
 from vision_ft.weights.mapping import format_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,13 @@ def test_plan_rules(resnet18):
 
 def test_frozen_params_have_no_optimizer_state(resnet18):
     plan = build_plan(resnet18, freeze=["backbone"])
-    trainer = Trainer(resnet18, plan, build_optimizer(plan, optax.constant_schedule(1e-3)), data_mesh(),
-                      class_weights=np.ones(2))
+    trainer = Trainer(
+        resnet18,
+        plan,
+        build_optimizer(plan, optax.constant_schedule(1e-3)),
+        data_mesh(),
+        class_weights=np.ones(2),
+    )
     paths = {keypath_to_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(trainer.trainable)[0]}
     assert paths == {"fc.kernel", "fc.bias"}
     # Adam's mu and nu exist for the two head tensors only
@@ -110,10 +120,16 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     run = FitRun(cfg, progress=False)
     train = run.data.splits["train"]
     batches = [train_batch(train, s, 16, 0) for s in range(3)]
-    one = _run_steps(vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
-                     jax.devices()[:1], batches)
-    eight = _run_steps(vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
-                       jax.devices(), batches)
+    one = _run_steps(
+        vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
+        jax.devices()[:1],
+        batches,
+    )
+    eight = _run_steps(
+        vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
+        jax.devices(),
+        batches,
+    )
     np.testing.assert_allclose(one[0], eight[0], rtol=1e-4)
     for a, b in ((one[1], eight[1]), (one[2], eight[2])):
         for path in a:
@@ -139,7 +155,14 @@ def test_fit_writes_reports(tmp_path):
     cfg = tiny_config(tmp_path)
     final = FitRun(cfg, progress=False).run()
     out = tmp_path / "run"
-    for name in ("metrics.jsonl", "final.json", "config.json", "learning_curves.png", "confusion_matrix.png", "roc.png"):
+    for name in (
+        "metrics.jsonl",
+        "final.json",
+        "config.json",
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "roc.png",
+    ):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -170,7 +193,9 @@ def test_checkpoint_restore_checks_keys_and_shapes(tmp_path):
     step, restored = ckpts.restore_latest(abstract_like(state))
     assert step == 1 and np.array_equal(restored["b"], state["b"])
     with pytest.raises(CheckpointMismatchError, match=r"missing \(1\): c.*shape mismatch \(1\): a"):
-        ckpts.restore_latest(abstract_like({"a": np.zeros((3, 3), np.float32), "b": state["b"], "c": state["b"]}))
+        ckpts.restore_latest(
+            abstract_like({"a": np.zeros((3, 3), np.float32), "b": state["b"], "c": state["b"]})
+        )
 
 
 def test_metrics_against_hand_computed_values():
@@ -191,3 +216,46 @@ def test_freeze_batchnorm_marks_only_fully_frozen_layers(resnet18):
     plan = build_plan(resnet18, freeze=["stem"])
     assert freeze_batchnorm(resnet18, plan) == 1 and resnet18.bn1.frozen_stats
     assert freeze_batchnorm(resnet18, plan, enabled=False) == 0 and not resnet18.bn1.frozen_stats
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.model in vision_ft.list_models()
+
+
+def test_default_config_is_the_bundled_breastmnist_recipe():
+    cfg = load_config(REPO / "configs" / "breastmnist.yaml")
+    default = load_config(None)
+    assert (cfg.model, cfg.data, cfg.img_size, cfg.epochs, cfg.lr) == (
+        default.model,
+        default.data,
+        default.img_size,
+        default.epochs,
+        default.lr,
+    )
+
+
+def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    FitRun(tiny_config(first, epochs=1), progress=False).run()
+    earlier = load_run_model(first / "run")
+    three_classes = write_synthetic_npz(tmp_path / "three.npz", classes=3, seed=1)
+    cfg = tiny_config(
+        tmp_path, model="convnext_atto", pretrained=f"run:{first / 'run'}", data=f"npz:{three_classes}"
+    )
+    run = FitRun(cfg, progress=False)
+    assert run.cfg.model == "resnet18"  # the architecture comes from the earlier run
+    assert run.model.fc.kernel.get_value().shape == (512, 3)
+    before = _numpy_state(earlier, nnx.Param)
+    after = _numpy_state(run.model, nnx.Param)
+    assert before.keys() == after.keys()
+    for path in before:
+        if not path.startswith("fc."):
+            np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    np.testing.assert_array_equal(
+        _numpy_state(run.model, nnx.BatchStat)["bn1.mean"], _numpy_state(earlier, nnx.BatchStat)["bn1.mean"]
+    )
+    with pytest.raises(RunDirError, match="no config.json"):
+        FitRun(tiny_config(tmp_path, pretrained=f"run:{tmp_path}", output=str(tmp_path / "x")))

@@ -67,7 +67,9 @@ class _RunsCode:
 def test_pth_reader_never_executes_code(tmp_path, zip_format):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"weight": torch.zeros(2), "x": _RunsCode(marker)}, path, _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {"weight": torch.zeros(2), "x": _RunsCode(marker)}, path, _use_new_zipfile_serialization=zip_format
+    )
     with pytest.raises(UnsafePickleError, match="posix.system"):
         load_torch_state_dict(path)
     assert not marker.exists()
@@ -196,7 +198,8 @@ def test_hf_hub_spec_offline_from_cache(tmp_path, resnet18_ckpt, monkeypatch):
     model = vision_ft.create_model("resnet18", pretrained="hf-hub:timm/resnet18.tv_in1k")
     assert model.pretrained_cfg.interpolation == "bilinear" and model.pretrained_cfg.crop_pct == 0.9
     np.testing.assert_array_equal(
-        jax_outputs(model, _batch(3))[0], jax_outputs(vision_ft.create_model("resnet18", pretrained=path), _batch(3))[0]
+        jax_outputs(model, _batch(3))[0],
+        jax_outputs(vision_ft.create_model("resnet18", pretrained=path), _batch(3))[0],
     )
     with pytest.raises(WeightSourceError, match="could not fetch weights hf-hub:timm/resnet18.a1_in1k"):
         vision_ft.create_model("resnet18", pretrained=True)
@@ -204,8 +207,21 @@ def test_hf_hub_spec_offline_from_cache(tmp_path, resnet18_ckpt, monkeypatch):
 
 def test_list_models():
     names = vision_ft.list_models()
-    for family_member in ("resnet50d", "efficientnet_b3", "tf_efficientnet_lite4", "convnext_large",
-                          "vit_base_patch16_384", "vit_small_patch14_reg4_dinov2"):
+    for family_member in (
+        "resnet50d",
+        "efficientnet_b3",
+        "tf_efficientnet_lite4",
+        "convnext_large",
+        "vit_base_patch16_384",
+        "vit_small_patch14_reg4_dinov2",
+    ):
         assert family_member in names
-    assert vision_ft.list_models("resnet*") == ["resnet18", "resnet34", "resnet50", "resnet50d", "resnet101", "resnet152"]
+    assert vision_ft.list_models("resnet*") == [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet50d",
+        "resnet101",
+        "resnet152",
+    ]
     assert "resnet50.a1_in1k" in vision_ft.list_models("resnet50", pretrained=True)

@@ -9,14 +9,16 @@ import numpy as np
 from vision_ft.train.config import load_config
 
 
-def write_synthetic_npz(path: Path, *, sizes=(96, 32, 32), side: int = 16, channels: int = 1, seed: int = 0) -> Path:
-    """Two classes a model can learn: class 1 images are brighter in their upper half."""
+def write_synthetic_npz(
+    path: Path, *, sizes=(96, 32, 32), side: int = 16, channels: int = 1, seed: int = 0, classes: int = 2
+) -> Path:
+    """Classes a model can learn: images of classes >= 1 are brighter in their upper half."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in zip(("train", "val", "test"), sizes, strict=True):
-        labels = rng.integers(0, 2, n)
+        labels = rng.integers(0, classes, n)
         images = rng.integers(40, 120, (n, side, side, channels)).astype(np.uint8)
-        images[labels == 1, : side // 2] += 80
+        images[labels >= 1, : side // 2] += 80
         arrays[f"{split}_images"] = images[..., 0] if channels == 1 else images
         arrays[f"{split}_labels"] = labels.reshape(-1, 1)
     np.savez(path, **arrays)

@@ -33,9 +33,6 @@ USER_ERRORS = (
 class UserError(click.ClickException):
     exit_code = 2
 
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
 
 def user_errors_exit_2(command):
     """Turn the user-input errors raised below a command into one-line messages with exit code 2."""
@@ -50,13 +47,35 @@ def user_errors_exit_2(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Click's usage errors, too, become one ``error:`` line with exit code 2."""
+
+    def main(self, *args, **kwargs):
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            hint = f" (see {e.ctx.command_path} --help)" if isinstance(e, click.UsageError) and e.ctx else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
 def main(verbose: bool) -> None:
     """vision-ft: fine-tune and apply timm backbones in JAX."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    # our own handler: jax/absl may have configured the root logger already, so basicConfig
+    # could silently do nothing
+    logger = logging.getLogger("vision_ft")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
@@ -115,7 +134,9 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
     spec: bool | str = True if pretrained.lower() == "true" else pretrained
     model = create_model(model_name, pretrained=spec)
     if model.num_classes != 1000:
-        raise UserError(f"{model_name} with these weights has {model.num_classes} classes, not ImageNet's 1000")
+        raise UserError(
+            f"{model_name} with these weights has {model.num_classes} classes, not ImageNet's 1000"
+        )
     image = image or Path(str(resources.files("vision_ft") / "assets" / "chelsea.png"))
     try:
         with Image.open(image) as img:
@@ -133,13 +154,19 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML file of fit settings.")
 @click.option("--model", help="timm architecture name [tf_efficientnet_lite0].")
-@click.option("--pretrained", help="true, false, hf-hub:timm/NAME.TAG or a checkpoint file [true].")
+@click.option(
+    "--pretrained",
+    help="true, false, hf-hub:timm/NAME.TAG, a checkpoint file, or run:DIR (an earlier run's best "
+    "weights, new head if the classes differ) [true].",
+)
 @click.option("--data", help="npz:PATH (MedMNIST layout) [bundled BreastMNIST].")
 @click.option("--img-size", type=int)
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
-@click.option("--freeze", help="Comma-separated regexes or groups (stem, blocks.N[-M], stages.N, head, backbone).")
+@click.option(
+    "--freeze", help="Comma-separated regexes or groups (stem, blocks.N[-M], stages.N, head, backbone)."
+)
 @click.option("--layer-decay", type=float, help="Layer-wise LR decay, e.g. 0.75.")
 @click.option("--class-weights", type=click.Choice(["none", "auto"]))
 @click.option("--recipe", type=click.Choice(["standard", "fine_tune"]))
@@ -164,7 +191,8 @@ def fit(config_path: Path | None, no_progress: bool, **overrides) -> None:
     if test:
         click.echo(
             f"test AUC {test['auc']:.4f}  accuracy {test['accuracy']:.4f}  balanced accuracy "
-            f"{test['balanced_accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  ({final['wall_seconds']:.0f} s)"
+            f"{test['balanced_accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
+            f"({final['wall_seconds']:.0f} s)"
         )
     click.echo(f"run written to {cfg.output}")
 

@@ -49,7 +49,9 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             raise DataError(f"{path}: {split}_images and {split}_labels must come together")
         labels = labels.reshape(len(labels), -1)
         if labels.shape[1] != 1:
-            raise DataError(f"{path}: {split}_labels has {labels.shape[1]} columns; multi-label is not supported here")
+            raise DataError(
+                f"{path}: {split}_labels has {labels.shape[1]} columns; multi-label is not supported here"
+            )
         if images.ndim not in (3, 4) or len(images) != len(labels):
             raise DataError(f"{path}: {split}_images has shape {images.shape} for {len(labels)} labels")
         if images.dtype != np.uint8:

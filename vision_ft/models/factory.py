@@ -86,7 +86,12 @@ def load_pretrained(
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
         keep_init.append(re.escape(prefix) + ".*")
     load_state_dict_into(
-        model, state, entry.rules, ignore=entry.ignore_keys, keep_model_init=keep_init, source=source.description
+        model,
+        state,
+        entry.rules,
+        ignore=entry.ignore_keys,
+        keep_model_init=keep_init,
+        source=source.description,
     )
 
 

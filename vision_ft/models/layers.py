@@ -41,13 +41,20 @@ class Conv(nnx.Conv):
         in_chs, out_chs = self.in_features, self.out_features
         depthwise = self.feature_group_count == in_chs == out_chs and in_chs > 1
         dilated = any(d != 1 for d in _pair(self.kernel_dilation))
-        if jax.default_backend() != "cpu" or dilated or (kh == 1 and kw == 1) or isinstance(self.padding, int):
+        if (
+            jax.default_backend() != "cpu"
+            or dilated
+            or (kh == 1 and kw == 1)
+            or isinstance(self.padding, int)
+        ):
             return super().__call__(x)
         sh, sw = _pair(self.strides)
         (pt, pb), (pl, pr) = self._explicit_padding(x.shape[1], x.shape[2], kh, kw, sh, sw)
         out_h = (x.shape[1] + pt + pb - kh) // sh + 1
         out_w = (x.shape[2] + pl + pr - kw) // sw + 1
-        if not depthwise and (out_h >= kh or out_w >= kw or self.feature_group_count != 1):
+        # patch-embedding-sized kernels would need hundreds of slices: leave those to XLA
+        small_output = out_h < kh and out_w < kw and self.feature_group_count == 1 and kh * kw <= 49
+        if not (depthwise or small_output):
             return super().__call__(x)
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         x = x.astype(dtype)

@@ -190,7 +190,9 @@ class ResNet(Backbone):
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         self.num_classes = num_classes
-        self.fc = nnx.data(linear_head(self.num_features, num_classes, rngs=rngs or nnx.Rngs(0), **self._head_kw))
+        self.fc = nnx.data(
+            linear_head(self.num_features, num_classes, rngs=rngs or nnx.Rngs(0), **self._head_kw)
+        )
 
 
 def weight_rules(config: ResNetConfig) -> tuple:
@@ -209,12 +211,22 @@ def weight_rules(config: ResNetConfig) -> tuple:
         linear(r"fc"),
     )
 
+
 _DEFAULT_TAGS = {
     "resnet18": ("a1_in1k", ("a1_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv_in1k")),
     "resnet34": ("a1_in1k", ("a1_in1k", "a2_in1k", "a3_in1k", "bt_in1k", "gluon_in1k", "tv_in1k")),
-    "resnet50": ("a1_in1k", ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k")),
-    "resnet101": ("a1h_in1k", ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k")),
-    "resnet152": ("a1h_in1k", ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k")),
+    "resnet50": (
+        "a1_in1k",
+        ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k"),
+    ),
+    "resnet101": (
+        "a1h_in1k",
+        ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k"),
+    ),
+    "resnet152": (
+        "a1h_in1k",
+        ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k"),
+    ),
     "resnet50d": ("ra2_in1k", ("a1_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "ra2_in1k")),
 }
 

@@ -35,13 +35,22 @@ def check_compatible(saved_metadata, abstract, where: str) -> None:
     saved, wanted = _shapes(saved_metadata), _shapes(abstract)
     missing = sorted(set(wanted) - set(saved))
     unexpected = sorted(set(saved) - set(wanted))
-    mismatched = [f"{k}: saved {saved[k]} vs expected {wanted[k]}" for k in sorted(set(saved) & set(wanted))
-                  if saved[k] != wanted[k]]
+    mismatched = [
+        f"{k}: saved {saved[k]} vs expected {wanted[k]}"
+        for k in sorted(set(saved) & set(wanted))
+        if saved[k] != wanted[k]
+    ]
     if missing or unexpected or mismatched:
         parts = [f"checkpoint {where} does not match this run"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
             if items:
-                parts.append(f"{title} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
+                parts.append(
+                    f"{title} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+                )
         raise CheckpointMismatchError("; ".join(parts))
 
 
@@ -52,17 +61,21 @@ def abstract_like(tree):
 class RunCheckpoints:
     """``DIR/latest`` keeps the newest state; ``DIR/best`` keeps the best by a scalar metric."""
 
-    def __init__(self, directory: str | Path, *, best_mode: str = "max"):
+    def __init__(self, directory: str | Path, *, best_mode: str = "max", create: bool = True):
         self.directory = Path(directory).absolute()
-        common = dict(create=True, enable_async_checkpointing=False)
+        common = dict(create=create, enable_async_checkpointing=False)
+        # Naming the handler lets a fresh process read a checkpoint's metadata before any save.
         self.latest = ocp.CheckpointManager(
-            self.directory / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, **common)
+            self.directory / "latest",
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, **common),
+            item_handlers=ocp.StandardCheckpointHandler(),
         )
         self.best = ocp.CheckpointManager(
             self.directory / "best",
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["score"], best_mode=best_mode, **common
             ),
+            item_handlers=ocp.StandardCheckpointHandler(),
         )
 
     def save_latest(self, step: int, state) -> None:
@@ -88,6 +101,19 @@ class RunCheckpoints:
         if step is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory / 'latest'}")
         return step, self._restore(self.latest, step, abstract)
+
+    def restore_latest_weights(self, abstract):
+        """Only the top-level entries of ``abstract`` (the weights) from the latest full state."""
+        step = self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory / 'latest'}")
+        metadata = self.latest.item_metadata(step)
+        where = str(self.latest.directory / str(step))
+        check_compatible({k: metadata[k] for k in abstract if k in metadata}, abstract, where)
+        everything = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
+        everything.update(abstract)
+        restored = self.latest.restore(step, args=ocp.args.StandardRestore(everything))
+        return step, {k: restored[k] for k in abstract}
 
     def restore_best(self, abstract):
         step = self.best_step()

@@ -70,8 +70,10 @@ class FitConfig:
             (self.recipe in ("standard", "fine_tune"), "recipe must be 'standard' or 'fine_tune'"),
             (self.precision in ("fp32", "bf16"), "precision must be 'fp32' or 'bf16'"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
-            (self.select_metric in ("auc", "accuracy", "balanced_accuracy", "macro_f1", "loss"),
-             "select_metric must be auc, accuracy, balanced_accuracy, macro_f1 or loss"),
+            (
+                self.select_metric in ("auc", "accuracy", "balanced_accuracy", "macro_f1", "loss"),
+                "select_metric must be auc, accuracy, balanced_accuracy, macro_f1 or loss",
+            ),
             (self.recipe != "fine_tune" or self.head_epochs < self.epochs, "head_epochs must be < epochs"),
             (0 <= self.translate < 0.5, "translate must be in [0, 0.5)"),
         ]

@@ -17,6 +17,7 @@ from flax import nnx
 from vision_ft.data.batches import eval_batches, train_batch
 from vision_ft.data.sources import Dataset, load_dataset
 from vision_ft.models.factory import create_model
+from vision_ft.models.registry import get_model_entry
 from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like
 from vision_ft.train.config import FitConfig
@@ -24,13 +25,10 @@ from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.optimizer import build_optimizer, warmup_cosine
 from vision_ft.train.rules import build_plan
+from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
 from vision_ft.train.step import Augment, Trainer, data_mesh, freeze_batchnorm
 
 log = logging.getLogger("vision_ft.fit")
-
-
-class RunDirError(ValueError):
-    """The output directory holds another run and --resume was not given."""
 
 
 @dataclass(frozen=True)
@@ -84,21 +82,41 @@ class FitRun:
             raise ValueError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
         self._check_output_dir()
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-        probe = create_model(cfg.model)  # cheap way to learn the default preprocessing
-        interpolation = probe.pretrained_cfg.interpolation
-        del probe
+        start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
+        if start_run is not None:
+            # A new fine-tune from an earlier run's weights: the architecture is the run's.
+            earlier = read_run_config(start_run)
+            if earlier["model"] != cfg.model:
+                log.info("model %s, as in run %s", earlier["model"], start_run)
+            cfg = self.cfg = dataclasses.replace(cfg, model=earlier["model"])
+        interpolation = get_model_entry(cfg.model).default_cfg.interpolation
         self.data: Dataset = load_dataset(cfg.data, img_size=cfg.img_size, interpolation=interpolation)
         self.num_classes = len(self.data.class_names)
-        self.model = create_model(
-            cfg.model,
-            pretrained=_resolve_pretrained(cfg.pretrained),
-            num_classes=self.num_classes,
-            in_chans=self.data.channels,
-            img_size=cfg.img_size,
-            drop_path_rate=cfg.drop_path_rate,
-            dtype=dtype,
-            seed=cfg.seed,
-        )
+        if start_run is not None:
+            if earlier["in_chans"] != self.data.channels:
+                raise RunDirError(
+                    f"--pretrained {cfg.pretrained}: the run's model takes {earlier['in_chans']} channels, "
+                    f"{cfg.data} has {self.data.channels}"
+                )
+            self.model = load_run_model(
+                start_run,
+                num_classes=self.num_classes,
+                img_size=cfg.img_size,
+                drop_path_rate=cfg.drop_path_rate,
+                dtype=dtype,
+                seed=cfg.seed,
+            )
+        else:
+            self.model = create_model(
+                cfg.model,
+                pretrained=_resolve_pretrained(cfg.pretrained),
+                num_classes=self.num_classes,
+                in_chans=self.data.channels,
+                img_size=cfg.img_size,
+                drop_path_rate=cfg.drop_path_rate,
+                dtype=dtype,
+                seed=cfg.seed,
+            )
         train = self.data.splits["train"]
         self.steps_per_epoch = len(train) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -107,12 +125,16 @@ class FitRun:
         num_layers = max(layer_ids(param_paths(self.model), self.model.group_matcher()).values()) + 1
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers)
         self.class_weights = class_weights_for(cfg, train.labels, self.num_classes)
-        self.checkpoints = RunCheckpoints(self.out / "checkpoints", best_mode="min" if cfg.select_metric == "loss" else "max")
+        self.checkpoints = RunCheckpoints(
+            self.out / "checkpoints", best_mode="min" if cfg.select_metric == "loss" else "max"
+        )
 
     def _check_output_dir(self) -> None:
         has_run = (self.out / "checkpoints").exists() or (self.out / "metrics.jsonl").exists()
         if has_run and not self.cfg.resume:
-            raise RunDirError(f"--output {self.out} already holds a run; pass --resume or choose another directory")
+            raise RunDirError(
+                f"--output {self.out} already holds a run; pass --resume or choose another directory"
+            )
         if self.cfg.resume and not has_run:
             raise RunDirError(f"--resume: {self.out} holds no run to resume")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +142,9 @@ class FitRun:
     # -- phases ---------------------------------------------------------------------------------
     def _trainer(self, phase: Phase) -> Trainer:
         cfg = self.cfg
-        plan = build_plan(self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay)
+        plan = build_plan(
+            self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay
+        )
         freeze_batchnorm(self.model, plan, enabled=not cfg.train_bn)
         steps = phase.last_step - phase.first_step
         schedule = warmup_cosine(
@@ -130,10 +154,16 @@ class FitRun:
             min_lr_ratio=cfg.min_lr_ratio,
         )
         tx = build_optimizer(
-            plan, schedule, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, accumulate_steps=cfg.accumulate_steps
+            plan,
+            schedule,
+            weight_decay=cfg.weight_decay,
+            clip_norm=cfg.clip_norm,
+            accumulate_steps=cfg.accumulate_steps,
         )
         trainable = sum(s.trainable for s in plan.values())
-        log.info("phase %s: %d/%d parameter tensors trainable, lr %.2e", phase.name, trainable, len(plan), phase.lr)
+        log.info(
+            "phase %s: %d/%d parameter tensors trainable, lr %.2e", phase.name, trainable, len(plan), phase.lr
+        )
         return Trainer(
             self.model,
             plan,
@@ -186,10 +216,16 @@ class FitRun:
     def run(self) -> dict:
         cfg = self.cfg
         started = time.time()
-        report.write_json(self.out / "config.json", {**cfg.to_dict(), "num_classes": self.num_classes,
-                                                     "class_names": list(self.data.class_names),
-                                                     "in_chans": self.data.channels,
-                                                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg)})
+        report.write_json(
+            self.out / "config.json",
+            {
+                **cfg.to_dict(),
+                "num_classes": self.num_classes,
+                "class_names": list(self.data.class_names),
+                "in_chans": self.data.channels,
+                "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
+            },
+        )
         step, best_score = 0, -math.inf if cfg.select_metric != "loss" else math.inf
         trainer = self._trainer(self.phases[0])
         if cfg.resume:
@@ -267,7 +303,9 @@ class FitRun:
             epoch = best_val["epoch"] if best_val else self.cfg.epochs
             metrics_log.log("test", epoch, best_step or self.total_steps, test)
             probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
-            report.plot_confusion_matrix(test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test")
+            report.plot_confusion_matrix(
+                test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test"
+            )
             report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
         report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
@@ -289,10 +327,21 @@ class _Progress:
         self._t0, self._start_step = time.time(), 0
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
-            TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("[bold]fit"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[rate]} img/s  loss {task.fields[loss]}"),
         )
         self.task = self.bar.add_task("fit", total=total, rate="-", loss="-")

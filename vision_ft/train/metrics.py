@@ -9,7 +9,9 @@ from scipy.stats import rankdata
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
-    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
 
 
 def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -57,7 +59,9 @@ def classification_metrics(
     present = support > 0
     recall = np.divide(correct, support, out=np.zeros(num_classes), where=present)
     precision = np.divide(correct, predicted, out=np.zeros(num_classes), where=predicted > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=precision + recall > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=precision + recall > 0
+    )
     return {
         "loss": float((nll * weights).sum() / weights.sum()),
         "accuracy": float(correct.sum() / max(len(labels), 1)),

@@ -17,7 +17,11 @@ from vision_ft.train.rules import ParamSetting
 
 def keypath_to_str(keypath) -> str:
     """Dotted parameter path of a pytree key path into an nnx.State (``.value`` dropped)."""
-    parts = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in keypath if not isinstance(k, jax.tree_util.GetAttrKey)]
+    parts = [
+        str(getattr(k, "key", getattr(k, "idx", "")))
+        for k in keypath
+        if not isinstance(k, jax.tree_util.GetAttrKey)
+    ]
     return ".".join(parts)
 
 
@@ -25,7 +29,9 @@ def group_label(setting: ParamSetting) -> str:
     return f"lr{setting.lr_scale:.6g}_{'decay' if setting.weight_decay else 'nodecay'}"
 
 
-def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> optax.Schedule:
+def warmup_cosine(
+    base_lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
+) -> optax.Schedule:
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup_steps else base_lr,

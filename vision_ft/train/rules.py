@@ -84,6 +84,8 @@ def build_plan(
         for path, factor in layer_decay_scales(model, layer_decay).items():
             scales[path] *= factor
     return {
-        p: ParamSetting(trainable=p not in frozen and scales[p] > 0, lr_scale=scales[p], weight_decay=decays(p, shapes[p]))
+        p: ParamSetting(
+            trainable=p not in frozen and scales[p] > 0, lr_scale=scales[p], weight_decay=decays(p, shapes[p])
+        )
         for p in paths
     }

@@ -98,10 +98,17 @@ class Trainer:
         cfg = model.pretrained_cfg
         mean = jnp.asarray(cfg.mean, jnp.float32)
         std = jnp.asarray(cfg.std, jnp.float32)
-        graphdef, trainable, frozen, stats, other = nnx.split(model, is_trainable, nnx.Param, nnx.BatchStat, ...)
+        graphdef, trainable, frozen, stats, other = nnx.split(
+            model, is_trainable, nnx.Param, nnx.BatchStat, ...
+        )
         self.graphdef = graphdef
         put = lambda tree: jax.device_put(tree, self.replicated)  # noqa: E731
-        self.trainable, self.frozen, self.stats, self.other = put(trainable), put(frozen), put(stats), put(other)
+        self.trainable, self.frozen, self.stats, self.other = (
+            put(trainable),
+            put(frozen),
+            put(stats),
+            put(other),
+        )
         self.opt_state = put(tx.init(self.trainable))
         self.class_weights = put(jnp.asarray(class_weights, jnp.float32))
         base_key = jax.random.key(seed)
@@ -121,7 +128,9 @@ class Trainer:
             logits = model(x, train=True).astype(jnp.float32)
             targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
             weights = self.class_weights[labels] * mask
-            loss = jnp.sum(optax.softmax_cross_entropy(logits, targets) * weights) / jnp.maximum(weights.sum(), 1e-6)
+            loss = jnp.sum(optax.softmax_cross_entropy(logits, targets) * weights) / jnp.maximum(
+                weights.sum(), 1e-6
+            )
             return loss, nnx.state(model, nnx.BatchStat)
 
         def train_step(trainable, opt_state, stats, frozen, other, images, labels, mask, step):

@@ -168,11 +168,17 @@ def load_state_dict_into(
     missing = [
         format_path(p)
         for p in targets
-        if p not in updates and p not in mismatched_paths and not any(r.fullmatch(format_path(p)) for r in keep_res)
+        if p not in updates
+        and p not in mismatched_paths
+        and not any(r.fullmatch(format_path(p)) for r in keep_res)
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit {type(model).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise WeightLoadError("\n".join(lines))

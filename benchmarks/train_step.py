@@ -1,0 +1,123 @@
+"""Train-step throughput: vision-ft's compiled JAX step against PyTorch timm (eager), same machine.
+
+Same batch, resolution, fp32 and AdamW on both sides; every parameter trainable. Prints a table and
+optionally writes ``[{model, batch, img_size, jax_img_s, torch_img_s, ratio}]`` as JSON.
+
+    python benchmarks/train_step.py --models resnet50,tf_efficientnet_lite0,vit_small_patch16_224 --json OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - start
+
+
+def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
+    import jax
+    import optax
+
+    import vision_ft
+    from vision_ft.train.rules import build_plan
+    from vision_ft.train.step import Augment, Trainer, data_mesh
+
+    model = vision_ft.create_model(name, num_classes=1000, img_size=img_size)
+    plan = build_plan(model)
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    trainer = Trainer(
+        model,
+        plan,
+        tx,
+        data_mesh(),
+        class_weights=np.ones(1000),
+        augment=Augment(hflip=False, vflip=False, translate=0.0),
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, img_size, img_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 1000, batch)
+    mask = np.ones(batch, np.float32)
+    counter = iter(range(10**9))
+
+    def step():
+        jax.block_until_ready(trainer.train_step(images, labels, mask, next(counter))["loss"])
+
+    return batch * steps / time_steps(step, warmup, steps)
+
+
+def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
+    import timm
+    import torch
+
+    kwargs = {"img_size": img_size} if name.startswith("vit") else {}
+    model = timm.create_model(name, num_classes=1000, **kwargs).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    images = torch.randn(batch, 3, img_size, img_size)
+    labels = torch.randint(0, 1000, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        opt.step()
+
+    return batch * steps / time_steps(step, warmup, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="resnet50,tf_efficientnet_lite0,vit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+
+    import jax
+    import torch
+
+    rows = []
+    for name in args.models.split(","):
+        jax_rate = jax_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
+        torch_rate = torch_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
+        rows.append(
+            dict(
+                model=name,
+                batch=args.batch,
+                img_size=args.img_size,
+                jax_img_s=round(jax_rate, 2),
+                torch_img_s=round(torch_rate, 2),
+                ratio=round(jax_rate / torch_rate, 3),
+            )
+        )
+        print(f"{name}: jax {jax_rate:.1f} img/s, torch {torch_rate:.1f} img/s", flush=True)
+    print(
+        f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(f"{'model':28s} {'batch':>5s} {'size':>5s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>6s}")
+    for r in rows:
+        print(
+            f"{r['model']:28s} {r['batch']:5d} {r['img_size']:5d} {r['jax_img_s']:10.2f} "
+            f"{r['torch_img_s']:12.2f} {r['ratio']:6.3f}"
+        )
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

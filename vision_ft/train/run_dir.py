@@ -1,0 +1,96 @@
+"""A finished or running ``fit`` output directory as a source of weights and preprocessing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from vision_ft.models.factory import create_model
+from vision_ft.models.registry import PretrainedCfg
+from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+
+log = logging.getLogger("vision_ft.run")
+
+RUN_PREFIX = "run:"
+
+
+class RunDirError(ValueError):
+    """A directory that is not a usable run, or one that does not fit the request; names the path."""
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved configuration a run wrote at its start (``DIR/config.json``)."""
+    path = Path(run_dir).expanduser() / "config.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: not a vision-ft run directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable ({e})") from None
+    missing = [k for k in ("model", "num_classes", "in_chans", "img_size") if k not in config]
+    if missing:
+        raise RunDirError(f"{path}: missing {', '.join(missing)}")
+    return config
+
+
+def load_run_model(
+    run_dir: str | Path,
+    *,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    dtype: jnp.dtype = jnp.float32,
+    seed: int = 0,
+    which: str = "best",
+) -> nnx.Module:
+    """The model of a run with its ``which`` ("best", else "latest") weights restored.
+
+    ``num_classes`` other than the run's gives a freshly initialised head on the run's backbone: a new
+    fine-tune starting from an earlier one, which is not ``--resume``.
+    """
+    run_dir = Path(run_dir).expanduser()
+    config = read_run_config(run_dir)
+    model = create_model(
+        config["model"],
+        num_classes=config["num_classes"],
+        in_chans=config["in_chans"],
+        img_size=img_size or config["img_size"],
+        drop_path_rate=drop_path_rate,
+        dtype=dtype,
+        seed=seed,
+    )
+    weights = {
+        "params": nnx.state(model, nnx.Param),
+        "stats": nnx.state(model, nnx.BatchStat),
+        "step": jnp.int32(0),
+    }
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", create=False)
+    try:
+        if which == "best" and checkpoints.best_step() is not None:
+            step, restored = checkpoints.restore_best(abstract_like(weights))
+        elif checkpoints.latest_step() is not None:
+            # The latest checkpoint holds optimizer state too; restore only the weights from it.
+            step, restored = checkpoints.restore_latest_weights(abstract_like(weights))
+        else:
+            raise RunDirError(f"{run_dir}: the run has no checkpoint yet")
+    except CheckpointMismatchError as e:
+        raise RunDirError(f"{run_dir}: {e}") from None
+    finally:
+        checkpoints.close()
+    nnx.update(model, restored["params"], restored["stats"])
+    saved_cfg = config.get("pretrained_cfg")
+    if saved_cfg:
+        fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items() if k in fields}
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, **saved)
+    log.info("%s: loaded weights from run %s (step %d)", config["model"], run_dir, int(restored["step"]))
+    if num_classes is not None and num_classes != config["num_classes"]:
+        model.reset_classifier(num_classes, rngs=nnx.Rngs(params=seed))
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes)
+        log.info("new %d-class head (the run had %d classes)", num_classes, config["num_classes"])
+    return model
