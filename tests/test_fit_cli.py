@@ -117,7 +117,9 @@ def _one_line_exit_2(result, culprit):
     [
         (("--epochs", "0"), "epochs"),
         (("--data", "npz:/no/such/file.npz"), "/no/such/file.npz"),
-        (("--data", "csv:whatever"), "csv:whatever"),
+        (("--data", "csv:whatever"), "whatever"),
+        (("--data", "jpeg:photos"), "jpeg:photos"),
+        (("--window", "40"), "window"),
         (("--model", "resnet9000"), "resnet9000"),
         (("--freeze", "no_such_layer"), "no_such_layer"),
         (("--lr", "fast"), "--lr"),

@@ -11,7 +11,7 @@ from flax import nnx
 
 import vision_ft
 from tests.train_fixtures import tiny_config, write_synthetic_npz
-from vision_ft.data.batches import eval_batches, train_batch
+from vision_ft.data.pipeline import eval_batches, train_batches
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from vision_ft.train.config import load_config
 from vision_ft.train.groups import layer_decay_scales, named_group
@@ -103,6 +103,17 @@ def test_train_bn_updates_frozen_statistics(tmp_path):
     assert not np.array_equal(before["bn1.mean"], after["bn1.mean"])
 
 
+def _batch(run, step):
+    """The train batch of ``step``, as (images, labels, mask)."""
+    batch = next(
+        train_batches(
+            run.data.splits["train"], run.train_geometry, batch_size=16, seed=0, start_step=step,
+            total_steps=step + 1,
+        )
+    )  # fmt: skip
+    return batch["image"], batch["label"], batch["mask"]
+
+
 def _run_steps(model, devices, batches):
     plan = build_plan(model)
     # SGD keeps updates proportional to gradients; Adam's m/sqrt(v) would turn float noise in
@@ -118,8 +129,7 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     assert jax.device_count() == 8, "conftest simulates 8 CPU devices"
     cfg = tiny_config(tmp_path)
     run = FitRun(cfg, progress=False)
-    train = run.data.splits["train"]
-    batches = [train_batch(train, s, 16, 0) for s in range(3)]
+    batches = [_batch(run, s) for s in range(3)]
     one = _run_steps(
         vision_ft.create_model("resnet18", num_classes=2, in_chans=1, drop_path_rate=0.1),
         jax.devices()[:1],
@@ -140,14 +150,16 @@ def test_no_recompilation_after_first_step(tmp_path):
     cfg = tiny_config(tmp_path)
     run = FitRun(cfg, progress=False)
     trainer = run._trainer(run.phases[0])
-    train = run.data.splits["train"]
     for step in range(4):
-        trainer.train_step(*train_batch(train, step, 16, 0), step)
+        trainer.train_step(*_batch(run, step), step)
     assert trainer._train_step._cache_size() == 1
     val = run.data.splits["val"]
     val = type(val)(val.images[:21], val.labels[:21])  # 21 = 16 + a padded batch of 5
-    outputs = [np.asarray(trainer.predict(images))[:real] for images, _, real in eval_batches(val, 16)]
-    assert sum(len(o) for o in outputs) == 21
+    batches = list(eval_batches(val, run.eval_geometry, batch_size=16))
+    assert [int(b["mask"].sum()) for b in batches] == [16, 5]
+    assert [b["row"][-1] for b in batches] == [15, -1]
+    for batch in batches:
+        trainer.predict(batch["image"])
     assert trainer._eval_step._cache_size() == 1
 
 

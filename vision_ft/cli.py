@@ -159,7 +159,20 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
     help="true, false, hf-hub:timm/NAME.TAG, a checkpoint file, or run:DIR (an earlier run's best "
     "weights, new head if the classes differ) [true].",
 )
-@click.option("--data", help="npz:PATH (MedMNIST layout) [bundled BreastMNIST].")
+@click.option(
+    "--data",
+    help="npz:PATH (MedMNIST layout), folder:DIR, csv:FILE or tfds:NAME[/CONFIG][:SPLIT] "
+    "[bundled BreastMNIST].",
+)
+@click.option("--data-dir", help="TFDS data directory (prepared datasets).")
+@click.option("--val-fraction", type=float, help="Validation share for data without a val split [0.1].")
+@click.option("--test-fraction", type=float, help="Test share for data without a test split [0].")
+@click.option("--window", help="DICOM window CENTER,WIDTH [the file's].")
+@click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), help="Unusable images [skip].")
+@click.option("--workers", type=int, help="Decoding worker processes [0: threads].")
+@click.option("--modality", type=click.Choice(["auto", "natural", "overhead", "medical"]))
+@click.option("--mixup", type=float, help="Mixup Beta alpha [0: off].")
+@click.option("--cutmix", type=float, help="CutMix Beta alpha [0: off].")
 @click.option("--img-size", type=int)
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -195,6 +208,45 @@ def fit(config_path: Path | None, no_progress: bool, **overrides) -> None:
             f"({final['wall_seconds']:.0f} s)"
         )
     click.echo(f"run written to {cfg.output}")
+
+
+@main.command()
+@click.option("--data", required=True, help="A --data spec, as for fit.")
+@click.option("--model", default="tf_efficientnet_lite0", help="Model whose input geometry to use.")
+@click.option("--img-size", type=int, default=128)
+@click.option("--split", default="train")
+@click.option("--data-dir", help="TFDS data directory.")
+@click.option("--window", help="DICOM window CENTER,WIDTH.")
+@click.option("--output", type=click.Path(path_type=Path), help="Also write the statistics as YAML.")
+@user_errors_exit_2
+def stats(data, model, img_size, split, data_dir, window, output) -> None:
+    """Per-band mean and std of a split, in the scale the model is fed (for non-RGB data).
+
+    Pass them to fit as `mean:` / `std:` in a config; fit computes them itself for data with other
+    than 1 or 3 bands.
+    """
+    import yaml
+
+    from vision_ft.data.pipeline import Geometry
+    from vision_ft.data.sources import DataOptions, load_dataset
+    from vision_ft.data.stats import band_statistics
+    from vision_ft.models.registry import get_model_entry
+    from vision_ft.train.config import load_config
+
+    window_values = load_config(None, {"window": window}).window
+    dataset = load_dataset(data, DataOptions(data_dir=data_dir, window=window_values))
+    if split not in dataset.splits:
+        raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
+    interpolation = get_model_entry(model).default_cfg.interpolation
+    geometry = Geometry(img_size, interpolation, 1.0, channels=dataset.channels)
+    mean, std, used = band_statistics(dataset.splits[split], geometry)
+    text = yaml.safe_dump({"mean": list(mean), "std": list(std)}, default_flow_style=True)
+    click.echo(f"# {used} images of {data} ({split}), {dataset.channels} bands")
+    click.echo(text, nl=False)
+    if output is not None:
+        if output.exists():
+            raise UserError(f"--output {output} exists; not overwriting it")
+        output.write_text(text)
 
 
 if __name__ == "__main__":

@@ -7,26 +7,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from vision_ft.data.transforms import PIL_INTERPOLATION
+from vision_ft.data.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
-    """Unusable data: the message names the file and what is wrong with it."""
-
-
 @dataclass(frozen=True)
 class ArraySplit:
-    """Images as uint8 NHWC (already at the model's resolution) and integer labels."""
+    """An in-memory split: images as NHWC arrays at their stored resolution, integer labels."""
 
     images: np.ndarray
     labels: np.ndarray
+    name: str = "array"
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def example_id(self, index: int) -> str:
+        return f"{self.name}[{index}]"
 
 
 def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -62,21 +64,8 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return splits
 
 
-def resize_images(images: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-    """Resize uint8 NHWC images to ``size`` x ``size`` with PIL's filter of that name."""
-    if images.shape[1:3] == (size, size):
-        return images
-    out = np.empty((len(images), size, size, images.shape[3]), np.uint8)
-    resample = PIL_INTERPOLATION[interpolation]
-    for i, image in enumerate(images):
-        pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
-        resized = np.asarray(pil.resize((size, size), resample))
-        out[i] = resized[..., None] if resized.ndim == 2 else resized
-    return out
-
-
-def load_npz_splits(path: str | Path, size: int, interpolation: str) -> dict[str, ArraySplit]:
+def load_npz_splits(path: str | Path) -> dict[str, ArraySplit]:
     return {
-        name: ArraySplit(resize_images(images, size, interpolation), labels)
+        name: ArraySplit(images, labels, f"{Path(path).name}:{name}")
         for name, (images, labels) in load_npz(path).items()
     }

@@ -1,31 +1,64 @@
-"""``--data`` specs: which source reads the user's images."""
+"""``--data`` specs: which source reads the user's images.
+
+- ``npz:PATH`` (or ``npz:bundled:NAME``): MedMNIST-layout arrays, official splits.
+- ``folder:DIR``: class subfolders, with ``train/``/``val/``/``test/`` or a seeded stratified split.
+- ``csv:FILE``: ``path,label[,split]`` rows.
+- ``tfds:NAME[/CONFIG][:SPLIT]``: a prepared TensorFlow Datasets catalog entry (``--data-dir``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from vision_ft.data.npz import ArraySplit, DataError, load_npz_splits
+import numpy as np
+
+from vision_ft.data.errors import BadImageError, DataError
+from vision_ft.data.npz import load_npz_splits
+from vision_ft.data.pipeline import ExampleSplit
+from vision_ft.data.records import IndexedDataset
 
 BUNDLED = {
     "breastmnist": ("breastmnist.npz", ("malignant", "normal/benign")),
 }
+KINDS = ("npz", "folder", "csv", "tfds")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How specs that need it are split and decoded."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+    seed: int = 0
+    data_dir: str | None = None  # TFDS data_dir
+    window: tuple[float, float] | None = None  # DICOM window (center, width)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    splits: dict[str, ArraySplit]
+    splits: dict[str, ExampleSplit]
     class_names: tuple[str, ...]
     channels: int
     description: str
+    index: IndexedDataset | None = None  # file sources: which file is in which split
+    skipped: dict[str, str] = field(default_factory=dict)  # left out while indexing: path -> reason
 
 
-def load_dataset(spec: str, *, img_size: int, interpolation: str) -> Dataset:
-    """Read ``npz:PATH`` (or ``npz:bundled:NAME``) with images resized to ``img_size``."""
+def load_dataset(spec: str, options: DataOptions = DataOptions()) -> Dataset:
+    """Read the index (and, for arrays, the pixels) of ``spec``; files are decoded later, on demand."""
     kind, _, location = spec.partition(":")
-    if kind != "npz" or not location:
-        raise DataError(f"--data {spec!r}: expected npz:PATH")
+    if kind not in KINDS or not location:
+        raise DataError(f"--data {spec!r}: expected one of npz:PATH, folder:DIR, csv:FILE, tfds:NAME")
+    if kind == "npz":
+        return _npz(spec, location)
+    if kind == "tfds":
+        return _tfds(spec, location, options)
+    return _files(spec, kind, location, options)
+
+
+def _npz(spec: str, location: str) -> Dataset:
     names: tuple[str, ...] | None = None
     if location.startswith("bundled:"):
         name = location.removeprefix("bundled:")
@@ -35,11 +68,64 @@ def load_dataset(spec: str, *, img_size: int, interpolation: str) -> Dataset:
         path = Path(str(resources.files("vision_ft") / "assets" / filename))
     else:
         path = Path(location).expanduser()
-    splits = load_npz_splits(path, img_size, interpolation)
-    num_classes = int(max(s.labels.max() for s in splits.values())) + 1
-    if min(int(s.labels.min()) for s in splits.values()) < 0:
-        raise DataError(f"{path}: labels must be >= 0")
-    if num_classes < 2:
-        raise DataError(f"{path}: need at least two classes, found {num_classes}")
+    splits = load_npz_splits(path)
+    num_classes = _check_labels(path, {k: s.labels for k, s in splits.items()})
     names = names or tuple(f"class {i}" for i in range(num_classes))
     return Dataset(splits, names, splits["train"].images.shape[-1], str(path))
+
+
+def _check_labels(where, labels: dict[str, np.ndarray]) -> int:
+    if min(int(v.min()) for v in labels.values() if len(v)) < 0:
+        raise DataError(f"{where}: labels must be >= 0")
+    num_classes = int(max(int(v.max()) for v in labels.values() if len(v))) + 1
+    if num_classes < 2:
+        raise DataError(f"{where}: need at least two classes, found {num_classes}")
+    return num_classes
+
+
+def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset:
+    from vision_ft.data.files import FileSplit
+
+    split_args = dict(
+        val_fraction=options.val_fraction, test_fraction=options.test_fraction, seed=options.seed
+    )
+    if kind == "folder":
+        from vision_ft.data.folder import index_folder
+
+        index = index_folder(Path(location).expanduser(), **split_args)
+    else:
+        from vision_ft.data.csv_index import index_csv
+
+        index = index_csv(Path(location).expanduser(), **split_args)
+    if index.multi_label:
+        raise DataError(f"--data {spec!r}: multi-label rows (a|b) are indexed but not trainable yet")
+    if not index.splits.get("train"):
+        raise DataError(f"--data {spec!r}: no training examples")
+    splits = {name: FileSplit(records, window=options.window) for name, records in index.splits.items()}
+    channels = _first_readable_channels(spec, splits["train"])
+    return Dataset(splits, index.class_names, channels, spec, index=index, skipped=dict(index.skipped))
+
+
+def _first_readable_channels(spec: str, split: ExampleSplit, tries: int = 32) -> int:
+    """The band count of the data: that of the first training image that decodes."""
+    reasons = []
+    for i in range(min(len(split), tries)):
+        try:
+            image = split.load(i)
+        except BadImageError as e:
+            reasons.append(str(e))
+            continue
+        return 1 if image.ndim == 2 else int(image.shape[-1])
+    raise DataError(f"--data {spec!r}: none of the first {tries} training images can be read ({reasons[0]})")
+
+
+def _tfds(spec: str, location: str, options: DataOptions) -> Dataset:
+    from vision_ft.data.tfds_source import load_tfds
+
+    splits, class_names = load_tfds(
+        location, data_dir=options.data_dir, val_fraction=options.val_fraction, seed=options.seed
+    )
+    channels = int(
+        np.asarray(splits["train"].load(0)).reshape(*splits["train"].load(0).shape[:2], -1).shape[-1]
+    )
+    return Dataset(splits, tuple(class_names), channels, spec)

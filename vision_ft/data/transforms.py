@@ -47,3 +47,82 @@ def eval_transform(image: Image.Image, cfg: PretrainedCfg) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     return (array - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """float32 HWC: integers scaled by their dtype's maximum, floats kept as they are (already decoded
+    files come scaled by their true bit depth; see ``data/decode.py``)."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) / np.float32(np.iinfo(image.dtype).max)
+    return image.astype(np.float32, copy=False)
+
+
+def resize_box(
+    image: np.ndarray,
+    height: int,
+    width: int,
+    interpolation: str,
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
+    """Resize the ``box`` (left, top, right, bottom; default the whole image) of an HWC array to
+    ``height`` x ``width`` with PIL's filter. uint8 with 1 or 3 channels goes through PIL as one
+    image; anything else (more bands, other dtypes) is resized band by band in float32."""
+    h, w, c = image.shape
+    if box is None and (h, w) == (height, width):
+        return image
+    resample = PIL_INTERPOLATION[interpolation]
+    if image.dtype == np.uint8 and c in (1, 3):
+        pil = Image.fromarray(image[..., 0] if c == 1 else image)
+        out = np.asarray(pil.resize((width, height), resample, box=box))
+        return out[..., None] if out.ndim == 2 else out
+    bands = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., i], np.float32), mode="F").resize(
+                (width, height), resample, box=box
+            )
+        )
+        for i in range(c)
+    ]
+    return np.stack(bands, axis=-1)
+
+
+def center_box(h: int, w: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """timm's eval geometry as one box: the central region that ``resize shorter side to
+    size / crop_pct, then center-crop size x size`` keeps, in source pixels."""
+    scale_size = math.floor(size / crop_pct)
+    side = min(h, w) * size / scale_size
+    top, left = (h - side) / 2.0, (w - side) / 2.0
+    return (left, top, left + side, top + side)
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop sampling: an area fraction in ``scale`` and a log-uniform
+    aspect ratio in ``ratio``, ten tries, then the largest central crop within ``ratio``."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return (left, top, left + cw, top + ch)
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        cw, ch = int(round(h * ratio[1])), h
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return (left, top, left + cw, top + ch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 BUNDLED_DATA = "npz:bundled:breastmnist"
+MODALITIES = ("auto", "natural", "overhead", "medical")
 
 
 class ConfigError(ValueError):
@@ -44,10 +46,30 @@ class FitConfig:
     recipe: str = "standard"  # "standard" or "fine_tune"
     head_epochs: int = 1
     head_lr_mult: float = 10.0  # LR multiplier of the head phase relative to lr
-    # augmentation, applied on device
-    hflip: bool = True
-    vflip: bool = False
-    translate: float = 0.1  # max shift as a fraction of the image side
+    # data: how file sources are split and decoded, what bad examples do, how many loaders
+    val_fraction: float = 0.1  # folder/csv/tfds sources without a validation split
+    test_fraction: float = 0.0
+    data_dir: str | None = None  # tfds data_dir
+    window: tuple[float, float] | None = None  # DICOM window (center, width); default the file's
+    on_bad_image: str = "skip"  # "skip" (count and report) or "fail" (stop with exit code 2)
+    workers: int = 0  # grain worker processes for decoding; 0 decodes on threads
+    loader_threads: int = 4
+    # preprocessing: None takes the model's pretrained_cfg or the modality's preset
+    eval_crop_pct: float | None = 1.0  # 1.0: the whole image; None: the model's crop_pct
+    normalize: str = "auto"  # "pretrained", "dataset" (per-band statistics of train), "auto"
+    mean: tuple[float, ...] | None = None  # explicit per-band statistics (e.g. from vision-ft stats)
+    std: tuple[float, ...] | None = None
+    # augmentation; None takes the modality's preset (see train/augment_presets.py)
+    modality: str = "auto"  # "auto", "natural", "overhead" (satellite, histology), "medical"
+    random_crop: bool | None = None  # random resized crop on the host
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: bool | None = None
+    vflip: bool | None = None
+    rot90: bool | None = None
+    translate: float | None = None  # max shift as a fraction of the image side
+    color_jitter: float | None = None  # RGB only
+    mixup: float = 0.0
+    cutmix: float = 0.0
     # run
     precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 parameters)
     seed: int = 0
@@ -75,7 +97,28 @@ class FitConfig:
                 "select_metric must be auc, accuracy, balanced_accuracy, macro_f1 or loss",
             ),
             (self.recipe != "fine_tune" or self.head_epochs < self.epochs, "head_epochs must be < epochs"),
-            (0 <= self.translate < 0.5, "translate must be in [0, 0.5)"),
+            (self.translate is None or 0 <= self.translate < 0.5, "translate must be in [0, 0.5)"),
+            (self.color_jitter is None or 0 <= self.color_jitter < 1, "color_jitter must be in [0, 1)"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
+            (self.on_bad_image in ("skip", "fail"), "on_bad_image must be 'skip' or 'fail'"),
+            (self.modality in MODALITIES, f"modality must be one of {', '.join(MODALITIES)}"),
+            (
+                self.normalize in ("auto", "pretrained", "dataset"),
+                "normalize must be auto, pretrained or dataset",
+            ),
+            ((self.mean is None) == (self.std is None), "mean and std must be given together"),
+            (self.std is None or min(self.std) > 0, "std must be > 0"),
+            (
+                0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                "crop_scale must satisfy 0 < min <= max <= 1",
+            ),
+            (self.eval_crop_pct is None or 0 < self.eval_crop_pct <= 1, "eval_crop_pct must be in (0, 1]"),
+            (
+                0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1,
+                "val/test fractions must be in [0, 1)",
+            ),
+            (self.workers >= 0 and self.loader_threads >= 1, "workers must be >= 0, loader_threads >= 1"),
+            (self.window is None or self.window[1] > 0, "window width must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,6 +130,8 @@ class FitConfig:
         out.pop("extra")
         out["freeze"] = list(self.freeze)
         out["lr_rules"] = [list(r) for r in self.lr_rules]
+        for name in ("window", "mean", "std", "crop_scale"):
+            out[name] = None if out[name] is None else list(out[name])
         return out
 
 
@@ -101,8 +146,16 @@ def _coerce(name: str, value):
             return tuple(s.strip() for s in items if str(s).strip())
         if name == "lr_rules":
             return tuple((str(p), float(m)) for p, m in value)
-        if name == "layer_decay":
-            return None if value in (None, "none") else float(value)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+                return None
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if typing.get_origin(hint) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            out = tuple(float(v) for v in items)
+            if typing.get_args(hint)[-1] is not Ellipsis and len(out) != len(typing.get_args(hint)):
+                raise ValueError(value)
+            return out
         if hint is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):

@@ -14,13 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vision_ft.data.batches import eval_batches, train_batch
-from vision_ft.data.sources import Dataset, load_dataset
+from vision_ft.data.errors import BadImageError
+from vision_ft.data.pipeline import Geometry, eval_batches, train_batches
+from vision_ft.data.presets import resolve_augmentation
+from vision_ft.data.sources import DataOptions, Dataset, load_dataset
+from vision_ft.data.splitting import write_split_file
+from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
-from vision_ft.models.registry import get_model_entry
 from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like
-from vision_ft.train.config import FitConfig
+from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.optimizer import build_optimizer, warmup_cosine
@@ -79,7 +82,7 @@ class FitRun:
         self.mesh = data_mesh(devices)
         n_dev = self.mesh.devices.size
         if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
-            raise ValueError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
+            raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
         self._check_output_dir()
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
@@ -89,9 +92,12 @@ class FitRun:
             if earlier["model"] != cfg.model:
                 log.info("model %s, as in run %s", earlier["model"], start_run)
             cfg = self.cfg = dataclasses.replace(cfg, model=earlier["model"])
-        interpolation = get_model_entry(cfg.model).default_cfg.interpolation
-        self.data: Dataset = load_dataset(cfg.data, img_size=cfg.img_size, interpolation=interpolation)
+        options = DataOptions(cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.window)
+        self.data: Dataset = load_dataset(cfg.data, options)
         self.num_classes = len(self.data.class_names)
+        self.bad_examples: dict[str, str] = dict(self.data.skipped)
+        if self.data.index is not None:
+            write_split_file(self.out / "splits.csv", self.data.index.splits, None)
         if start_run is not None:
             if earlier["in_chans"] != self.data.channels:
                 raise RunDirError(
@@ -117,10 +123,11 @@ class FitRun:
                 dtype=dtype,
                 seed=cfg.seed,
             )
+        self._set_input_pipeline()
         train = self.data.splits["train"]
         self.steps_per_epoch = len(train) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
+            raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         num_layers = max(layer_ids(param_paths(self.model), self.model.group_matcher()).values()) + 1
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers)
@@ -128,6 +135,37 @@ class FitRun:
         self.checkpoints = RunCheckpoints(
             self.out / "checkpoints", best_mode="min" if cfg.select_metric == "loss" else "max"
         )
+
+    def _set_input_pipeline(self) -> None:
+        """Geometry, augmentation and normalization from the model, the modality and the config."""
+        cfg, channels = self.cfg, self.data.channels
+        pretrained = self.model.pretrained_cfg
+        self.augment_settings = resolve_augmentation(
+            cfg.modality, channels, random_crop=cfg.random_crop, hflip=cfg.hflip, vflip=cfg.vflip,
+            rot90=cfg.rot90, translate=cfg.translate, color_jitter=cfg.color_jitter,
+        )  # fmt: skip
+        crop_pct = cfg.eval_crop_pct if cfg.eval_crop_pct is not None else pretrained.crop_pct
+        self.eval_geometry = Geometry(cfg.img_size, pretrained.interpolation, crop_pct, channels=channels)
+        self.train_geometry = dataclasses.replace(
+            self.eval_geometry, train_scale=cfg.crop_scale if self.augment_settings["random_crop"] else None
+        )
+        mean, std = self._normalization()
+        self.model.pretrained_cfg = dataclasses.replace(pretrained, mean=mean, std=std)
+
+    def _normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cfg, channels = self.cfg, self.data.channels
+        if cfg.mean is not None:
+            if len(cfg.mean) != channels or len(cfg.std) != channels:
+                raise ConfigError(f"mean/std have {len(cfg.mean)} values, the data has {channels} bands")
+            return cfg.mean, cfg.std
+        if cfg.normalize == "dataset" or (cfg.normalize == "auto" and channels not in (1, 3)):
+            # ImageNet statistics mean nothing for these bands: never normalize with them silently
+            mean, std, used = band_statistics(
+                self.data.splits["train"], self.eval_geometry, threads=cfg.loader_threads
+            )
+            log.info("per-band statistics of %d training images: mean %s std %s", used, mean, std)
+            return mean, std
+        return self.model.pretrained_cfg.mean, self.model.pretrained_cfg.std
 
     def _check_output_dir(self) -> None:
         has_run = (self.out / "checkpoints").exists() or (self.out / "metrics.jsonl").exists()
@@ -171,7 +209,15 @@ class FitRun:
             self.mesh,
             class_weights=self.class_weights,
             label_smoothing=cfg.label_smoothing,
-            augment=Augment(cfg.hflip, cfg.vflip, cfg.translate),
+            augment=Augment(
+                hflip=self.augment_settings["hflip"],
+                vflip=self.augment_settings["vflip"],
+                rot90=self.augment_settings["rot90"],
+                translate=self.augment_settings["translate"],
+                color_jitter=self.augment_settings["color_jitter"],
+                mixup=cfg.mixup,
+                cutmix=cfg.cutmix,
+            ),
             seed=cfg.seed,
         )
 
@@ -198,11 +244,38 @@ class FitRun:
 
     # -- evaluation -----------------------------------------------------------------------------
     def predict_split(self, trainer: Trainer, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and logits of every readable example of ``split``, in order."""
         data = self.data.splits[split]
-        outputs = []
-        for images, _, real in eval_batches(data, self.cfg.eval_batch_size):
-            outputs.append(np.asarray(trainer.predict(images))[:real])
-        return data.labels, np.concatenate(outputs)
+        labels, outputs = [], []
+        batches = eval_batches(
+            data, self.eval_geometry, batch_size=self.cfg.eval_batch_size,
+            threads=self.cfg.loader_threads, workers=self.cfg.workers,
+        )  # fmt: skip
+        for batch in batches:
+            self._note_bad(data, batch)
+            keep = batch["mask"] > 0
+            logits = np.asarray(trainer.predict(batch["image"]))
+            labels.append(batch["label"][keep])
+            outputs.append(logits[keep])
+        return np.concatenate(labels).astype(np.int64), np.concatenate(outputs)
+
+    def _note_bad(self, split, batch: dict) -> None:
+        """Count unreadable examples, or stop on the first with ``on_bad_image: fail``."""
+        for row in batch["row"][batch["bad"] > 0]:
+            path = split.example_id(int(row))
+            if path in self.bad_examples:
+                continue
+            try:  # decode again here for the reason: the pipeline only flags it
+                split.load(int(row))
+                reason = "wrong band count or undecodable pixels"
+            except BadImageError as e:
+                reason = e.reason
+            except Exception as e:  # noqa: BLE001 - the reason is reported, not handled
+                reason = f"{type(e).__name__}: {e}"
+            if self.cfg.on_bad_image == "fail":
+                raise BadImageError(path, f"{reason} (on_bad_image: fail)")
+            log.warning("skipping unusable example %s: %s", path, reason)
+            self.bad_examples[path] = reason
 
     def evaluate(self, trainer: Trainer, split: str) -> dict:
         labels, logits = self.predict_split(trainer, split)
@@ -237,13 +310,19 @@ class FitRun:
         epoch_losses: list[float] = []
         progress = _Progress(self.total_steps, cfg.batch_size, enabled=self.progress)
         progress.advance_to(step)
+        batches = train_batches(
+            train_split, self.train_geometry, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step,
+            total_steps=self.total_steps, threads=cfg.loader_threads, workers=cfg.workers,
+        )  # fmt: skip
         while step < self.total_steps:
             current = self._phase_at(step)
             if current is not phase:
                 trainer.write_back(self.model)
                 phase, trainer = current, self._trainer(current)
-            images, labels, mask = train_batch(train_split, step, cfg.batch_size, cfg.seed)
-            out = trainer.train_step(images, labels, mask, step)
+            batch = next(batches)
+            if batch["bad"].any():
+                self._note_bad(train_split, batch)
+            out = trainer.train_step(batch["image"], batch["label"], batch["mask"], step)
             epoch_losses.append(out["loss"])
             step += 1
             progress.update(step, out["loss"])
@@ -309,6 +388,7 @@ class FitRun:
             report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
         report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
+        final["bad_examples"] = {"count": len(self.bad_examples), "examples": dict(self.bad_examples)}
         final["wall_seconds"] = round(time.time() - started, 1)
         report.write_json(self.out / "final.json", final)
         return final

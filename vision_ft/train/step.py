@@ -28,9 +28,15 @@ from vision_ft.weights.mapping import format_path
 
 @dataclass(frozen=True)
 class Augment:
+    """On-device, per-image augmentation (host-side random resized crops live in data/pipeline.py)."""
+
     hflip: bool = True
     vflip: bool = False
-    translate: float = 0.0
+    rot90: bool = False  # for orientation-free imagery: satellite tiles, histology
+    translate: float = 0.0  # max shift as a fraction of the side, reflect-padded
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; applied to RGB only
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 disables
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 disables
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -52,24 +58,78 @@ def freeze_batchnorm(model: nnx.Module, plan: Mapping[str, ParamSetting], *, ena
 
 
 def augment_batch(images: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
-    """Random flips and shifts (reflect-padded) per image; uint8 NHWC in, float in [0, 1] out."""
-    x = images.astype(jnp.float32) / 255.0
-    n, h, w, _ = x.shape
-    k_h, k_v, k_t = jax.random.split(key, 3)
+    """Random flips, quarter turns, shifts and colour jitter per image; float NHWC in [0, 1] out."""
+    x = images.astype(jnp.float32)
+    if images.dtype == jnp.uint8:
+        x = x / 255.0
+    n, h, w, c = x.shape
+    k_h, k_v, k_r, k_t, k_c = jax.random.split(key, 5)
+
+    def per_image(flag, a, b):
+        return jnp.where(flag.reshape(n, 1, 1, 1), a, b)
+
     if aug.hflip:
-        flip = jax.random.bernoulli(k_h, 0.5, (n, 1, 1, 1))
-        x = jnp.where(flip, x[:, :, ::-1], x)
+        x = per_image(jax.random.bernoulli(k_h, 0.5, (n,)), x[:, :, ::-1], x)
     if aug.vflip:
-        flip = jax.random.bernoulli(k_v, 0.5, (n, 1, 1, 1))
-        x = jnp.where(flip, x[:, ::-1], x)
+        x = per_image(jax.random.bernoulli(k_v, 0.5, (n,)), x[:, ::-1], x)
+    if aug.rot90 and h == w:
+        turns = jax.random.randint(k_r, (n,), 0, 4)
+        quarter = jnp.swapaxes(x, 1, 2)[:, ::-1]  # 90 degrees counter-clockwise
+        half = x[:, ::-1, ::-1]
+        three = jnp.swapaxes(x, 1, 2)[:, :, ::-1]
+        x = per_image(turns == 1, quarter, per_image(turns == 2, half, per_image(turns == 3, three, x)))
     pad = int(round(aug.translate * min(h, w)))
     if pad:
         padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
         offsets = jax.random.randint(k_t, (n, 2), 0, 2 * pad + 1)
-        x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1])))(
-            padded, offsets
-        )
+        x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+    if aug.color_jitter and c == 3:
+        x = _color_jitter(x, k_c, aug.color_jitter)
     return x
+
+
+def _color_jitter(x: jax.Array, key: jax.Array, strength: float) -> jax.Array:
+    """torchvision-style brightness, contrast and saturation factors in [1 - s, 1 + s], in that order."""
+    n = x.shape[0]
+    factors = jax.random.uniform(key, (3, n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    x = jnp.clip(x * factors[0], 0, 1)
+    gray = x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype)
+    x = jnp.clip(
+        (x - gray.mean(axis=(1, 2), keepdims=True)[..., None]) * factors[1]
+        + gray.mean(axis=(1, 2), keepdims=True)[..., None],
+        0,
+        1,
+    )
+    gray = (x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype))[..., None]
+    return jnp.clip((x - gray) * factors[2] + gray, 0, 1)
+
+
+def mix_batch(
+    x: jax.Array, targets: jax.Array, weights: jax.Array, key: jax.Array, aug: Augment
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """timm's batch-mode mixup/cutmix: each image mixed with the batch reversed, one lambda per step
+    (cutmix's lambda corrected to the pasted box's true area); picks one of the two when both are on."""
+    k_choice, k_lam, k_box = jax.random.split(key, 3)
+    use_cutmix = jnp.asarray(aug.cutmix > 0)
+    if aug.mixup > 0 and aug.cutmix > 0:
+        use_cutmix = jax.random.bernoulli(k_choice, 0.5)
+    alpha = jnp.where(use_cutmix, max(aug.cutmix, 1e-3), max(aug.mixup, 1e-3))
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    n, h, w, _ = x.shape
+    partner = x[::-1]
+    # cutmix box of area (1 - lam), clipped at the borders
+    cut_h, cut_w = jnp.sqrt(1 - lam) * h, jnp.sqrt(1 - lam) * w
+    cy, cx = jax.random.uniform(k_box, (2,)) * jnp.asarray([h, w])
+    top, bottom = jnp.clip(cy - cut_h / 2, 0, h).astype(int), jnp.clip(cy + cut_h / 2, 0, h).astype(int)
+    left, right = jnp.clip(cx - cut_w / 2, 0, w).astype(int), jnp.clip(cx + cut_w / 2, 0, w).astype(int)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    inside = ((rows >= top) & (rows < bottom) & (cols >= left) & (cols < right))[None, :, :, None]
+    box_lam = 1 - (bottom - top) * (right - left) / (h * w)
+    mixed = jnp.where(use_cutmix, jnp.where(inside, partner, x), lam * x + (1 - lam) * partner)
+    lam = jnp.where(use_cutmix, box_lam, lam)
+    targets = lam * targets + (1 - lam) * targets[::-1]
+    weights = lam * weights + (1 - lam) * weights[::-1]
+    return mixed, targets, weights
 
 
 class Trainer:
@@ -111,6 +171,7 @@ class Trainer:
         )
         self.opt_state = put(tx.init(self.trainable))
         self.class_weights = put(jnp.asarray(class_weights, jnp.float32))
+        num_classes = len(class_weights)
         base_key = jax.random.key(seed)
         has_dropout = any(isinstance(v, nnx.RngKey) for _, v in nnx.to_flat_state(other))
 
@@ -124,10 +185,13 @@ class Trainer:
             # fresh Variables owned by this trace, so BatchNorm may update them here
             frozen, stats, other = jax.tree.map(lambda v: v, (frozen, stats, other))
             model = nnx.merge(graphdef, trainable, frozen, stats, other)
-            x = (augment_batch(images, aug_key, augment) - mean) / std
-            logits = model(x, train=True).astype(jnp.float32)
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+            aug_key, mix_key = jax.random.split(aug_key)
+            x = augment_batch(images, aug_key, augment)
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
             weights = self.class_weights[labels] * mask
+            if augment.mixup > 0 or augment.cutmix > 0:
+                x, targets, weights = mix_batch(x, targets, weights, mix_key, augment)
+            logits = model((x - mean) / std, train=True).astype(jnp.float32)
             loss = jnp.sum(optax.softmax_cross_entropy(logits, targets) * weights) / jnp.maximum(
                 weights.sum(), 1e-6
             )
@@ -146,7 +210,10 @@ class Trainer:
 
         def eval_step(trainable, stats, frozen, other, images):
             model = nnx.merge(graphdef, trainable, frozen, stats, other)
-            x = (images.astype(jnp.float32) / 255.0 - mean) / std
+            x = images.astype(jnp.float32)
+            if images.dtype == jnp.uint8:
+                x = x / 255.0
+            x = (x - mean) / std
             return model(x, train=False).astype(jnp.float32)
 
         rep, data = self.replicated, self.batch_sharding

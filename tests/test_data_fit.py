@@ -1,0 +1,124 @@
+"""`fit` end to end on every --data kind: JPEG folders, 13-band GeoTIFFs, DICOM through a CSV, TFDS;
+bad images skipped and reported, or fatal with a one-line error; per-band statistics."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tifffile
+import yaml
+from PIL import Image
+
+from tests.test_decode import _write_dicom
+from tests.test_tfds_source import _prepare
+from tests.train_fixtures import tiny_config
+from vision_ft.data.pipeline import Geometry
+from vision_ft.data.sources import load_dataset
+from vision_ft.data.stats import band_statistics
+from vision_ft.train.loop import FitRun
+
+CLASSES = ("AnnualCrop", "Forest", "River")
+
+
+def _eurosat_folder(root, per_class=12, side=20):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 60, (side, side, 3), dtype=np.uint8)
+            image[..., c] += 150  # each class dominated by one colour channel
+            Image.fromarray(image).save(root / name / f"{name}_{i}.jpg", quality=95)
+    return root
+
+
+def _fit(tmp_path, data, **overrides):
+    cfg = tiny_config(tmp_path, data=data, epochs=1, batch_size=8, eval_batch_size=8, **overrides)
+    run = FitRun(cfg, progress=False)
+    return run, run.run()
+
+
+def test_jpeg_folder_with_a_corrupted_file(tmp_path):
+    root = _eurosat_folder(tmp_path / "eurosat")
+    broken = root / "Forest" / "Forest_3.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    run, final = _fit(tmp_path, f"folder:{root}", val_fraction=0.25, test_fraction=0.25)
+    assert run.data.class_names == CLASSES and run.data.channels == 3
+    assert run.augment_settings["random_crop"] and run.augment_settings["color_jitter"] > 0  # natural
+    assert final["bad_examples"]["count"] == 1
+    assert str(broken) in final["bad_examples"]["examples"]
+    rows = (tmp_path / "run" / "splits.csv").read_text().splitlines()
+    assert rows[0].startswith("path,label,split") and len(rows) == 1 + 36
+    assert final["test"]["confusion_matrix"] and np.sum(final["test"]["confusion_matrix"]) in (8, 9)
+
+
+def test_multispectral_geotiffs_get_their_own_band_statistics(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "s2"
+    for c, name in enumerate(CLASSES[:2]):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            bands = rng.integers(500, 3000, (13, 16, 16), dtype=np.uint16)
+            bands[7] += 20000 * c  # the NIR band separates the classes
+            tifffile.imwrite(root / name / f"tile_{i}.tif", bands, planarconfig="separate")
+    spec = f"folder:{root}"
+    run, final = _fit(tmp_path, spec)
+    assert run.model.pretrained_cfg.input_size[0] == 13
+    assert run.augment_settings["rot90"] and run.augment_settings["vflip"]  # overhead preset
+    dataset = load_dataset(spec)
+    expected, _, _ = band_statistics(dataset.splits["train"], Geometry(32, "bicubic", 1.0, channels=13))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["pretrained_cfg"]
+    np.testing.assert_allclose(saved["mean"], expected, rtol=1e-6)
+    assert saved["mean"][7] > 5 * saved["mean"][0]  # not ImageNet's statistics
+    out = subprocess.run(
+        [sys.executable, "-m", "vision_ft.cli", "stats", "--data", spec, "--img-size", "32"],
+        capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"}, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "13 bands" in out.stdout.splitlines()[0]
+    np.testing.assert_allclose(yaml.safe_load(out.stdout)["mean"], expected, rtol=1e-6)
+
+
+def test_dicom_through_a_csv_manifest(tmp_path):
+    rng = np.random.default_rng(2)
+    lines = ["path,label"]
+    (tmp_path / "scans").mkdir()
+    for i in range(24):
+        label = ("normal", "nodule")[i % 2]
+        pixels = rng.integers(0, 1500, (16, 16)).astype(np.uint16)
+        pixels[4:12, 4:12] += 2000 * (i % 2)
+        _write_dicom(tmp_path / "scans" / f"{i}.dcm", pixels, window=(1500, 3000), rescale=(1.0, -1024.0))
+        lines.append(f"scans/{i}.dcm,{label}")
+    lines.append("scans/missing.dcm,normal")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run, final = _fit(tmp_path, f"csv:{tmp_path / 'manifest.csv'}", window=(1000.0, 3000.0))
+    assert run.data.class_names == ("nodule", "normal") and run.data.channels == 1
+    assert run.augment_settings["translate"] > 0 and not run.augment_settings["random_crop"]  # medical
+    assert any("missing.dcm" in path for path in final["bad_examples"]["examples"])
+    assert final["best_val"] is not None
+
+
+def test_tfds_dataset_prepared_here(tmp_path):
+    data_dir = tmp_path / "tfds"
+    _prepare(data_dir, "rgb")
+    run, final = _fit(tmp_path, "tfds:tiny_catalog/rgb", data_dir=str(data_dir), val_fraction=0.2)
+    assert run.data.class_names == ("annual_crop", "forest", "river")
+    assert len(run.data.splits["train"]) + len(run.data.splits["val"]) == 30
+    assert len(run.data.splits["test"]) == 6 and final["test"] is not None
+
+
+def test_on_bad_image_fail_is_one_line_exit_2(tmp_path):
+    root = _eurosat_folder(tmp_path / "eurosat", per_class=6)
+    for i in range(1, 6):  # more than the examples a one-epoch run leaves unread
+        (root / "River" / f"River_{i}.jpg").write_bytes(b"")
+    cmd = [
+        sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--data", f"folder:{root}",
+        "--model", "resnet18", "--pretrained", "false", "--img-size", "32", "--epochs", "1",
+        "--batch-size", "8", "--on-bad-image", "fail", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "River_" in errors[0] and "Traceback" not in out.stderr
+    assert "on_bad_image: fail" in errors[0]

@@ -1,0 +1,330 @@
+"""Indexing image folders and CSV manifests into splits (nothing is decoded, so files stay tiny)."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_ft.data.csv_index import index_csv
+from vision_ft.data.errors import DataError
+from vision_ft.data.folder import index_folder
+from vision_ft.data.records import IndexedDataset, Record
+from vision_ft.data.splitting import stratified_split, write_split_file
+
+EUROSAT_CLASSES = ("AnnualCrop", "Forest", "River")
+
+
+def _png(path: Path, value: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (2, 2), (value, value, value)).save(path)
+    return path
+
+
+def _write_csv(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _paths(dataset: IndexedDataset) -> dict[str, list[str]]:
+    return {split: [r.path for r in records] for split, records in dataset.splits.items()}
+
+
+@pytest.fixture
+def eurosat(tmp_path) -> tuple[Path, set[str]]:
+    """3 classes x 10 images, one class with nested and upper-case-suffix files, plus files to ignore."""
+    root = tmp_path / "eurosat"
+    files = set()
+    for c, name in enumerate(EUROSAT_CLASSES):
+        for i in range(10):
+            if name == "River" and i >= 8:
+                rel = f"{name}/sub/{name}_{i}.JPG"
+            else:
+                rel = f"{name}/{name}_{i}.png"
+            files.add(str(_png(root / rel, c * 20 + i).resolve()))
+    (root / "Forest" / "notes.txt").write_text("not an image")
+    _png(root / "Forest" / ".hidden.png")
+    _png(root / "Forest" / ".cache" / "thumb.png")
+    _png(root / ".ipynb_checkpoints" / "x.png")
+    (root / "README.md").write_text("top-level files are not classes")
+    return root, files
+
+
+def test_folder_stratified_split_sizes_and_labels(eurosat):
+    root, files = eurosat
+    ds = index_folder(root, val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert ds.class_names == EUROSAT_CLASSES
+    assert not ds.multi_label and ds.skipped == {}
+    assert set(ds.splits) == {"train", "val", "test"}
+    for split, per_class in {"train": 7, "val": 2, "test": 1}.items():
+        assert Counter(r.label for r in ds.splits[split]) == {0: per_class, 1: per_class, 2: per_class}
+    listed = [r.path for records in ds.splits.values() for r in records]
+    assert len(listed) == len(set(listed)) == 30
+    assert set(listed) == files
+    for records in ds.splits.values():
+        for r in records:
+            assert Path(r.path).is_absolute()
+            assert Path(r.path).relative_to(root.resolve()).parts[0] == ds.class_names[r.label]
+            assert r.labels == ()
+
+
+def test_folder_split_depends_only_on_seed(eurosat):
+    root, _ = eurosat
+    first = _paths(index_folder(root, val_fraction=0.2, test_fraction=0.1, seed=3))
+    assert _paths(index_folder(str(root), val_fraction=0.2, test_fraction=0.1, seed=3)) == first
+    assert _paths(index_folder(root, val_fraction=0.2, test_fraction=0.1, seed=4)) != first
+    # records keep listing order within a split
+    assert first["train"] == sorted(first["train"])
+
+
+def test_folder_without_test_fraction_has_no_test_split(eurosat):
+    ds = index_folder(eurosat[0], val_fraction=0.1)
+    assert set(ds.splits) == {"train", "val"}
+    assert Counter(r.label for r in ds.splits["val"]) == {0: 1, 1: 1, 2: 1}
+
+
+def test_folder_presplit_layout(tmp_path):
+    root = tmp_path / "ds"
+    for i in range(3):
+        _png(root / "train" / "cat" / f"{i}.png")
+        _png(root / "train" / "dog" / f"{i}.png")
+        _png(root / "train" / "eel" / f"{i}.png")
+    _png(root / "valid" / "dog" / "v.png")
+    _png(root / "valid" / "cat" / "v.jpeg")
+    _png(root / "test" / "eel" / "t.png")
+    _png(root / "extras" / "ignored.png")
+    ds = index_folder(root, val_fraction=0.5, seed=1)  # fractions do not apply to a pre-split layout
+    assert ds.class_names == ("cat", "dog", "eel")
+    assert [len(ds.splits[s]) for s in ("train", "val", "test")] == [9, 2, 1]
+    assert [(Path(r.path).parent.name, r.label) for r in ds.splits["val"]] == [("cat", 0), ("dog", 1)]
+    assert [r.label for r in ds.splits["test"]] == [2]
+    assert all(Path(r.path).parts[-3] == "train" for r in ds.splits["train"])
+
+
+def test_folder_presplit_class_missing_from_train(tmp_path):
+    root = tmp_path / "ds"
+    _png(root / "train" / "cat" / "0.png")
+    _png(root / "train" / "dog" / "0.png")
+    _png(root / "val" / "fox" / "0.png")
+    with pytest.raises(DataError, match=r"fox.*every class needs training images"):
+        index_folder(root)
+
+
+def test_folder_presplit_without_train(tmp_path):
+    _png(tmp_path / "ds" / "val" / "cat" / "0.png")
+    with pytest.raises(DataError, match="no train/ folder"):
+        index_folder(tmp_path / "ds")
+
+
+def test_folder_empty_class_names_it(eurosat):
+    root, _ = eurosat
+    (root / "SeaLake" / "sub").mkdir(parents=True)
+    (root / "SeaLake" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder .*SeaLake holds no images"):
+        index_folder(root)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing", "does not exist"),
+        ("file", "is not a folder"),
+        ("no_classes", "has no class subfolders"),
+        ("one_class", r"only one class subfolder \(Forest\)"),
+    ],
+)
+def test_folder_unusable(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout == "file":
+        root.write_text("x")
+    elif layout == "no_classes":
+        _png(root / "loose.png")
+    elif layout == "one_class":
+        _png(root / "Forest" / "0.png")
+    with pytest.raises(DataError, match=message) as info:
+        index_folder(root)
+    assert "data" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("val", "test"), [(-0.1, 0.0), (0.5, 0.5), (1.0, 0.0), (0.2, float("nan"))])
+def test_invalid_fractions(eurosat, val, test):
+    with pytest.raises(DataError, match="fraction"):
+        index_folder(eurosat[0], val_fraction=val, test_fraction=test)
+
+
+def test_stratified_split_small_classes_keep_training_examples():
+    labels = [0] * 20 + [1] * 2 + [2]
+    parts = stratified_split(labels, val_fraction=0.25, test_fraction=0.25, seed=0)
+    by_split = {s: Counter(np.asarray(labels)[idx].tolist()) for s, idx in parts.items()}
+    assert by_split["val"][0] == 5 and by_split["test"][0] == 5
+    assert by_split["train"][1] >= 1 and by_split["train"][2] == 1
+    assert by_split["val"][1] + by_split["test"][1] <= 1
+    joined = np.concatenate(list(parts.values()))
+    assert sorted(joined.tolist()) == list(range(len(labels)))
+    assert all(np.all(np.diff(idx) > 0) for idx in parts.values())
+    assert set(stratified_split(labels, val_fraction=0.1, test_fraction=0.0, seed=0)) == {"train", "val"}
+
+
+# --- CSV manifests ---
+
+
+def test_csv_relative_and_absolute_paths_stratified(tmp_path):
+    images = tmp_path / "images"
+    outside = _png(tmp_path / "elsewhere" / "far.png")
+    lines = ["id,path,label,notes"]
+    for i in range(10):
+        _png(images / f"a{i}.png")
+        _png(images / f"b{i}.png")
+        lines += [f"{i},images/a{i}.png,cat,x", f"{i},images/b{i}.png,dog,y"]
+    lines.append(f"99,{outside},dog,absolute")
+    csv_path = _write_csv(tmp_path / "data.csv", lines)
+    ds = index_csv(csv_path, val_fraction=0.2, seed=0)
+    assert ds.class_names == ("cat", "dog") and not ds.multi_label
+    assert set(ds.splits) == {"train", "val"}
+    assert Counter(r.label for r in ds.splits["val"]) == {0: 2, 1: 2}
+    all_records = [r for records in ds.splits.values() for r in records]
+    assert len(all_records) == 21
+    assert Record(str((images / "a3.png").resolve()), 0) in all_records
+    assert Record(str(outside.resolve()), 1) in all_records
+    assert _paths(index_csv(csv_path, val_fraction=0.2, seed=0)) == _paths(ds)
+
+
+def test_csv_split_column_multi_label_and_skips(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        _png(tmp_path / f"{name}.png")
+    csv_path = _write_csv(
+        tmp_path / "m.csv",
+        [
+            "Path,Label,Split",
+            "a.png,sky|sea,train",
+            "b.png,sea,Valid",
+            "c.png,rock|sky|rock,test",
+            "gone.png,sky,train",
+            ",sea,train",
+            "d.png,,train",
+            "",
+            "a.png,sea,validation",
+        ],
+    )
+    ds = index_csv(csv_path)
+    assert ds.multi_label and ds.class_names == ("rock", "sea", "sky")
+    a, b, c = (str((tmp_path / f"{n}.png").resolve()) for n in "abc")
+    assert ds.splits == {
+        "train": [Record(a, 2, (2, 1))],
+        "val": [Record(b, 1, (1,)), Record(a, 1, (1,))],
+        "test": [Record(c, 0, (0, 2))],
+    }
+    gone = str((tmp_path / "gone.png").resolve())
+    assert ds.skipped[gone] == "file does not exist (row 5)"
+    assert "empty path (row 6)" in ds.skipped.values()
+    assert ds.skipped[str((tmp_path / "d.png").resolve())] == "empty label (row 7)"
+    assert all(gone != r.path for records in ds.splits.values() for r in records)
+
+
+def test_csv_labels_outside_given_classes_are_skipped(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+    csv_path = _write_csv(
+        tmp_path / "c.csv", ["path,label,split", "a.png,x,train", "b.png,y,val", "c.png,z,train"]
+    )
+    ds = index_csv(csv_path, classes=["y", "x"])
+    assert ds.class_names == ("y", "x")
+    assert ds.splits == {
+        "train": [Record(str((tmp_path / "a.png").resolve()), 1)],
+        "val": [Record(str((tmp_path / "b.png").resolve()), 0)],
+    }
+    assert ds.skipped == {str((tmp_path / "c.png").resolve()): "label 'z' out of range (row 4)"}
+
+
+def test_csv_integer_labels_sort_numerically(tmp_path):
+    lines = ["path,label"]
+    for i, label in enumerate(["10", "2", "1", "0", "2", "10"]):
+        _png(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{label}")
+    ds = index_csv(_write_csv(tmp_path / "n.csv", lines), val_fraction=0.0)
+    assert ds.class_names == ("0", "1", "2", "10")
+    assert [r.label for r in ds.splits["train"]] == [3, 2, 1, 0, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["file,label", "a.png,x"], "header has no path column"),
+        (["a.png,x", "b.png,y"], "header has no path or label column"),
+        ([], "is empty"),
+        (["path,label", "gone.png,x", "gone2.png,y"], "no usable rows.*file does not exist"),
+        (["path,label,split", "a.png,x,train", "a.png,y,"], "row 3 has an empty split"),
+        (["path,label,split", "a.png,x,train", "a.png,y,holdout"], "row 3 has split 'holdout'"),
+        (["path,label,split", "a.png,x,val", "a.png,y,test"], "no usable train rows"),
+        (["path,label", "a.png,x", "a.png,x"], "need at least two classes"),
+    ],
+)
+def test_csv_unusable(tmp_path, lines, message):
+    _png(tmp_path / "a.png")
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match=message) as info:
+        index_csv(path)
+    assert "bad.csv" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_csv_not_utf8_or_missing(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("path,label\ncaf\xe9.png,x\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin.csv is not UTF-8"):
+        index_csv(path)
+    with pytest.raises(DataError, match="nope.csv does not exist"):
+        index_csv(tmp_path / "nope.csv")
+
+
+def test_csv_utf8_bom_header(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    path = tmp_path / "bom.csv"
+    path.write_bytes("path,label\na.png,x\nb.png,y\n".encode("utf-8-sig"))
+    assert index_csv(path, val_fraction=0.0).class_names == ("x", "y")
+
+
+# --- split files ---
+
+
+def test_split_file_round_trip_folder(eurosat, tmp_path):
+    root, _ = eurosat
+    ds = index_folder(root, val_fraction=0.2, test_fraction=0.1, seed=7)
+    # inside the data folder: paths are written relative, so the two can move together
+    inside = root / "split.csv"
+    write_split_file(inside, ds.splits, root, class_names=ds.class_names)
+    text = inside.read_text(encoding="utf-8").splitlines()
+    assert text[0] == "path,label,split"
+    assert not Path(text[1].split(",")[0]).is_absolute()
+    assert index_csv(inside, classes=ds.class_names).splits == ds.splits
+    # elsewhere, without root: absolute paths, labels as class indices
+    outside = tmp_path / "runs" / "split.csv"
+    outside.parent.mkdir()
+    write_split_file(outside, ds.splits, None)
+    assert Path(outside.read_text(encoding="utf-8").splitlines()[1].split(",")[0]).is_absolute()
+    back = index_csv(outside)
+    assert back.splits == ds.splits and back.class_names == ("0", "1", "2")
+    # elsewhere, with root: relative paths still resolve against the CSV's folder
+    write_split_file(outside, ds.splits, root, class_names=ds.class_names)
+    assert outside.read_text(encoding="utf-8").splitlines()[1].startswith("..")
+    assert index_csv(outside, classes=ds.class_names).splits == ds.splits
+
+
+def test_split_file_round_trip_multi_label(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"{name}.png")
+    src = _write_csv(
+        tmp_path / "src.csv", ["path,label,split", "a.png,x|y,train", "b.png,y,train", "c.png,z|x,test"]
+    )
+    ds = index_csv(src)
+    write_split_file(tmp_path / "again.csv", ds.splits, tmp_path, class_names=ds.class_names)
+    back = index_csv(tmp_path / "again.csv", classes=ds.class_names)
+    assert back.splits == ds.splits and back.multi_label
+
+
+def test_split_file_rejects_pipe_in_class_name(tmp_path):
+    records = {"train": [Record(str(tmp_path / "a.png"), 0)]}
+    with pytest.raises(DataError, match="contains '|'"):
+        write_split_file(tmp_path / "s.csv", records, None, class_names=["a|b", "c"])

@@ -1,0 +1,142 @@
+"""``folder:DIR`` sources: one subfolder per class (ImageFolder / EuroSAT layout), optionally under
+``train/``, ``val/`` and ``test/``.
+
+Indexing only lists files; nothing is opened, so a folder of 100k images indexes in about a second and
+a corrupted image is reported when it is decoded, not here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vision_ft.data.errors import DataError
+from vision_ft.data.records import IndexedDataset, Record
+from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
+
+try:
+    from vision_ft.data.decode import IMAGE_SUFFIXES
+except ImportError:  # decode.py is written alongside this module; keep indexing usable without it
+    IMAGE_SUFFIXES = frozenset(
+        {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".dcm", ".dicom"}
+    )
+
+# folder names (lower-cased) that mark a pre-split layout, and the split each one holds
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _listing_error(error: OSError) -> DataError:
+    return DataError(f"cannot list {error.filename}: {error.strerror}")
+
+
+def _visible_subdirs(folder: Path) -> list[Path]:
+    """Subfolders in name order; hidden ones ('.git', '.ipynb_checkpoints') are never classes."""
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    except OSError as e:
+        raise _listing_error(e) from None
+    return [folder / name for name in sorted(names)]
+
+
+def _raise(error: OSError) -> None:
+    # os.walk silently skips folders it cannot read, which would make a class look empty
+    raise _listing_error(error)
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files anywhere under ``folder``, sorted so that indexing is deterministic."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(
+            os.path.join(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+        )
+    return sorted(found)
+
+
+def _class_records(class_dir: Path, label: int) -> list[Record]:
+    files = _image_files(class_dir)
+    if not files:
+        raise DataError(f"class folder {class_dir} holds no images")
+    return [Record(path, label) for path in files]
+
+
+def _check_class_count(folder: Path, class_names: list[str]) -> None:
+    if not class_names:
+        raise DataError(f"{folder} has no class subfolders (expected one subfolder of images per class)")
+    if len(class_names) < 2:
+        raise DataError(
+            f"{folder} has only one class subfolder ({class_names[0]}); need at least two classes"
+        )
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """``train``/``val``/``test`` subfolders of ``root`` (``valid``/``validation`` count as ``val``)."""
+    found: dict[str, Path] = {}
+    for sub in _visible_subdirs(root):
+        split = SPLIT_FOLDERS.get(sub.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise DataError(f"{root}: both {found[split].name}/ and {sub.name}/ look like the {split} split")
+        found[split] = sub
+    if found and "train" not in found:
+        names = ", ".join(f"{p.name}/" for p in found.values())
+        raise DataError(f"{root} has {names} but no train/ folder")
+    return found
+
+
+def _index_presplit(root: Path, split_dirs: dict[str, Path]) -> IndexedDataset:
+    class_dirs = {split: _visible_subdirs(folder) for split, folder in split_dirs.items()}
+    for split, dirs in class_dirs.items():
+        if not dirs:
+            raise DataError(f"{split_dirs[split]} has no class subfolders")
+    train_classes = {d.name for d in class_dirs["train"]}
+    for dirs in class_dirs.values():
+        for d in dirs:
+            if d.name not in train_classes:
+                raise DataError(
+                    f"class folder {d} is not in {split_dirs['train']}: every class needs training images"
+                )
+    class_names = sorted(train_classes)
+    _check_class_count(split_dirs["train"], class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+    splits = {}
+    for split in SPLIT_ORDER:
+        if split in class_dirs:
+            splits[split] = [r for d in class_dirs[split] for r in _class_records(d, index[d.name])]
+    return IndexedDataset(splits, tuple(class_names))
+
+
+def index_folder(
+    root: str | Path, *, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0
+) -> IndexedDataset:
+    """Index ``root/<class>/**/<image>`` into splits; class index = position of the name in sorted order.
+
+    If ``root`` holds ``train/`` (and optionally ``val/`` or ``valid/``, ``test/``), those folders are
+    the splits as the dataset's authors made them and the fractions are not used; other subfolders
+    next to them are ignored. Otherwise the images are split per class with ``stratified_split``.
+    Records hold absolute paths. Hidden files and folders, and files with other suffixes, are skipped.
+    """
+    check_fractions(val_fraction, test_fraction)
+    folder = Path(root).expanduser()
+    if not folder.exists():
+        raise DataError(f"data folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} is not a folder")
+    folder = folder.resolve()
+    split_dirs = _split_folders(folder)
+    if split_dirs:
+        return _index_presplit(folder, split_dirs)
+    class_dirs = _visible_subdirs(folder)
+    class_names = [d.name for d in class_dirs]
+    _check_class_count(folder, class_names)
+    records = [r for label, d in enumerate(class_dirs) for r in _class_records(d, label)]
+    parts = stratified_split(
+        [r.label for r in records], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    )
+    splits = {split: [records[i] for i in indices] for split, indices in parts.items()}
+    return IndexedDataset(splits, tuple(class_names))

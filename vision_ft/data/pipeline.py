@@ -1,0 +1,192 @@
+"""The input pipeline: grain datasets in which every element is a pure function of (seed, position).
+
+The train stream is a ``grain.MapDataset`` over global example positions: position ``p`` of step
+``s`` maps through the seeded permutation of epoch ``s // steps_per_epoch`` to one source example,
+decoded, cropped and resized with a generator seeded by ``(seed, p)``. Its iterator state is the
+step itself, which run checkpoints hold, so ``--resume`` continues mid-epoch on exactly the examples
+(and crops) the interrupted run would have read. In a multi-process run each process reads only
+its own contiguous slice of every global batch. Decoding runs on grain's threads, or in worker
+processes with ``workers > 0``.
+
+Unreadable examples never stop the stream: they come out as zero images with ``mask`` 0 and
+``bad`` 1, so the step ignores them and the loop counts (or, with ``on_bad_image="fail"``, reports)
+them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grain
+import numpy as np
+
+from vision_ft.data.errors import BadImageError
+from vision_ft.data.transforms import center_box, random_resized_crop_box, resize_box, to_unit_range
+
+
+class ExampleSplit(Protocol):
+    """A random-access split: labels up front, images decoded on demand."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> np.ndarray:
+        """The image as HWC (any dtype); raises BadImageError for an unusable example."""
+        ...
+
+    def example_id(self, index: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How examples become model inputs: timm's eval resize/crop, and train-time random crops."""
+
+    img_size: int
+    interpolation: str = "bicubic"
+    eval_crop_pct: float = 1.0
+    train_scale: tuple[float, float] | None = None  # RandomResizedCrop area range; None: eval geometry
+    train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    channels: int | None = None  # expected band count; others are bad examples
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | None) -> np.ndarray:
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w, c = image.shape
+    if geometry.channels is not None and c != geometry.channels:
+        raise ValueError(f"has {c} bands, expected {geometry.channels}")
+    size = geometry.img_size
+    if rng is not None and geometry.train_scale is not None:
+        box = random_resized_crop_box(rng, h, w, geometry.train_scale, geometry.train_ratio)
+    else:
+        box = center_box(h, w, size, geometry.eval_crop_pct)
+    if box == (0, 0, w, h):
+        box = None
+    return to_unit_range(resize_box(image, size, size, geometry.interpolation, box))
+
+
+class _ReadExample:
+    """Position -> example dict; picklable, so grain can run it in worker processes."""
+
+    def __init__(
+        self,
+        split: ExampleSplit,
+        geometry: Geometry,
+        *,
+        seed: int,
+        batch_size: int,
+        local_batch: int,
+        process_index: int,
+        train: bool,
+    ):
+        self.split, self.geometry, self.seed, self.train = split, geometry, seed, train
+        self.batch_size, self.local_batch, self.process_index = batch_size, local_batch, process_index
+        self.steps_per_epoch = max(len(split) // batch_size, 1)
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one order per epoch, the object lives per run
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_order(len(self.split), self.seed, epoch)
+
+    def _row(self, position: int) -> tuple[int, int]:
+        """(source row or -1 for padding, global position) of a process-local position."""
+        step, k = divmod(position, self.local_batch)
+        global_position = step * self.batch_size + self.process_index * self.local_batch + k
+        if not self.train:
+            return (global_position if global_position < len(self.split) else -1), global_position
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return int(self._order(epoch)[index * self.batch_size + global_position % self.batch_size]), (
+            global_position
+        )
+
+    def __call__(self, position: int) -> dict:
+        row, global_position = self._row(position)
+        size, c = self.geometry.img_size, self.geometry.channels or 1
+        example = {
+            "image": np.zeros((size, size, c), np.float32),
+            "label": np.int32(0),
+            "mask": np.float32(0.0),
+            "row": np.int32(row),
+            "bad": np.int8(0),
+        }
+        if row < 0:
+            return example
+        rng = np.random.default_rng([self.seed, global_position]) if self.train else None
+        try:
+            image = _prepare(self.split.load(row), self.geometry, rng)
+        except (BadImageError, ValueError, OSError):
+            example["bad"] = np.int8(1)
+            example["label"] = np.int32(self.split.labels[row])
+            return example
+        example.update(image=image, label=np.int32(self.split.labels[row]), mask=np.float32(1.0))
+        return example
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _batched(ds: grain.MapDataset, local_batch: int, *, threads: int, workers: int) -> Iterator[dict]:
+    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=2 * threads))
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags in workers; we have no absl.app
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+def train_batches(
+    split: ExampleSplit,
+    geometry: Geometry,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    total_steps: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    threads: int = 4,
+    workers: int = 0,
+) -> Iterator[dict]:
+    """Batches of steps ``start_step .. total_steps - 1``: each epoch a fresh seeded order, full batches
+    only (the remainder is dropped, as timm's train loader does). Keys: images (float32 NHWC in
+    [0, 1] for integer data), label, mask, row, bad."""
+    local = batch_size // process_count
+    read = _ReadExample(
+        split, geometry, seed=seed, batch_size=batch_size, local_batch=local,
+        process_index=process_index, train=True,
+    )  # fmt: skip
+    ds = grain.MapDataset.range(start_step * local, total_steps * local).map(read)
+    return _batched(ds, local, threads=threads, workers=workers)
+
+
+def eval_batches(
+    split: ExampleSplit,
+    geometry: Geometry,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    threads: int = 4,
+    workers: int = 0,
+) -> Iterator[dict]:
+    """Every example once, in order; the last batch is padded (``mask`` 0, ``row`` -1) so every batch
+    has the same shape and nothing recompiles."""
+    local = batch_size // process_count
+    steps = -(-len(split) // batch_size)
+    read = _ReadExample(
+        split, geometry, seed=0, batch_size=batch_size, local_batch=local,
+        process_index=process_index, train=False,
+    )  # fmt: skip
+    ds = grain.MapDataset.range(0, steps * local).map(read)
+    return _batched(ds, local, threads=threads, workers=workers)
