@@ -41,6 +41,8 @@ def config_file(tmp_path):
         save_every_steps=2,
         drop_path_rate=0.1,
         seed=3,
+        ema_decay=0.9,  # the EMA must resume exactly too
+        tta_flip=True,
     )
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -271,3 +271,30 @@ def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
     )
     with pytest.raises(RunDirError, match="no config.json"):
         FitRun(tiny_config(tmp_path, pretrained=f"run:{tmp_path}", output=str(tmp_path / "x")))
+
+
+def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path):
+    run = FitRun(tiny_config(tmp_path, ema_decay=0.5), progress=False)
+    trainer = run._trainer(run.phases[0])
+
+    def fc_kernel(tree):
+        return np.array({format_path(p): v.get_value() for p, v in nnx.to_flat_state(tree)}["fc.kernel"])
+
+    expected = fc_kernel(trainer.trainable)
+    for step in range(3):
+        trainer.train_step(*_batch(run, step), step)
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
+    np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(fc_kernel(trainer.ema[0]), fc_kernel(trainer.trainable))
+    images = _batch(run, 5)[0]
+    weights = run._weights(trainer, 3)  # the best checkpoint keeps the EMA ...
+    np.testing.assert_array_equal(
+        np.asarray(weights["params"]["fc"]["kernel"].get_value()), fc_kernel(trainer.ema[0])
+    )
+    ema_logits = np.asarray(trainer.predict(images))
+    trainer.write_back(run.model)  # ... while the model keeps training from the raw weights
+    np.testing.assert_array_equal(np.asarray(run.model.fc.kernel.get_value()), fc_kernel(trainer.trainable))
+    trainer.write_back(run.model, evaluated=True)
+    x = (images - np.asarray(run.model.pretrained_cfg.mean)) / np.asarray(run.model.pretrained_cfg.std)
+    np.testing.assert_allclose(np.asarray(run.model(x)), ema_logits, rtol=1e-4, atol=1e-5)

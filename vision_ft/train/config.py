@@ -70,6 +70,10 @@ class FitConfig:
     color_jitter: float | None = None  # RGB only
     mixup: float = 0.0
     cutmix: float = 0.0
+    # evaluation: an exponential moving average of the weights (timm's model EMA; 0 disables) is what
+    # gets evaluated and kept as best; tta_flip averages logits with the mirrored image
+    ema_decay: float = 0.0
+    tta_flip: bool = False
     # run
     precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 parameters)
     seed: int = 0
@@ -100,6 +104,7 @@ class FitConfig:
             (self.translate is None or 0 <= self.translate < 0.5, "translate must be in [0, 0.5)"),
             (self.color_jitter is None or 0 <= self.color_jitter < 1, "color_jitter must be in [0, 1)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.on_bad_image in ("skip", "fail"), "on_bad_image must be 'skip' or 'fail'"),
             (self.modality in MODALITIES, f"modality must be one of {', '.join(MODALITIES)}"),
             (

@@ -209,6 +209,8 @@ class FitRun:
             self.mesh,
             class_weights=self.class_weights,
             label_smoothing=cfg.label_smoothing,
+            ema_decay=cfg.ema_decay,
+            tta_flip=cfg.tta_flip,
             augment=Augment(
                 hflip=self.augment_settings["hflip"],
                 vflip=self.augment_settings["vflip"],
@@ -225,22 +227,27 @@ class FitRun:
         return next(p for p in self.phases if p.first_step <= step < p.last_step)
 
     # -- checkpoint state -------------------------------------------------------------------------
-    def _weights(self, trainer: Trainer, step: int) -> dict:
-        """What the best checkpoint keeps: the model's weights, enough to evaluate or embed."""
+    def _weights(self, trainer: Trainer, step: int, *, evaluated: bool = True) -> dict:
+        """What the best checkpoint keeps: the evaluated weights (the EMA, where enabled), enough to
+        evaluate or embed."""
+        trainer.write_back(self.model, evaluated=evaluated)
+        weights = jax.tree.map(
+            lambda x: x,  # new containers: the model gets the trained weights back below
+            {"params": nnx.state(self.model, nnx.Param), "stats": nnx.state(self.model, nnx.BatchStat)},
+        )
         trainer.write_back(self.model)
-        return {
-            "params": nnx.state(self.model, nnx.Param),
-            "stats": nnx.state(self.model, nnx.BatchStat),
-            "step": jnp.int32(step),
-        }
+        return {**weights, "step": jnp.int32(step)}
 
     def _state(self, trainer: Trainer, step: int, best_score: float) -> dict:
         """What the latest checkpoint keeps: everything ``--resume`` needs to continue exactly."""
-        return {
-            **self._weights(trainer, step),
+        state = {
+            **self._weights(trainer, step, evaluated=False),
             "opt_state": trainer.opt_state,
             "best_score": jnp.float32(best_score),
         }
+        if trainer.ema is not None:
+            state["ema"] = trainer.ema
+        return state
 
     # -- evaluation -----------------------------------------------------------------------------
     def predict_split(self, trainer: Trainer, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -360,6 +367,8 @@ class FitRun:
         nnx.update(self.model, restored["params"], restored["stats"])
         trainer = self._trainer(phase)
         trainer.opt_state = jax.device_put(restored["opt_state"], trainer.replicated)
+        if trainer.ema is not None:
+            trainer.ema = jax.device_put(restored["ema"], trainer.replicated)
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
 

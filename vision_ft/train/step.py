@@ -146,6 +146,8 @@ class Trainer:
         label_smoothing: float = 0.0,
         augment: Augment = Augment(),
         seed: int = 0,
+        ema_decay: float = 0.0,
+        tta_flip: bool = False,
     ):
         trainable_paths = frozenset(p for p, s in plan.items() if s.trainable)
 
@@ -170,6 +172,10 @@ class Trainer:
             put(other),
         )
         self.opt_state = put(tx.init(self.trainable))
+        # timm's model EMA: an average of the trained weights and BatchNorm statistics, evaluated and
+        # kept as the best checkpoint instead of the raw weights
+        self.ema_decay = ema_decay
+        self.ema = jax.tree.map(jnp.copy, (self.trainable, self.stats)) if ema_decay > 0 else None
         self.class_weights = put(jnp.asarray(class_weights, jnp.float32))
         num_classes = len(class_weights)
         base_key = jax.random.key(seed)
@@ -214,7 +220,17 @@ class Trainer:
             if images.dtype == jnp.uint8:
                 x = x / 255.0
             x = (x - mean) / std
-            return model(x, train=False).astype(jnp.float32)
+            logits = model(x, train=False).astype(jnp.float32)
+            if tta_flip:  # test-time augmentation: average with the mirrored image
+                logits = (logits + model(x[:, :, ::-1], train=False).astype(jnp.float32)) / 2
+            return logits
+
+        def ema_update(ema, trainable, stats, step):
+            # the decay warms up as in timm's ModelEmaV3, so early averages do not stick to the init
+            decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+            return jax.tree.map(
+                lambda e, v: e * decay + v.astype(e.dtype) * (1 - decay), ema, (trainable, stats)
+            )
 
         rep, data = self.replicated, self.batch_sharding
         self._train_step = jax.jit(
@@ -224,6 +240,7 @@ class Trainer:
             donate_argnums=(0, 1, 2),
         )
         self._eval_step = jax.jit(eval_step, in_shardings=(rep, rep, rep, rep, data), out_shardings=data)
+        self._ema_update = jax.jit(ema_update, out_shardings=rep, donate_argnums=(0,))
 
     @property
     def num_devices(self) -> int:
@@ -234,13 +251,19 @@ class Trainer:
         self.trainable, self.opt_state, self.stats, metrics = self._train_step(
             self.trainable, self.opt_state, self.stats, self.frozen, self.other, *batch, jnp.int32(step)
         )
+        if self.ema is not None:
+            self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(step))
         return metrics
 
     def predict(self, images: np.ndarray) -> jax.Array:
+        """Logits of the evaluated weights: the EMA where enabled, else the trained ones."""
+        trainable, stats = self.ema if self.ema is not None else (self.trainable, self.stats)
         return self._eval_step(
-            self.trainable, self.stats, self.frozen, self.other, jax.device_put(images, self.batch_sharding)
+            trainable, stats, self.frozen, self.other, jax.device_put(images, self.batch_sharding)
         )
 
-    def write_back(self, model: nnx.Module) -> None:
-        """Copy the trained state into ``model`` (e.g. to save or embed with it)."""
-        nnx.update(model, self.trainable, self.frozen, self.stats)
+    def write_back(self, model: nnx.Module, *, evaluated: bool = False) -> None:
+        """Copy the trained state into ``model`` (e.g. to save or embed with it); ``evaluated``
+        copies the weights ``predict`` uses instead (the EMA, where enabled)."""
+        trainable, stats = self.ema if evaluated and self.ema is not None else (self.trainable, self.stats)
+        nnx.update(model, trainable, self.frozen, stats)
