@@ -9,19 +9,9 @@ optionally writes ``[{model, batch, img_size, jax_img_s, torch_img_s, ratio}]`` 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import numpy as np
-
-
-def time_steps(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return time.perf_counter() - start
+from throughput import images_per_second, report, row
 
 
 def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
@@ -52,7 +42,7 @@ def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, ste
     def step():
         jax.block_until_ready(trainer.train_step(images, labels, mask, next(counter))["loss"])
 
-    return batch * steps / time_steps(step, warmup, steps)
+    return images_per_second(step, batch, warmup, steps)
 
 
 def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
@@ -71,7 +61,7 @@ def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, s
         loss_fn(model(images), labels).backward()
         opt.step()
 
-    return batch * steps / time_steps(step, warmup, steps)
+    return images_per_second(step, batch, warmup, steps)
 
 
 def main() -> None:
@@ -86,37 +76,13 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    import jax
-    import torch
-
     rows = []
     for name in args.models.split(","):
         jax_rate = jax_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
         torch_rate = torch_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
-        rows.append(
-            dict(
-                model=name,
-                batch=args.batch,
-                img_size=args.img_size,
-                jax_img_s=round(jax_rate, 2),
-                torch_img_s=round(torch_rate, 2),
-                ratio=round(jax_rate / torch_rate, 3),
-            )
-        )
+        rows.append(row(name, args.batch, args.img_size, jax_rate, torch_rate))
         print(f"{name}: jax {jax_rate:.1f} img/s, torch {torch_rate:.1f} img/s", flush=True)
-    print(
-        f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"torch threads {torch.get_num_threads()}"
-    )
-    print(f"{'model':28s} {'batch':>5s} {'size':>5s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>6s}")
-    for r in rows:
-        print(
-            f"{r['model']:28s} {r['batch']:5d} {r['img_size']:5d} {r['jax_img_s']:10.2f} "
-            f"{r['torch_img_s']:12.2f} {r['ratio']:6.3f}"
-        )
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, args.json_path)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import click
 
-from vision_ft.data.npz import DataError
+from vision_ft.data.errors import DataError
+from vision_ft.infer.embeddings import EmbeddingFileError
 from vision_ft.models.registry import UnknownModelError
 from vision_ft.train.checkpoint import CheckpointMismatchError
 from vision_ft.train.config import ConfigError
 from vision_ft.train.rules import RuleError
+from vision_ft.train.run_dir import RunDirError
 from vision_ft.weights.mapping import WeightLoadError
 from vision_ft.weights.sources import WeightSourceError
 
@@ -27,6 +30,8 @@ USER_ERRORS = (
     DataError,
     RuleError,
     CheckpointMismatchError,
+    EmbeddingFileError,
+    RunDirError,
 )
 
 
@@ -247,6 +252,219 @@ def stats(data, model, img_size, split, data_dir, window, output) -> None:
         if output.exists():
             raise UserError(f"--output {output} exists; not overwriting it")
         output.write_text(text)
+
+
+def _progress(total: int, label: str, enabled: bool):
+    """A context giving ``advance(n)``: a rich bar on stderr with ETA and images/s, or a no-op."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(lambda n: None)
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    class _Bar:
+        def __enter__(self):
+            self.bar = Progress(
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]} img/s"), console=Console(stderr=True),
+            )  # fmt: skip
+            self.bar.start()
+            self.started, self.done = time.time(), 0
+            self.task = self.bar.add_task(label, total=total, rate="-")
+            return self.advance
+
+        def advance(self, n: int) -> None:
+            self.done += n
+            rate = self.done / max(time.time() - self.started, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.0f}")
+
+        def __exit__(self, *exc):
+            self.bar.stop()
+
+    return _Bar()
+
+
+def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data: str | None, data_dir):
+    """The model and preprocessing for embed/eval/predict: a run directory, or a zoo model."""
+    from vision_ft.data.sources import DataOptions, load_dataset
+    from vision_ft.infer.predictor import from_pretrained, from_run
+
+    if (model is None) == (checkpoint is None):
+        raise UserError("give exactly one of --model or --checkpoint")
+    if checkpoint is not None:
+        predictor = from_run(checkpoint)
+        if data_dir:
+            predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
+        return predictor
+    channels = load_dataset(data, DataOptions(data_dir=data_dir)).channels if data else 3
+    spec = {"true": True, "false": False}.get(pretrained.lower(), pretrained)
+    return from_pretrained(model, spec, in_chans=channels)
+
+
+def _metadata(predictor, **extra) -> dict:
+    cfg = predictor.model.pretrained_cfg
+    return {
+        "source": predictor.source,
+        "model": type(predictor.model).__name__,
+        "input_size": list(cfg.input_size),
+        "interpolation": predictor.geometry.interpolation,
+        "crop_pct": predictor.geometry.eval_crop_pct,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "class_names": list(predictor.class_names) if predictor.class_names else None,
+        **extra,
+    }
+
+
+@main.command()
+@click.option("--model", help="A zoo model (with --pretrained) ...")
+@click.option("--pretrained", default="true", help="... its weights [true].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="... or a fit run directory.")
+@click.option("--data", required=True, help="A --data spec, as for fit.")
+@click.option("--split", default="train", help="train, val, test or all [train].")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help=".npz or .parquet file.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", help="Average with the mirror.")
+@click.option("--batch-size", type=int, default=64)
+@click.option("--data-dir", help="TFDS data directory.")
+@click.option("--no-progress", is_flag=True)
+@user_errors_exit_2
+def embed(model, pretrained, checkpoint, data, split, output, tta, batch_size, data_dir, no_progress) -> None:
+    """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
+    import numpy as np
+
+    from vision_ft.data.sources import load_dataset
+    from vision_ft.infer.embeddings import FORMATS, Embeddings, embed_split, write_embeddings
+
+    if output.exists():
+        raise UserError(f"--output {output} exists; not overwriting it")
+    if output.suffix not in FORMATS:
+        raise UserError(f"--output {output}: use a .npz or .parquet file name")
+    predictor = _predictor(model, pretrained, checkpoint, data, data_dir)
+    dataset = load_dataset(data, predictor.data_options)
+    names = list(dataset.splits) if split == "all" else [split]
+    missing = [n for n in names if n not in dataset.splits]
+    if missing:
+        raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
+    if dataset.channels != predictor.channels:
+        raise UserError(f"{data} has {dataset.channels} bands; the model takes {predictor.channels}")
+    parts, bad = [], []
+    total = sum(len(dataset.splits[n]) for n in names)
+    with _progress(total, "embed", not no_progress) as advance:
+        for name in names:
+            part, unreadable = embed_split(
+                predictor,
+                dataset.splits[name],
+                batch_size=batch_size,
+                tta_flip=tta == "flip",
+                on_batch=advance,
+            )
+            parts.append(part)
+            bad += unreadable
+    result = Embeddings(
+        np.concatenate([p.embeddings for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.ids for p in parts]),
+        _metadata(
+            predictor, data=data, split=split, tta=tta, dataset_classes=list(dataset.class_names),
+            checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
+            pretrained=pretrained if model else None, in_chans=predictor.channels,
+        ),
+    )  # fmt: skip
+    write_embeddings(output, result)
+    for path in bad:
+        logging.getLogger("vision_ft").warning("skipped unreadable example %s", path)
+    click.echo(f"{len(result)} embeddings of dimension {result.embeddings.shape[1]} written to {output}")
+    if bad:
+        click.echo(f"{len(bad)} unreadable examples skipped")
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A fit run directory.")
+@click.option("--data", help="A --data spec [the run's].")
+@click.option("--split", default="test", help="[test]")
+@click.option("--output", type=click.Path(path_type=Path), help="Report directory [RUN/eval-SPLIT].")
+@click.option("--batch-size", type=int, default=64)
+@click.option("--data-dir", help="TFDS data directory.")
+@user_errors_exit_2
+def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
+    """Metrics of a run's best weights on a split, with ROC-AUC CI, operating points and calibration."""
+    from vision_ft.infer.evaluate import evaluate_run
+
+    report = evaluate_run(checkpoint, data=data, split=split, output=output, batch_size=batch_size,
+                          data_dir=data_dir)  # fmt: skip
+    m = report["metrics"]
+    ci = report["clinical"]["auc_ci"]
+    click.echo(
+        f"{report['split']}: {m['count']} images  AUC {m['auc']:.4f} "
+        f"(95% CI {ci['low']:.4f}-{ci['high']:.4f})"
+        f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
+        f"  ECE {report['clinical']['ece']:.4f}"
+    )
+    click.echo(f"report written to {report['output']}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A fit run directory ...")
+@click.option("--probe", "probe_dir", type=click.Path(path_type=Path), help="... or a probe directory.")
+@click.option("--input", "input_", required=True, help="An image file, a folder, or a --data spec.")
+@click.option("--split", help="Split of a --data spec [test, else val, else train].")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="CSV file to write.")
+@click.option("--top-k", type=int, default=3)
+@click.option("--batch-size", type=int, default=64)
+@user_errors_exit_2
+def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> None:
+    """Class probabilities and top-k for new images, with the run's own preprocessing."""
+    from vision_ft.infer.evaluate import predict_logits
+    from vision_ft.infer.predict import resolve_input, write_predictions
+
+    if (checkpoint is None) == (probe_dir is None):
+        raise UserError("give exactly one of --checkpoint or --probe")
+    if output.exists():
+        raise UserError(f"--output {output} exists; not overwriting it")
+    if checkpoint is not None:
+        from vision_ft.infer.predictor import from_run
+
+        predictor, probe = from_run(checkpoint), None
+    else:
+        from vision_ft.infer.probe_files import load_probe_dir
+
+        try:
+            predictor, probe = load_probe_dir(probe_dir)
+        except ValueError as e:  # an unreadable probe file
+            raise UserError(str(e)) from None
+    examples, labelled = resolve_input(input_, predictor.data_options, split)
+    ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
+    names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
+    write_predictions(output, ids, logits, names, labels=labels if labelled else None, top_k=top_k)
+    click.echo(f"{len(ids)} predictions written to {output}")
+    for path in bad:
+        click.echo(f"skipped unreadable image {path}", err=True)
+
+
+@main.command()
+@click.option("--train", "train_path", required=True, type=click.Path(path_type=Path))
+@click.option("--val", "val_path", required=True, type=click.Path(path_type=Path))
+@click.option("--test", "test_path", type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to create.")
+@click.option("--select", type=click.Choice(["loss", "auc", "accuracy"]), default="loss")
+@user_errors_exit_2
+def probe(train_path, val_path, test_path, output, select) -> None:
+    """Linear probe (logistic regression, L2 chosen on val) and k-NN on embeddings from `embed`."""
+    from vision_ft.infer.probe_files import run_probe
+
+    try:
+        final = run_probe(train_path, val_path, test_path, output, select=select)
+    except ValueError as e:  # the probe's own checks on the embeddings
+        raise UserError(str(e)) from None
+    for name in ("linear", "knn"):
+        result = final[name]
+        where = result.get("test") or result["best_val"]
+        split = "test" if result.get("test") else "val"
+        click.echo(f"{name}: {split} AUC {where['auc']:.4f}  accuracy {where['accuracy']:.4f}")
+    click.echo(f"probe written to {output}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like
+from vision_ft.train.clinical import clinical_report
 from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.metrics import classification_metrics
@@ -250,10 +251,10 @@ class FitRun:
         return state
 
     # -- evaluation -----------------------------------------------------------------------------
-    def predict_split(self, trainer: Trainer, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and logits of every readable example of ``split``, in order."""
+    def predict_split(self, trainer: Trainer, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Labels, logits and ids of every readable example of ``split``, in order."""
         data = self.data.splits[split]
-        labels, outputs = [], []
+        labels, outputs, ids = [], [], []
         batches = eval_batches(
             data, self.eval_geometry, batch_size=self.cfg.eval_batch_size,
             threads=self.cfg.loader_threads, workers=self.cfg.workers,
@@ -264,7 +265,8 @@ class FitRun:
             logits = np.asarray(trainer.predict(batch["image"]))
             labels.append(batch["label"][keep])
             outputs.append(logits[keep])
-        return np.concatenate(labels).astype(np.int64), np.concatenate(outputs)
+            ids += [data.example_id(int(r)) for r in batch["row"][keep]]
+        return np.concatenate(labels).astype(np.int64), np.concatenate(outputs), ids
 
     def _note_bad(self, split, batch: dict) -> None:
         """Count unreadable examples, or stop on the first with ``on_bad_image: fail``."""
@@ -285,7 +287,7 @@ class FitRun:
             self.bad_examples[path] = reason
 
     def evaluate(self, trainer: Trainer, split: str) -> dict:
-        labels, logits = self.predict_split(trainer, split)
+        labels, logits, _ = self.predict_split(trainer, split)
         return classification_metrics(labels, logits, self.class_weights)
 
     def _score(self, metrics: dict) -> float:
@@ -385,7 +387,7 @@ class FitRun:
         final: dict = {"best_val": _public(best_val) if best_val else None}
         names = list(self.data.class_names)
         if "test" in self.data.splits:
-            labels, logits = self.predict_split(trainer, "test")
+            labels, logits, ids = self.predict_split(trainer, "test")
             test = classification_metrics(labels, logits, self.class_weights)
             final["test"] = _public(test)
             epoch = best_val["epoch"] if best_val else self.cfg.epochs
@@ -395,6 +397,7 @@ class FitRun:
                 test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test"
             )
             report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
+            final["test_clinical"] = clinical_report(labels, probs, ids, names, self.out, prefix="test")
         report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
         final["bad_examples"] = {"count": len(self.bad_examples), "examples": dict(self.bad_examples)}

@@ -1,0 +1,147 @@
+"""embed, eval, predict and probe on a small fitted run: consistency with fit, exactness, determinism."""
+
+import csv
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tests.train_fixtures import tiny_config
+from vision_ft.cli import main
+from vision_ft.data.pipeline import eval_batches
+from vision_ft.infer.embeddings import read_embeddings
+from vision_ft.infer.predictor import from_run
+from vision_ft.train.loop import FitRun
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    cfg = tiny_config(root, epochs=2, ema_decay=0.5)
+    final = FitRun(cfg, progress=False).run()
+    return root, cfg, final
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_eval_reproduces_fit_test_metrics_and_writes_a_clinical_report(fitted):
+    root, cfg, final = fitted
+    result = cli("eval", "--checkpoint", root / "run")
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "run" / "eval-test" / "eval.json").read_text())
+    for key in ("accuracy", "auc", "balanced_accuracy", "loss"):
+        assert report["metrics"][key] == pytest.approx(final["test"][key], rel=1e-5, abs=1e-6), key
+    ci = report["clinical"]["auc_ci"]
+    assert ci["low"] <= report["metrics"]["auc"] <= ci["high"]
+    assert (root / "run" / "eval-test" / "test_reliability.png").read_bytes()[:4] == b"\x89PNG"
+    again = cli("eval", "--checkpoint", root / "run")  # a second report never overwrites the first
+    assert again.exit_code == 0 and (root / "run" / "eval-test-2" / "eval.json").exists()
+
+
+def test_embeddings_are_the_pre_logits_and_bit_identical_run_to_run(fitted, tmp_path):
+    root, cfg, _ = fitted
+    first, second, table = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "c.parquet"
+    for out in (first, second, table):
+        result = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--split", "val",
+                     "--output", out, "--batch-size", 16, "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    a, b, c = read_embeddings(first), read_embeddings(second), read_embeddings(table)
+    assert a.embeddings.shape == (32, 512) and a.embeddings.dtype == np.float32
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.embeddings, c.embeddings)
+    np.testing.assert_array_equal(a.labels, c.labels)
+    assert list(a.ids[:2]) == ["data.npz:val[0]", "data.npz:val[1]"]
+    # exactly forward_head(forward_features(x), pre_logits=True) of the run's best weights
+    predictor = from_run(root / "run")
+    model, pcfg = predictor.model, predictor.model.pretrained_cfg
+    batch = next(eval_batches(_val_split(cfg), predictor.geometry, batch_size=16))
+    x = (jnp.asarray(batch["image"]) - jnp.asarray(pcfg.mean)) / jnp.asarray(pcfg.std)
+    direct = np.asarray(model.forward_head(model.forward_features(x), pre_logits=True))
+    np.testing.assert_allclose(a.embeddings[:16], direct, rtol=1e-5, atol=1e-6)
+    exists = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--output", first)
+    assert exists.exit_code == 2 and "not overwriting" in exists.output
+
+
+def _val_split(cfg):
+    from vision_ft.data.sources import load_dataset
+
+    return load_dataset(cfg.data).splits["val"]
+
+
+def test_predict_on_a_folder_and_on_a_spec(fitted, tmp_path):
+    root, cfg, _ = fitted
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(folder / f"scan{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "preds.csv"
+    result = cli("predict", "--checkpoint", root / "run", "--input", folder, "--output", out, "--top-k", 2)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["scan0.png", "scan1.png", "scan2.png"]
+    for r in rows:
+        assert float(r["p_class 0"]) + float(r["p_class 1"]) == pytest.approx(1.0, abs=1e-5)
+        assert r["top2"].split("|")[0].split(":")[0] == r["predicted"]
+    labelled = tmp_path / "test_preds.csv"
+    assert (
+        cli("predict", "--checkpoint", root / "run", "--input", cfg.data, "--output", labelled).exit_code == 0
+    )
+    rows = list(csv.DictReader(labelled.open()))
+    assert len(rows) == 32 and {r["label"] for r in rows} <= {"class 0", "class 1"}
+    bad = cli(
+        "predict", "--checkpoint", root / "run", "--input", tmp_path / "nope", "--output", tmp_path / "x.csv"
+    )
+    assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_linear_probe_and_knn_on_zoo_embeddings(fitted, tmp_path):
+    root, cfg, _ = fitted
+    paths = {}
+    for split in ("train", "val", "test"):
+        paths[split] = tmp_path / f"{split}.npz"
+        result = cli("embed", "--model", "resnet18", "--pretrained", "false", "--data", cfg.data,
+                     "--split", split, "--output", paths[split], "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "probe"
+    result = cli(
+        "probe", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "final.json").read_text())
+    assert set(final) >= {"best_val", "test", "wall_seconds", "linear", "knn"}
+    assert final["test"]["count"] == 32 and final["knn"]["k"] >= 1
+    preds = tmp_path / "probe_preds.csv"
+    result = cli("predict", "--probe", out, "--input", cfg.data, "--output", preds)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(preds.open()))
+    accuracy = np.mean([r["label"] == r["predicted"] for r in rows])
+    assert accuracy == pytest.approx(final["test"]["accuracy"], abs=1e-9)
+
+
+def test_bad_input_is_one_line_exit_2(fitted, tmp_path):
+    root, cfg, _ = fitted
+    np.savez(tmp_path / "junk.npz", something=np.zeros(3))
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (("eval", "--checkpoint", tmp_path / "empty"), "no config.json"),
+        (("probe", "--train", tmp_path / "junk.npz", "--val", tmp_path / "junk.npz",
+          "--output", tmp_path / "p"), "not an embeddings file"),
+        (("predict", "--probe", tmp_path / "empty", "--input", cfg.data, "--output", tmp_path / "o.csv"),
+         "not a probe directory"),
+        (("embed", "--model", "resnet18", "--checkpoint", root / "run", "--data", cfg.data,
+          "--output", tmp_path / "e.npz"), "exactly one of"),
+        (("embed", "--model", "resnet18", "--data", cfg.data, "--output", tmp_path / "e.txt"),
+         ".npz or .parquet"),
+        (("eval", "--checkpoint", root / "run", "--split", "holdout"), "holdout"),
+    ]  # fmt: skip
+    for args, culprit in cases:
+        result = cli(*args)
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(lines) == 1 and culprit in lines[0], (args, result.output)

@@ -1,0 +1,1 @@
+"""Applying models: embeddings, predictions and evaluation of trained runs."""

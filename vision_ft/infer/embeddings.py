@@ -1,0 +1,125 @@
+"""Pooled pre-logit embeddings of a split, and the files that hold them (.npz, or .parquet)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vision_ft.data.pipeline import ExampleSplit
+from vision_ft.infer.predictor import Predictor, compiled_forward, run_split
+
+FORMATS = (".npz", ".parquet")
+
+
+class EmbeddingFileError(ValueError):
+    """An embeddings file that cannot be written or read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    embeddings: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64; -1 where unknown
+    ids: np.ndarray  # (N,) str: file paths, or "<split>[i]" for arrays
+    metadata: dict  # model, weights, data, split, class names, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def embed_split(
+    predictor: Predictor,
+    split: ExampleSplit,
+    *,
+    batch_size: int = 64,
+    tta_flip: bool = False,
+    devices=None,
+    threads: int = 4,
+    on_batch=None,
+) -> tuple[Embeddings, list[str]]:
+    """Embeddings of every readable example of ``split`` (in order) and the ids of unreadable ones."""
+    forward, n_devices = compiled_forward(predictor, "embedding", tta_flip=tta_flip, devices=devices)
+    batch_size = -(-batch_size // n_devices) * n_devices
+    chunks, labels, ids, bad = [], [], [], []
+    for outputs, batch in run_split(predictor, split, forward, batch_size=batch_size, threads=threads):
+        keep = batch["mask"] > 0
+        chunks.append(outputs)
+        labels.append(batch["label"][keep])
+        ids.extend(split.example_id(int(r)) for r in batch["row"][keep])
+        bad.extend(split.example_id(int(r)) for r in batch["row"][batch["bad"] > 0])
+        if on_batch is not None:
+            on_batch(int((batch["row"] >= 0).sum()))
+    dim = chunks[0].shape[1] if chunks else 0
+    result = Embeddings(
+        np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32),
+        np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
+        np.asarray(ids, dtype=str),
+        {},
+    )
+    return result, bad
+
+
+def write_embeddings(path: str | Path, data: Embeddings) -> None:
+    """Write ``.npz`` (arrays plus JSON metadata, no pickles) or ``.parquet``; never overwrite."""
+    path = Path(path)
+    if path.suffix not in FORMATS:
+        raise EmbeddingFileError(f"--output {path}: use a .npz or .parquet file name")
+    if path.exists():
+        raise EmbeddingFileError(f"--output {path} exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps(data.metadata)
+    if path.suffix == ".npz":
+        with open(path, "xb") as f:
+            np.savez(
+                f, embeddings=data.embeddings, labels=data.labels, ids=data.ids, metadata=np.asarray(meta)
+            )
+        return
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EmbeddingFileError("parquet output needs pyarrow: pip install pyarrow") from None
+    table = pa.table(
+        {
+            "id": pa.array(data.ids.tolist(), pa.string()),
+            "label": pa.array(data.labels),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(data.embeddings.reshape(-1)), data.embeddings.shape[1]
+            ),
+        }
+    ).replace_schema_metadata({"vision_ft": meta})
+    pq.write_table(table, path)
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingFileError(f"embeddings file {path} does not exist")
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            flat = table.column("embedding").combine_chunks()
+            embeddings = np.asarray(flat.values, np.float32).reshape(len(table), -1)
+            meta = (table.schema.metadata or {}).get(b"vision_ft", b"{}").decode()
+            return Embeddings(
+                embeddings,
+                np.asarray(table.column("label"), np.int64),
+                np.asarray(table.column("id").to_pylist(), dtype=str),
+                json.loads(meta),
+            )
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("embeddings", "labels", "ids") if k not in f.files]
+            if missing:
+                raise EmbeddingFileError(f"{path}: not an embeddings file (no {', '.join(missing)})")
+            meta = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
+            return Embeddings(
+                f["embeddings"].astype(np.float32), f["labels"].astype(np.int64), f["ids"], meta
+            )
+    except EmbeddingFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a bad file, reported in one line
+        raise EmbeddingFileError(f"{path}: unreadable embeddings file ({type(e).__name__}: {e})") from None

@@ -1,0 +1,99 @@
+"""``vision-ft eval``: a run's best weights on a split, with the metrics of ``fit`` and a clinical report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+from vision_ft.data.errors import DataError
+from vision_ft.data.pipeline import ExampleSplit
+from vision_ft.data.sources import load_dataset
+from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
+from vision_ft.train.clinical import clinical_report
+from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.run_dir import read_run_config
+
+log = logging.getLogger("vision_ft.eval")
+
+
+def predict_logits(
+    predictor: Predictor, examples: ExampleSplit, *, batch_size: int = 64, probe=None
+) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(ids, labels, logits) of the readable examples, in order, and the ids of unreadable ones.
+    With a linear ``probe``, logits are the probe's on the model's embeddings."""
+    output = "embedding" if probe is not None else "logits"
+    forward, n_devices = compiled_forward(predictor, output, tta_flip=predictor.tta_flip)
+    batch_size = -(-batch_size // n_devices) * n_devices
+    ids, labels, outputs, bad = [], [], [], []
+    for out, batch in run_split(predictor, examples, forward, batch_size=batch_size):
+        keep = batch["mask"] > 0
+        ids += [examples.example_id(int(r)) for r in batch["row"][keep]]
+        bad += [examples.example_id(int(r)) for r in batch["row"][batch["bad"] > 0]]
+        labels.append(batch["label"][keep])
+        outputs.append(out)
+    if not outputs or not ids:
+        raise DataError("no readable images to predict")
+    logits = np.concatenate(outputs)
+    if probe is not None:
+        logits = probe.logits(logits)
+    return ids, np.concatenate(labels).astype(np.int64), logits, bad
+
+
+def _free_directory(run_dir: Path, split: str) -> Path:
+    """``RUN/eval-SPLIT``, or ``-2``, ``-3``...: an earlier report is never overwritten."""
+    candidate, n = run_dir / f"eval-{split}", 1
+    while candidate.exists():
+        n += 1
+        candidate = run_dir / f"eval-{split}-{n}"
+    return candidate
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    output: str | Path | None = None,
+    batch_size: int = 64,
+    data_dir: str | None = None,
+) -> dict:
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    predictor = from_run(run_dir)
+    if data_dir:
+        import dataclasses
+
+        predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
+    spec = data or config["data"]
+    dataset = load_dataset(spec, predictor.data_options)
+    if split not in dataset.splits:
+        raise DataError(f"--split {split}: {spec} has splits {', '.join(dataset.splits)}")
+    if dataset.channels != predictor.channels:
+        raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
+    if len(dataset.class_names) != len(predictor.class_names or ()):
+        raise DataError(
+            f"{spec} has {len(dataset.class_names)} classes; "
+            f"the run was trained on {len(predictor.class_names)}"
+        )
+    out = Path(output) if output is not None else _free_directory(run_dir, split)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"--output {out} exists and is not empty; not overwriting it")
+    out.mkdir(parents=True, exist_ok=True)
+    ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
+    metrics = classification_metrics(labels, logits)
+    clinical = clinical_report(labels, softmax(logits, axis=1), ids, predictor.class_names, out, prefix=split)
+    report = {
+        "checkpoint": str(run_dir),
+        "data": spec,
+        "split": split,
+        "metrics": metrics,
+        "clinical": clinical,
+        "bad_examples": {"count": len(bad), "examples": bad},
+        "output": str(out),
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,75 @@
+"""What ``predict`` reads (a file, a folder, or a --data spec) and the CSV it writes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+from vision_ft.data.decode import IMAGE_SUFFIXES
+from vision_ft.data.errors import DataError
+from vision_ft.data.files import FileSplit
+from vision_ft.data.pipeline import ExampleSplit
+from vision_ft.data.records import Record
+from vision_ft.data.sources import KINDS, DataOptions, load_dataset
+
+
+def resolve_input(text: str, options: DataOptions, split: str | None) -> tuple[ExampleSplit, bool]:
+    """(examples, labelled): one image file, every image under a folder (unlabelled), or a split of
+    a --data spec (labelled; ``split`` defaults to test, else val, else train)."""
+    kind = text.partition(":")[0]
+    if kind in KINDS and ":" in text:
+        dataset = load_dataset(text, options)
+        name = split or next(s for s in ("test", "val", "train") if s in dataset.splits)
+        if name not in dataset.splits:
+            raise DataError(f"--split {name}: {text} has splits {', '.join(dataset.splits)}")
+        return dataset.splits[name], True
+    path = Path(text).expanduser()
+    if path.is_file():
+        return FileSplit([Record(str(path.absolute()), -1)], window=options.window), False
+    if path.is_dir():
+        files = sorted(
+            Path(root) / name
+            for root, dirs, names in os.walk(path)
+            for name in names
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
+        )
+        if not files:
+            raise DataError(f"--input {path}: no image files in this folder")
+        return FileSplit([Record(str(f.absolute()), -1) for f in files], window=options.window), False
+    raise DataError(f"--input {text}: no such file or folder, and not a npz:/folder:/csv:/tfds: spec")
+
+
+def write_predictions(
+    path: Path,
+    ids: list[str],
+    logits: np.ndarray,
+    class_names: tuple[str, ...],
+    *,
+    labels: np.ndarray | None = None,
+    top_k: int = 3,
+) -> None:
+    """One row per image: path, [label], prediction, a probability column per class, and the top-k
+    as ``class:probability`` joined by ``|``. Refuses to overwrite an existing file."""
+    if path.exists():
+        raise DataError(f"--output {path} exists; not overwriting it")
+    probs = softmax(np.asarray(logits, np.float64), axis=1)
+    top_k = min(top_k, len(class_names))
+    header = ["path", *(["label"] if labels is not None else []), "predicted"]
+    header += [f"p_{name}" for name in class_names] + [f"top{top_k}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, example_id in enumerate(ids):
+            order = np.argsort(-probs[i])[:top_k]
+            row = [example_id]
+            if labels is not None:
+                row.append(class_names[labels[i]] if labels[i] >= 0 else "")
+            row.append(class_names[order[0]])
+            row += [f"{p:.6f}" for p in probs[i]]
+            row.append("|".join(f"{class_names[c]}:{probs[i, c]:.6f}" for c in order))
+            writer.writerow(row)

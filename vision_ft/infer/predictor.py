@@ -1,0 +1,120 @@
+"""A model with the preprocessing it was trained with, applied as one compiled, sharded function.
+
+``from_run`` restores a fit run: its best weights and exactly the geometry, band count and
+normalization the run used (recorded in ``config.json``), so a user never restates them.
+``from_pretrained`` takes a model from the zoo with its ``pretrained_cfg`` (timm's eval transform).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vision_ft.data.pipeline import ExampleSplit, Geometry, eval_batches
+from vision_ft.data.sources import DataOptions
+from vision_ft.models.factory import create_model
+from vision_ft.train.run_dir import load_run_model, read_run_config
+from vision_ft.train.step import data_mesh
+
+OUTPUTS = ("logits", "embedding")
+
+
+@dataclass
+class Predictor:
+    model: nnx.Module
+    geometry: Geometry
+    class_names: tuple[str, ...] | None
+    data_options: DataOptions
+    source: str  # what the weights are, for logs and output metadata
+    tta_flip: bool = False  # evaluate as the run (or the probe's embeddings) did
+
+    @property
+    def channels(self) -> int:
+        return self.model.pretrained_cfg.input_size[0]
+
+
+def from_run(run_dir: str | Path, *, which: str = "best") -> Predictor:
+    config = read_run_config(run_dir)
+    model = load_run_model(run_dir, which=which)
+    cfg = model.pretrained_cfg
+    crop_pct = config.get("eval_crop_pct") or cfg.crop_pct
+    geometry = Geometry(config["img_size"], cfg.interpolation, crop_pct, channels=config["in_chans"])
+    window = config.get("window")
+    options = DataOptions(
+        val_fraction=config.get("val_fraction", 0.1),
+        test_fraction=config.get("test_fraction", 0.0),
+        seed=config.get("seed", 0),
+        data_dir=config.get("data_dir"),
+        window=tuple(window) if window else None,
+    )
+    names = tuple(config["class_names"]) if config.get("class_names") else None
+    return Predictor(model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")))
+
+
+def from_pretrained(
+    name: str, pretrained: bool | str, *, in_chans: int = 3, img_size: int | None = None
+) -> Predictor:
+    model = create_model(name, pretrained=pretrained, in_chans=in_chans, img_size=img_size)
+    cfg = model.pretrained_cfg
+    geometry = Geometry(cfg.input_size[1], cfg.interpolation, cfg.crop_pct, channels=in_chans)
+    return Predictor(model, geometry, None, DataOptions(), f"{name} ({pretrained})")
+
+
+def compiled_forward(
+    predictor: Predictor, output: str, *, tta_flip: bool = False, devices=None
+) -> tuple[Callable[[np.ndarray], jax.Array], int]:
+    """(fn, devices): ``fn(images)`` returns ``output`` ("logits" or the pooled pre-logit
+    "embedding", i.e. ``forward_head(forward_features(x), pre_logits=True)``) for a batch of images
+    in [0, 1], normalized on device. One jit over a functional split of the model; the batch is
+    sharded over every device, the weights replicated."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}")
+    mesh = data_mesh(devices)
+    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    graphdef, state = nnx.split(predictor.model)
+    state = jax.device_put(state, replicated)
+    cfg = predictor.model.pretrained_cfg
+    mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
+
+    def apply(state, images):
+        model = nnx.merge(graphdef, state)
+        x = (images.astype(jnp.float32) - mean) / std
+
+        def run(x):
+            if output == "logits":
+                return model(x, train=False)
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+
+        out = run(x).astype(jnp.float32)
+        if tta_flip:  # mean over the image and its mirror
+            out = (out + run(x[:, :, ::-1]).astype(jnp.float32)) / 2
+        return out
+
+    jitted = jax.jit(apply, in_shardings=(replicated, batched), out_shardings=batched)
+    return (lambda images: jitted(state, jax.device_put(images, batched))), mesh.devices.size
+
+
+def run_split(
+    predictor: Predictor,
+    split: ExampleSplit,
+    forward: Callable[[np.ndarray], jax.Array],
+    *,
+    batch_size: int,
+    threads: int = 4,
+    workers: int = 0,
+) -> Iterator[tuple[np.ndarray, dict]]:
+    """(outputs of the readable examples, the batch they came from) for every batch of ``split``.
+    The last batch is padded to ``batch_size`` so one compiled shape serves the whole split."""
+    geometry = dataclasses.replace(predictor.geometry, channels=predictor.channels)
+    for batch in eval_batches(split, geometry, batch_size=batch_size, threads=threads, workers=workers):
+        keep = batch["mask"] > 0
+        yield np.asarray(forward(batch["image"]))[keep], batch

@@ -1,0 +1,106 @@
+"""``vision-ft probe``: fit a linear probe and a k-NN baseline on embedding files, and save the probe
+with what ``predict`` needs to embed new images the same way."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vision_ft.data.errors import DataError
+from vision_ft.infer.embeddings import Embeddings, read_embeddings
+from vision_ft.infer.predictor import Predictor, from_pretrained, from_run
+from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.probe import LinearProbe, fit_knn, fit_linear_probe, knn_probabilities
+
+PROBE_FILE, SOURCE_FILE = "probe.npz", "probe.json"
+
+
+def _class_names(train: Embeddings, others: list[Embeddings]) -> tuple[str, ...]:
+    names = train.metadata.get("dataset_classes")
+    num_classes = int(max(e.labels.max() for e in [train, *others] if len(e))) + 1
+    if names and len(names) >= num_classes:
+        return tuple(names)
+    return tuple(f"class {i}" for i in range(num_classes))
+
+
+def _public(metrics: dict) -> dict:
+    keep = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix", "count")
+    return {k: metrics[k] for k in keep}
+
+
+def run_probe(
+    train_path: Path, val_path: Path, test_path: Path | None, output: Path, *, select: str = "loss"
+) -> dict:
+    started = time.time()
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise DataError(f"--output {output} exists and is not empty; not overwriting it")
+    train, val = read_embeddings(train_path), read_embeddings(val_path)
+    test = read_embeddings(test_path) if test_path is not None else None
+    splits = [e for e in (val, test) if e is not None]
+    for path, part in zip((val_path, test_path), splits, strict=False):
+        if part.embeddings.shape[1] != train.embeddings.shape[1]:
+            raise DataError(
+                f"{path}: dimension {part.embeddings.shape[1]}, train has {train.embeddings.shape[1]}"
+            )
+        if (part.labels < 0).any():
+            raise DataError(f"{path}: unlabelled examples cannot evaluate a probe")
+    names = _class_names(train, splits)
+    probe, sweep = fit_linear_probe(
+        train.embeddings, train.labels, val.embeddings, val.labels, class_names=names, select=select
+    )
+    k, k_sweep = fit_knn(train.embeddings, train.labels, val.embeddings, val.labels, num_classes=len(names))
+
+    def knn_metrics(part: Embeddings) -> dict:
+        probs = knn_probabilities(
+            train.embeddings, train.labels, part.embeddings, k=k, num_classes=len(names)
+        )
+        return _public(classification_metrics(part.labels, np.log(np.clip(probs, 1e-12, None))))
+
+    linear = {
+        "l2": probe.l2,
+        "best_val": _public(classification_metrics(val.labels, probe.logits(val.embeddings))),
+    }
+    knn = {"k": k, "best_val": knn_metrics(val)}
+    if test is not None:
+        linear["test"] = _public(classification_metrics(test.labels, probe.logits(test.embeddings)))
+        knn["test"] = knn_metrics(test)
+    output.mkdir(parents=True, exist_ok=True)
+    probe.save(output / PROBE_FILE)
+    (output / SOURCE_FILE).write_text(json.dumps(train.metadata, indent=2) + "\n")
+    final = {
+        "best_val": linear["best_val"],
+        "test": linear.get("test"),
+        "linear": {**linear, "l2_sweep": sweep},
+        "knn": {**knn, "k_sweep": k_sweep},
+        "embeddings": {
+            "train": str(train_path),
+            "val": str(val_path),
+            "test": str(test_path) if test_path else None,
+        },
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    (output / "final.json").write_text(json.dumps(final, indent=2, default=float) + "\n")
+    return final
+
+
+def load_probe_dir(directory: Path) -> tuple[Predictor, LinearProbe]:
+    """The probe and a predictor that embeds images as the probe's training embeddings were made."""
+    directory = Path(directory)
+    if not (directory / PROBE_FILE).is_file() or not (directory / SOURCE_FILE).is_file():
+        raise DataError(f"--probe {directory}: not a probe directory (needs {PROBE_FILE} and {SOURCE_FILE})")
+    probe = LinearProbe.load(directory / PROBE_FILE)
+    source = json.loads((directory / SOURCE_FILE).read_text())
+    if source.get("checkpoint"):
+        predictor = from_run(source["checkpoint"])
+    else:
+        pretrained = {"true": True, "false": False}.get(
+            str(source["pretrained"]).lower(), source["pretrained"]
+        )
+        predictor = from_pretrained(source["zoo_model"], pretrained, in_chans=source["in_chans"])
+    predictor.class_names = tuple(probe.class_names)
+    predictor.tta_flip = source.get("tta") == "flip"
+    return predictor, probe
