@@ -145,3 +145,21 @@ def test_bad_input_is_one_line_exit_2(fitted, tmp_path):
         result = cli(*args)
         lines = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert result.exit_code == 2 and len(lines) == 1 and culprit in lines[0], (args, result.output)
+
+
+def test_intermediate_layer_embeddings(fitted, tmp_path):
+    root, cfg, _ = fitted
+    outputs = {}
+    for layer in (None, 1, -1):
+        out = tmp_path / f"layer{layer}.npz"
+        extra = () if layer is None else ("--layer", layer)
+        result = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--split", "val",
+                     "--output", out, "--no-progress", *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[layer] = read_embeddings(out).embeddings
+    assert outputs[1].shape == (32, 128)  # resnet18's second stage
+    # ResNet's pre-logits are the global average of the last stage
+    np.testing.assert_allclose(outputs[-1], outputs[None], rtol=1e-5, atol=1e-6)
+    bad = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--layer", 4,
+              "--output", tmp_path / "x.npz", "--no-progress")  # fmt: skip
+    assert bad.exit_code == 2 and "4 stages" in bad.output

@@ -327,11 +327,14 @@ def _metadata(predictor, **extra) -> dict:
 @click.option("--split", default="train", help="train, val, test or all [train].")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help=".npz or .parquet file.")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", help="Average with the mirror.")
+@click.option("--layer", type=int, help="Pooled output of this stage/block instead (0-based, -1 last).")
 @click.option("--batch-size", type=int, default=64)
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--no-progress", is_flag=True)
 @user_errors_exit_2
-def embed(model, pretrained, checkpoint, data, split, output, tta, batch_size, data_dir, no_progress) -> None:
+def embed(
+    model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, no_progress
+) -> None:
     """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
     import numpy as np
 
@@ -354,13 +357,13 @@ def embed(model, pretrained, checkpoint, data, split, output, tta, batch_size, d
     total = sum(len(dataset.splits[n]) for n in names)
     with _progress(total, "embed", not no_progress) as advance:
         for name in names:
-            part, unreadable = embed_split(
-                predictor,
-                dataset.splits[name],
-                batch_size=batch_size,
-                tta_flip=tta == "flip",
-                on_batch=advance,
-            )
+            try:
+                part, unreadable = embed_split(
+                    predictor, dataset.splits[name], batch_size=batch_size, tta_flip=tta == "flip",
+                    layer=layer, on_batch=advance,
+                )  # fmt: skip
+            except ValueError as e:  # a --layer the model does not have
+                raise UserError(str(e)) from None
             parts.append(part)
             bad += unreadable
     result = Embeddings(
@@ -368,7 +371,8 @@ def embed(model, pretrained, checkpoint, data, split, output, tta, batch_size, d
         np.concatenate([p.labels for p in parts]),
         np.concatenate([p.ids for p in parts]),
         _metadata(
-            predictor, data=data, split=split, tta=tta, dataset_classes=list(dataset.class_names),
+            predictor, data=data, split=split, tta=tta, layer=layer,
+            dataset_classes=list(dataset.class_names),
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
             pretrained=pretrained if model else None, in_chans=predictor.channels,
         ),

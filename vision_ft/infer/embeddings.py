@@ -35,12 +35,15 @@ def embed_split(
     *,
     batch_size: int = 64,
     tta_flip: bool = False,
+    layer: int | None = None,
     devices=None,
     threads: int = 4,
     on_batch=None,
 ) -> tuple[Embeddings, list[str]]:
     """Embeddings of every readable example of ``split`` (in order) and the ids of unreadable ones."""
-    forward, n_devices = compiled_forward(predictor, "embedding", tta_flip=tta_flip, devices=devices)
+    forward, n_devices = compiled_forward(
+        predictor, "embedding", tta_flip=tta_flip, layer=layer, devices=devices
+    )
     batch_size = -(-batch_size // n_devices) * n_devices
     chunks, labels, ids, bad = [], [], [], []
     for outputs, batch in run_split(predictor, split, forward, batch_size=batch_size, threads=threads):

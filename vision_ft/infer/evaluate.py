@@ -26,7 +26,8 @@ def predict_logits(
     """(ids, labels, logits) of the readable examples, in order, and the ids of unreadable ones.
     With a linear ``probe``, logits are the probe's on the model's embeddings."""
     output = "embedding" if probe is not None else "logits"
-    forward, n_devices = compiled_forward(predictor, output, tta_flip=predictor.tta_flip)
+    layer = predictor.layer if probe is not None else None
+    forward, n_devices = compiled_forward(predictor, output, tta_flip=predictor.tta_flip, layer=layer)
     batch_size = -(-batch_size // n_devices) * n_devices
     ids, labels, outputs, bad = [], [], [], []
     for out, batch in run_split(predictor, examples, forward, batch_size=batch_size):

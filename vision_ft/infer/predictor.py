@@ -36,6 +36,7 @@ class Predictor:
     data_options: DataOptions
     source: str  # what the weights are, for logs and output metadata
     tta_flip: bool = False  # evaluate as the run (or the probe's embeddings) did
+    layer: int | None = None  # embeddings from an intermediate stage (a probe trained on them)
 
     @property
     def channels(self) -> int:
@@ -70,14 +71,25 @@ def from_pretrained(
 
 
 def compiled_forward(
-    predictor: Predictor, output: str, *, tta_flip: bool = False, devices=None
+    predictor: Predictor, output: str, *, tta_flip: bool = False, layer: int | None = None, devices=None
 ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
     """(fn, devices): ``fn(images)`` returns ``output`` ("logits" or the pooled pre-logit
     "embedding", i.e. ``forward_head(forward_features(x), pre_logits=True)``) for a batch of images
-    in [0, 1], normalized on device. One jit over a functional split of the model; the batch is
-    sharded over every device, the weights replicated."""
+    in [0, 1], normalized on device. With ``layer``, the embedding is instead the pooled output of
+    that stage (CNNs) or block (ViTs) from ``forward_intermediates``. One jit over a functional split
+    of the model; the batch is sharded over every device, the weights replicated."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}")
+    if layer is not None:
+        size = predictor.geometry.img_size
+        probe = jax.eval_shape(
+            lambda x: predictor.model.forward_intermediates(x),
+            jax.ShapeDtypeStruct((1, size, size, predictor.channels), jnp.float32),
+        )
+        if not -len(probe) <= layer < len(probe):
+            raise ValueError(
+                f"--layer {layer}: this model has {len(probe)} stages/blocks (0..{len(probe) - 1})"
+            )
     mesh = data_mesh(devices)
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = nnx.split(predictor.model)
@@ -92,6 +104,8 @@ def compiled_forward(
         def run(x):
             if output == "logits":
                 return model(x, train=False)
+            if layer is not None:
+                return model.pool_intermediate(model.forward_intermediates(x)[layer])
             return model.forward_head(model.forward_features(x), pre_logits=True)
 
         out = run(x).astype(jnp.float32)

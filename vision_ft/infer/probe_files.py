@@ -103,4 +103,5 @@ def load_probe_dir(directory: Path) -> tuple[Predictor, LinearProbe]:
         predictor = from_pretrained(source["zoo_model"], pretrained, in_chans=source["in_chans"])
     predictor.class_names = tuple(probe.class_names)
     predictor.tta_flip = source.get("tta") == "flip"
+    predictor.layer = source.get("layer")
     return predictor, probe

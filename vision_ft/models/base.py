@@ -22,6 +22,14 @@ class Backbone(nnx.Module):
     def forward_head(self, x: jax.Array, pre_logits: bool = False, *, train: bool = False) -> jax.Array:
         raise NotImplementedError
 
+    def forward_intermediates(self, x: jax.Array, *, train: bool = False) -> list[jax.Array]:
+        """The output of every stage (CNNs) or block (ViTs); the last feeds forward_features' end."""
+        raise NotImplementedError
+
+    def pool_intermediate(self, features: jax.Array) -> jax.Array:
+        """An intermediate output pooled to one vector per image: the spatial mean of NHWC maps."""
+        return features.mean(axis=(1, 2))
+
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         raise NotImplementedError
 

@@ -188,12 +188,18 @@ class ConvNeXt(Backbone):
         self.num_classes = num_classes
         self.head = NormHead(prev, num_classes, rngs=rngs, **kw)
 
-    def forward_features(self, x, *, train: bool = False):
+    def forward_intermediates(self, x, *, train: bool = False) -> list[jax.Array]:
+        """The output of each of the four stages."""
         conv_layer, norm = self.stem
         x = norm(conv_layer(x))
+        outputs = []
         for stage in self.stages:
             x = stage(x, train)
-        return x
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x, *, train: bool = False):
+        return self.forward_intermediates(x, train=train)[-1]
 
     def forward_head(self, x, pre_logits: bool = False, *, train: bool = False):
         return self.head(x, pre_logits=pre_logits)

@@ -275,13 +275,19 @@ class EfficientNet(Backbone):
             linear_head(num_features, num_classes, rngs=rngs, **kw)
         )  # None or a Linear
 
-    def forward_features(self, x, *, train: bool = False):
-        ura = not train
-        x = self.act(self.bn1(self.conv_stem(x), use_running_average=ura))
+    def forward_intermediates(self, x, *, train: bool = False) -> list[jax.Array]:
+        """The output of each block stage (before the 1x1 head convolution)."""
+        x = self.act(self.bn1(self.conv_stem(x), use_running_average=not train))
+        outputs = []
         for stage in self.blocks:
             for block in stage:
                 x = block(x, train)
-        return self.act(self.bn2(self.conv_head(x), use_running_average=ura))
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x, *, train: bool = False):
+        x = self.forward_intermediates(x, train=train)[-1]
+        return self.act(self.bn2(self.conv_head(x), use_running_average=not train))
 
     def forward_head(self, x, pre_logits: bool = False, *, train: bool = False):
         x = jnp.mean(x, axis=(1, 2))

@@ -169,14 +169,20 @@ class ResNet(Backbone):
         self.num_classes = num_classes
         self.fc = nnx.data(linear_head(in_chs, num_classes, rngs=rngs, **kw))
 
-    def forward_features(self, x, *, train: bool = False):
+    def forward_intermediates(self, x, *, train: bool = False) -> list[jax.Array]:
+        """The output of each of the four stages."""
         x = self.conv1(x, train) if isinstance(self.conv1, DeepStem) else self.conv1(x)
         x = jax.nn.relu(self.bn1(x, use_running_average=not train))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outputs = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x, train)
-        return x
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x, *, train: bool = False):
+        return self.forward_intermediates(x, train=train)[-1]
 
     def forward_head(self, x, pre_logits: bool = False, *, train: bool = False):
         x = jnp.mean(x, axis=(1, 2))

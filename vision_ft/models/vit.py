@@ -235,10 +235,21 @@ class VisionTransformer(Backbone):
             return jnp.concatenate([*prefix, x + pos], axis=1)
         return jnp.concatenate([*prefix, x], axis=1) + pos
 
-    def forward_features(self, x, *, train: bool = False):
+    def forward_intermediates(self, x, *, train: bool = False) -> list[jax.Array]:
+        """The tokens (prefix tokens first) after each block, before the final norm."""
         x = self._pos_embed(self.patch_embed(x))
+        outputs = []
         for block in self.blocks:
             x = block(x, train)
+            outputs.append(x)
+        return outputs
+
+    def pool_intermediate(self, tokens: jax.Array) -> jax.Array:
+        """Mean of an intermediate block's patch tokens, as timm's spatial intermediates pool."""
+        return tokens[:, self.num_prefix_tokens :].mean(axis=1)
+
+    def forward_features(self, x, *, train: bool = False):
+        x = self.forward_intermediates(x, train=train)[-1]
         return x if self.norm is None else self.norm(x)
 
     def pool(self, x: jax.Array) -> jax.Array:
