@@ -190,3 +190,23 @@ def eval_batches(
     )  # fmt: skip
     ds = grain.MapDataset.range(0, steps * local).map(read)
     return _batched(ds, local, threads=threads, workers=workers)
+
+
+def prefetch_to_device(batches: Iterator[dict], sharding, *, keys=("image", "label", "mask"), size: int = 2):
+    """Yield ``(arrays on device, host batch)``, keeping ``size`` batches in flight: transfers are
+    asynchronous, so the next batch moves while the current step runs. Each process contributes its
+    local slice and the result is one global array sharded like ``sharding`` (the mesh's data axis)."""
+    import collections
+
+    import jax
+
+    def put(batch: dict):
+        return tuple(jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys), batch
+
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) >= size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

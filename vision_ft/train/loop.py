@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import Geometry, eval_batches, train_batches
+from vision_ft.data.pipeline import Geometry, eval_batches, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
 from vision_ft.data.splitting import write_split_file
@@ -321,17 +321,19 @@ class FitRun:
         progress.advance_to(step)
         batches = train_batches(
             train_split, self.train_geometry, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step,
-            total_steps=self.total_steps, threads=cfg.loader_threads, workers=cfg.workers,
+            total_steps=self.total_steps, process_index=jax.process_index(),
+            process_count=jax.process_count(), threads=cfg.loader_threads, workers=cfg.workers,
         )  # fmt: skip
+        batches = prefetch_to_device(batches, trainer.batch_sharding)
         while step < self.total_steps:
             current = self._phase_at(step)
             if current is not phase:
                 trainer.write_back(self.model)
                 phase, trainer = current, self._trainer(current)
-            batch = next(batches)
+            on_device, batch = next(batches)
             if batch["bad"].any():
                 self._note_bad(train_split, batch)
-            out = trainer.train_step(batch["image"], batch["label"], batch["mask"], step)
+            out = trainer.train_step(*on_device, step)
             epoch_losses.append(out["loss"])
             step += 1
             progress.update(step, out["loss"])
