@@ -7,10 +7,8 @@ same machine, same batch and resolution, fp32. Prints a table; ``--json OUT`` wr
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from throughput import images_per_second, report, row
+from throughput import compare, images_per_second
 
 
 def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
@@ -44,23 +42,7 @@ def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="resnet50,tf_efficientnet_lite0,vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--json", dest="json_path")
-    args = parser.parse_args()
-    rows = []
-    for name in args.models.split(","):
-        ours = jax_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
-        theirs = torch_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
-        rows.append(row(name, args.batch, args.img_size, ours, theirs))
-        print(f"{name}: jax {ours:.1f} img/s, torch {theirs:.1f} img/s", flush=True)
-    report(rows, args.json_path)
+    compare(__doc__, jax_images_per_second, torch_images_per_second, default_batch=64)
 
 
 if __name__ == "__main__":

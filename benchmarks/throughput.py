@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
@@ -15,6 +16,27 @@ def images_per_second(step: Callable[[], object], batch: int, warmup: int, steps
     for _ in range(steps):
         step()
     return batch * steps / (time.perf_counter() - start)
+
+
+def compare(description: str, jax_rate_fn, torch_rate_fn, *, default_batch: int) -> None:
+    """Parse the common options, time both sides per model, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="resnet50,tf_efficientnet_lite0,vit_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=default_batch)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        ours = jax_rate_fn(name, args.batch, args.img_size, args.warmup, args.steps)
+        theirs = torch_rate_fn(name, args.batch, args.img_size, args.warmup, args.steps)
+        rows.append(row(name, args.batch, args.img_size, ours, theirs))
+        print(f"{name}: jax {ours:.1f} img/s, torch {theirs:.1f} img/s", flush=True)
+    report(rows, args.json_path)
 
 
 def row(model: str, batch: int, img_size: int, jax_rate: float, torch_rate: float) -> dict:

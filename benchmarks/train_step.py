@@ -8,10 +8,8 @@ optionally writes ``[{model, batch, img_size, jax_img_s, torch_img_s, ratio}]`` 
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-from throughput import images_per_second, report, row
+from throughput import compare, images_per_second
 
 
 def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
@@ -65,24 +63,7 @@ def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", default="resnet50,tf_efficientnet_lite0,vit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--json", dest="json_path")
-    args = parser.parse_args()
-
-    rows = []
-    for name in args.models.split(","):
-        jax_rate = jax_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
-        torch_rate = torch_images_per_second(name, args.batch, args.img_size, args.warmup, args.steps)
-        rows.append(row(name, args.batch, args.img_size, jax_rate, torch_rate))
-        print(f"{name}: jax {jax_rate:.1f} img/s, torch {torch_rate:.1f} img/s", flush=True)
-    report(rows, args.json_path)
+    compare(__doc__, jax_images_per_second, torch_images_per_second, default_batch=32)
 
 
 if __name__ == "__main__":

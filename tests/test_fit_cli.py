@@ -27,8 +27,9 @@ def fit_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", *args]
 
 
-@pytest.fixture
-def config_file(tmp_path):
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("fit_cli")
     data = write_synthetic_npz(tmp_path / "data.npz", sizes=(128, 32, 32))
     cfg = dict(
         model="resnet18",
@@ -56,8 +57,9 @@ def _latest_steps(run: Path) -> list[int]:
     return sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def uninterrupted(config_file):
+    full = config_file.parent / "full"
     subprocess.run(
         fit_cmd("--config", str(config_file), "--output", str(full)),
         env=_env(),
@@ -65,8 +67,32 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
         capture_output=True,
         timeout=900,
     )
-    expected = json.loads((full / "final.json").read_text())
+    return full
 
+
+def _assert_same_results(run: Path, full: Path) -> None:
+    expected = json.loads((full / "final.json").read_text())
+    got = json.loads((run / "final.json").read_text())
+    assert got["best_step"] == expected["best_step"]
+    for split in ("best_val", "test"):
+        for key, value in expected[split].items():
+            if key == "confusion_matrix":
+                assert got[split][key] == value, split
+            else:
+                assert got[split][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, key)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    full_steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert steps == full_steps
+
+
+def _wait_for_checkpoint(proc, run: Path, step: int) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(s >= step for s in _latest_steps(run)):
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file, uninterrupted):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         fit_cmd("--config", str(config_file), "--output", str(killed)),
@@ -74,10 +100,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 600
-    while time.time() < deadline and not any(s >= 6 for s in _latest_steps(killed)):
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.02)
+    _wait_for_checkpoint(proc, killed, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final.json").exists()
@@ -94,17 +117,24 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file):
         timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr
-    got = json.loads((killed / "final.json").read_text())
-    assert got["best_step"] == expected["best_step"]
-    for split in ("best_val", "test"):
-        for key, value in expected[split].items():
-            if key == "confusion_matrix":
-                assert got[split][key] == value, split
-            else:
-                assert got[split][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, key)
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    full_steps = [json.loads(line)["step"] for line in (full / "metrics.jsonl").read_text().splitlines()]
-    assert steps == full_steps
+    _assert_same_results(killed, uninterrupted)
+
+
+def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tmp_path, config_file, uninterrupted):
+    run = tmp_path / "preempted"
+    command = fit_cmd("--config", str(config_file), "--output", str(run))
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, run, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 75, stderr
+    stopped_at = int((run / "PREEMPTED").read_text())
+    assert stopped_at < 32 and max(_latest_steps(run)) == stopped_at  # saved after the step it was on
+    assert "preempted at step" in stderr and "Traceback" not in stderr
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=900)  # no --resume
+    assert again.returncode == 0, again.stderr
+    assert not (run / "PREEMPTED").exists()
+    _assert_same_results(run, uninterrupted)
 
 
 def _one_line_exit_2(result, culprit):

@@ -112,3 +112,18 @@ def test_quarter_turns_flips_and_mixing():
             assert from_partner == pytest.approx(1 - lam, abs=1e-6)
         else:
             np.testing.assert_allclose(mixed[0], lam * image[0] + (1 - lam) * image[1], rtol=1e-5)
+
+
+def test_real_medmnist_files_load_with_official_splits():
+    from pathlib import Path
+
+    from vision_ft.data.sources import load_dataset
+
+    bundled = load_dataset("npz:bundled:breastmnist")
+    assert {k: len(v) for k, v in bundled.splits.items()} == {"train": 546, "val": 78, "test": 156}
+    assert bundled.channels == 1 and bundled.class_names == ("malignant", "normal/benign")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
+    if shared.exists():  # present on the project's machines, not shipped with the package
+        pneumonia = load_dataset(f"npz:{shared}")
+        assert len(pneumonia.splits["val"]) == 524 and len(pneumonia.splits["test"]) == 624
+        assert np.bincount(pneumonia.splits["train"].labels).min() > 0

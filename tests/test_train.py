@@ -298,3 +298,24 @@ def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path):
     trainer.write_back(run.model, evaluated=True)
     x = (images - np.asarray(run.model.pretrained_cfg.mean)) / np.asarray(run.model.pretrained_cfg.std)
     np.testing.assert_allclose(np.asarray(run.model(x)), ema_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_parameters(tmp_path):
+    run = FitRun(tiny_config(tmp_path, precision="bf16", epochs=1), progress=False)
+    initial = _numpy_state(run.model, nnx.Param)
+    final = run.run()
+    params = _numpy_state(run.model, nnx.Param)
+    assert not np.array_equal(params["fc.kernel"], initial["fc.kernel"])  # it trained
+    assert {v.dtype for v in params.values()} == {np.dtype("float32")}
+    x = np.zeros((2, 32, 32, 1), np.float32)
+    assert run.model.forward_features(x).dtype == jax.numpy.bfloat16
+    assert np.isfinite(final["test"]["loss"])
+
+
+def test_checkpoint_saved_on_8_devices_resumes_on_2(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    eight = FitRun(cfg, progress=False).run()
+    resumed_cfg = load_config(None, {**cfg.to_dict(), "resume": True})
+    two = FitRun(resumed_cfg, devices=jax.devices()[:2], progress=False).run()
+    for key in ("loss", "accuracy", "auc"):
+        assert two["test"][key] == pytest.approx(eight["test"][key], rel=1e-4, abs=1e-5), key

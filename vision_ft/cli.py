@@ -84,6 +84,26 @@ def main(verbose: bool) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _distributed_options(command):
+    """Explicit multi-process options; TPU VM slices, SLURM and Open MPI are detected without them."""
+    for option in reversed(
+        [
+            click.option("--coordinator", help="host:port of process 0, for a multi-process run."),
+            click.option("--num-processes", type=int, help="Number of processes in the run."),
+            click.option("--process-id", type=int, help="This process's index, 0-based."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _start_processes(coordinator, num_processes, process_id) -> None:
+    from vision_ft.train.distributed import initialize, is_primary
+
+    if initialize(coordinator, num_processes, process_id) and not is_primary():
+        logging.getLogger("vision_ft").setLevel(logging.WARNING)  # one process speaks for the run
+
+
 @main.command()
 @click.argument("pattern", default="*")
 @click.option("--pretrained", is_flag=True, help="Only models with pretrained weights.")
@@ -194,18 +214,30 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
 @click.option("--output", help="Run directory [runs/fit].")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --output exactly.")
 @click.option("--no-progress", is_flag=True, help="Log instead of drawing a progress bar.")
+@_distributed_options
 @user_errors_exit_2
-def fit(config_path: Path | None, no_progress: bool, **overrides) -> None:
+def fit(
+    config_path: Path | None, no_progress: bool, coordinator, num_processes, process_id, **overrides
+) -> None:
     """Fine-tune a pretrained backbone (default: tf_efficientnet_lite0 on bundled BreastMNIST)."""
     from vision_ft.train.config import load_config
     from vision_ft.train.loop import FitRun, RunDirError
+    from vision_ft.train.preemption import EXIT_PREEMPTED, Preempted
 
     cfg = load_config(config_path, overrides)
+    _start_processes(coordinator, num_processes, process_id)
     try:
         final = FitRun(cfg, progress=not no_progress).run()
     except (RunDirError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    except Preempted as e:
+        click.echo(f"stopped: {e}", err=True)
+        sys.exit(EXIT_PREEMPTED)
+    from vision_ft.train.distributed import is_primary
+
     test = final.get("test")
+    if not is_primary():
+        return
     if test:
         click.echo(
             f"test AUC {test['auc']:.4f}  accuracy {test['accuracy']:.4f}  balanced accuracy "
@@ -331,10 +363,12 @@ def _metadata(predictor, **extra) -> dict:
 @click.option("--batch-size", type=int, default=64)
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--no-progress", is_flag=True)
+@_distributed_options
 @user_errors_exit_2
 def embed(
-    model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, no_progress
-) -> None:
+    model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, no_progress,
+    coordinator, num_processes, process_id,
+) -> None:  # fmt: skip
     """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
     import numpy as np
 
@@ -345,6 +379,10 @@ def embed(
         raise UserError(f"--output {output} exists; not overwriting it")
     if output.suffix not in FORMATS:
         raise UserError(f"--output {output}: use a .npz or .parquet file name")
+    _start_processes(coordinator, num_processes, process_id)
+    from vision_ft.train.distributed import is_primary
+
+    no_progress = no_progress or not is_primary()
     predictor = _predictor(model, pretrained, checkpoint, data, data_dir)
     dataset = load_dataset(data, predictor.data_options)
     names = list(dataset.splits) if split == "all" else [split]
@@ -377,6 +415,8 @@ def embed(
             pretrained=pretrained if model else None, in_chans=predictor.channels,
         ),
     )  # fmt: skip
+    if not is_primary():
+        return
     write_embeddings(output, result)
     for path in bad:
         logging.getLogger("vision_ft").warning("skipped unreadable example %s", path)

@@ -23,7 +23,7 @@ from vision_ft.data.pipeline import ExampleSplit, Geometry, eval_batches
 from vision_ft.data.sources import DataOptions
 from vision_ft.models.factory import create_model
 from vision_ft.train.run_dir import load_run_model, read_run_config
-from vision_ft.train.step import data_mesh
+from vision_ft.train.step import data_mesh, to_global
 
 OUTPUTS = ("logits", "embedding")
 
@@ -93,7 +93,7 @@ def compiled_forward(
     mesh = data_mesh(devices)
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = nnx.split(predictor.model)
-    state = jax.device_put(state, replicated)
+    state = to_global(state, replicated)
     cfg = predictor.model.pretrained_cfg
     mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
 
@@ -113,8 +113,9 @@ def compiled_forward(
             out = (out + run(x[:, :, ::-1]).astype(jnp.float32)) / 2
         return out
 
-    jitted = jax.jit(apply, in_shardings=(replicated, batched), out_shardings=batched)
-    return (lambda images: jitted(state, jax.device_put(images, batched))), mesh.devices.size
+    # replicated outputs: in a multi-process run every process holds all of them
+    jitted = jax.jit(apply, in_shardings=(replicated, batched), out_shardings=replicated)
+    return (lambda images: jitted(state, to_global(images, batched))), mesh.devices.size
 
 
 def run_split(

@@ -25,12 +25,14 @@ from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.config import ConfigError, FitConfig
+from vision_ft.train.distributed import is_primary
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.optimizer import build_optimizer, warmup_cosine
+from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted, was_preempted
 from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
-from vision_ft.train.step import Augment, Trainer, data_mesh, freeze_batchnorm
+from vision_ft.train.step import Augment, Trainer, data_mesh, freeze_batchnorm, to_global
 
 log = logging.getLogger("vision_ft.fit")
 
@@ -85,6 +87,7 @@ class FitRun:
         if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
             raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
         self._check_output_dir()
+        cfg = self.cfg
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
         if start_run is not None:
@@ -97,7 +100,7 @@ class FitRun:
         self.data: Dataset = load_dataset(cfg.data, options)
         self.num_classes = len(self.data.class_names)
         self.bad_examples: dict[str, str] = dict(self.data.skipped)
-        if self.data.index is not None:
+        if self.data.index is not None and is_primary():
             write_split_file(self.out / "splits.csv", self.data.index.splits, None)
         if start_run is not None:
             if earlier["in_chans"] != self.data.channels:
@@ -170,6 +173,10 @@ class FitRun:
 
     def _check_output_dir(self) -> None:
         has_run = (self.out / "checkpoints").exists() or (self.out / "metrics.jsonl").exists()
+        if has_run and was_preempted(self.out) and not self.cfg.resume:
+            # rerunning the command of a preempted run continues it
+            log.info("resuming the preempted run in %s", self.out)
+            self.cfg = dataclasses.replace(self.cfg, resume=True)
         if has_run and not self.cfg.resume:
             raise RunDirError(
                 f"--output {self.out} already holds a run; pass --resume or choose another directory"
@@ -237,14 +244,14 @@ class FitRun:
             {"params": nnx.state(self.model, nnx.Param), "stats": nnx.state(self.model, nnx.BatchStat)},
         )
         trainer.write_back(self.model)
-        return {**weights, "step": jnp.int32(step)}
+        return {**weights, "step": np.asarray(step, np.int32)}
 
     def _state(self, trainer: Trainer, step: int, best_score: float) -> dict:
         """What the latest checkpoint keeps: everything ``--resume`` needs to continue exactly."""
         state = {
             **self._weights(trainer, step, evaluated=False),
             "opt_state": trainer.opt_state,
-            "best_score": jnp.float32(best_score),
+            "best_score": np.asarray(best_score, np.float32),
         }
         if trainer.ema is not None:
             state["ema"] = trainer.ema
@@ -298,26 +305,31 @@ class FitRun:
     def run(self) -> dict:
         cfg = self.cfg
         started = time.time()
-        report.write_json(
-            self.out / "config.json",
-            {
-                **cfg.to_dict(),
-                "num_classes": self.num_classes,
-                "class_names": list(self.data.class_names),
-                "in_chans": self.data.channels,
-                "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
-            },
-        )
+        primary = is_primary()
+        if primary:
+            report.write_json(
+                self.out / "config.json",
+                {
+                    **cfg.to_dict(),
+                    "num_classes": self.num_classes,
+                    "class_names": list(self.data.class_names),
+                    "in_chans": self.data.channels,
+                    "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
+                },
+            )
         step, best_score = 0, -math.inf if cfg.select_metric != "loss" else math.inf
         trainer = self._trainer(self.phases[0])
         if cfg.resume:
             step, best_score, trainer = self._resume(trainer)
-        metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None)
+        metrics_log = report.MetricsLog(
+            self.out, resume_step=step if cfg.resume else None, write=is_primary()
+        )
         has_val = "val" in self.data.splits
         train_split = self.data.splits["train"]
         phase = self._phase_at(step) if step < self.total_steps else self.phases[-1]
         epoch_losses: list[float] = []
-        progress = _Progress(self.total_steps, cfg.batch_size, enabled=self.progress)
+        progress = _Progress(self.total_steps, cfg.batch_size, enabled=self.progress and is_primary())
+        watch = PreemptionWatch()
         progress.advance_to(step)
         batches = train_batches(
             train_split, self.train_geometry, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step,
@@ -351,8 +363,17 @@ class FitRun:
                     if improved:
                         best_score = score
                         self.checkpoints.save_best(step, self._weights(trainer, step), score)
-            if end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+            preempted = step < self.total_steps and watch.requested()
+            if preempted or end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
                 self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
+            if preempted:
+                progress.close()
+                metrics_log.close()
+                self.checkpoints.close()
+                mark_preempted(self.out, step)
+                raise Preempted(step, self.out)
+        watch.close()
+        clear_marker(self.out)
         progress.close()
         final = self._finish(trainer, metrics_log, started)
         metrics_log.close()
@@ -370,14 +391,16 @@ class FitRun:
         _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
         nnx.update(self.model, restored["params"], restored["stats"])
         trainer = self._trainer(phase)
-        trainer.opt_state = jax.device_put(restored["opt_state"], trainer.replicated)
+        trainer.opt_state = to_global(restored["opt_state"], trainer.replicated)
         if trainer.ema is not None:
-            trainer.ema = jax.device_put(restored["ema"], trainer.replicated)
+            trainer.ema = to_global(restored["ema"], trainer.replicated)
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
 
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
-        """Evaluate the best checkpoint (by validation metric) on the test split and write reports."""
+        """Evaluate the best checkpoint (by validation metric) on the test split and write reports
+        (from process 0; every process evaluates, since evaluation is a collective)."""
+        primary = is_primary()
         best_step = self.checkpoints.best_step()
         if best_step is not None:
             _, restored = self.checkpoints.restore_best(abstract_like(self._weights(trainer, 0)))
@@ -395,16 +418,19 @@ class FitRun:
             epoch = best_val["epoch"] if best_val else self.cfg.epochs
             metrics_log.log("test", epoch, best_step or self.total_steps, test)
             probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
-            report.plot_confusion_matrix(
-                test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test"
-            )
-            report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
-            final["test_clinical"] = clinical_report(labels, probs, ids, names, self.out, prefix="test")
-        report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
+            if primary:
+                report.plot_confusion_matrix(
+                    test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test"
+                )
+                report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
+                final["test_clinical"] = clinical_report(labels, probs, ids, names, self.out, prefix="test")
+        if primary:
+            report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
         final["bad_examples"] = {"count": len(self.bad_examples), "examples": dict(self.bad_examples)}
         final["wall_seconds"] = round(time.time() - started, 1)
-        report.write_json(self.out / "final.json", final)
+        if primary:
+            report.write_json(self.out / "final.json", final)
         return final
 
 

@@ -15,15 +15,18 @@ SCALARS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc")
 class MetricsLog:
     """Appends one JSON object per evaluation to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, directory: Path, *, resume_step: int | None = None):
+    def __init__(self, directory: Path, *, resume_step: int | None = None, write: bool = True):
         from tensorboardX import SummaryWriter
 
         self.path = directory / "metrics.jsonl"
+        self.write = write  # other processes of a multi-process run keep the records in memory only
         records = self.read(self.path) if resume_step is not None else []
         # on resume, forget what was logged after the checkpoint: those steps run again
         self.records = [r for r in records if r["step"] <= (resume_step or 0)]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step)
+        self.writer = None
+        if write:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step)
 
     @staticmethod
     def read(path: Path) -> list[dict]:
@@ -34,6 +37,8 @@ class MetricsLog:
     def log(self, split: str, epoch: int, step: int, metrics: dict) -> dict:
         record = {"epoch": epoch, "step": step, "split": split, **metrics}
         self.records.append(record)
+        if not self.write:
+            return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
@@ -43,7 +48,8 @@ class MetricsLog:
         return record
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def plot_learning_curves(records: list[dict], path: Path) -> None:

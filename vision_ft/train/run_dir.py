@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vision_ft.models.factory import create_model
@@ -67,7 +68,7 @@ def load_run_model(
     weights = {
         "params": nnx.state(model, nnx.Param),
         "stats": nnx.state(model, nnx.BatchStat),
-        "step": jnp.int32(0),
+        "step": np.asarray(0, np.int32),
     }
     checkpoints = RunCheckpoints(run_dir / "checkpoints", create=False)
     try:

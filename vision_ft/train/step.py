@@ -39,6 +39,28 @@ class Augment:
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 disables
 
 
+def to_global(tree, sharding: NamedSharding):
+    """Values every process holds in full -> global arrays laid out as ``sharding``. One process:
+    ``jax.device_put``; several: each process supplies its own devices' shards (device_put cannot
+    address other processes' devices). Arrays that are already global pass through."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def from_full(x: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        if jnp.issubdtype(jnp.asarray(x).dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                from_full(np.asarray(jax.random.key_data(x))), impl=jax.random.key_impl(x)
+            )
+        return from_full(np.asarray(x))
+
+    return jax.tree.map(one, tree)
+
+
 def data_mesh(devices=None) -> Mesh:
     devices = np.asarray(devices if devices is not None else jax.devices())
     return Mesh(devices.reshape(-1), ("data",))
@@ -164,7 +186,7 @@ class Trainer:
             model, is_trainable, nnx.Param, nnx.BatchStat, ...
         )
         self.graphdef = graphdef
-        put = lambda tree: jax.device_put(tree, self.replicated)  # noqa: E731
+        put = lambda tree: to_global(tree, self.replicated)  # noqa: E731
         self.trainable, self.frozen, self.stats, self.other = (
             put(trainable),
             put(frozen),
@@ -239,7 +261,8 @@ class Trainer:
             out_shardings=(rep, rep, rep, rep),
             donate_argnums=(0, 1, 2),
         )
-        self._eval_step = jax.jit(eval_step, in_shardings=(rep, rep, rep, rep, data), out_shardings=data)
+        # replicated logits: in a multi-process run every process gets all of them for the metrics
+        self._eval_step = jax.jit(eval_step, in_shardings=(rep, rep, rep, rep, data), out_shardings=rep)
         self._ema_update = jax.jit(ema_update, out_shardings=rep, donate_argnums=(0,))
 
     @property
@@ -247,7 +270,7 @@ class Trainer:
         return self.mesh.devices.size
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, step: int) -> dict:
-        batch = jax.device_put((images, labels, mask), self.batch_sharding)
+        batch = to_global((images, labels, mask), self.batch_sharding)
         self.trainable, self.opt_state, self.stats, metrics = self._train_step(
             self.trainable, self.opt_state, self.stats, self.frozen, self.other, *batch, jnp.int32(step)
         )
@@ -259,7 +282,7 @@ class Trainer:
         """Logits of the evaluated weights: the EMA where enabled, else the trained ones."""
         trainable, stats = self.ema if self.ema is not None else (self.trainable, self.stats)
         return self._eval_step(
-            trainable, stats, self.frozen, self.other, jax.device_put(images, self.batch_sharding)
+            trainable, stats, self.frozen, self.other, to_global(images, self.batch_sharding)
         )
 
     def write_back(self, model: nnx.Module, *, evaluated: bool = False) -> None:

@@ -1,0 +1,57 @@
+"""Multi-process runs on JAX's own runtime: ``jax.distributed.initialize``, from explicit options or
+where the environment says a run spans processes (TPU VM slices, SLURM, Open MPI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from vision_ft.train.config import ConfigError
+
+log = logging.getLogger("vision_ft.distributed")
+
+
+def cluster_environment() -> str | None:
+    """The launcher a multi-process run came from, if any. jax.distributed.initialize() with no
+    arguments reads the coordinator, process count and id from the same variables."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        return "SLURM"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return "Open MPI"
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "TPU VM"
+    return None
+
+
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Start the multi-process runtime if asked to (all three options) or if a cluster launched us.
+    Must run before any JAX computation. Returns whether the run is multi-process."""
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ConfigError("--coordinator, --num-processes and --process-id go together")
+    environment = cluster_environment()
+    if not any(given) and environment is None:
+        return False
+    if (os.environ.get("JAX_PLATFORMS") or "").startswith("cpu"):
+        # CPU devices of different processes talk through gloo (JAX's default there is none)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process-id {process_id} must be in [0, {num_processes})")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
+    log.info(
+        "process %d of %d (%s), %d local of %d devices", jax.process_index(), jax.process_count(),
+        environment or "explicit options", jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
+    return True
+
+
+def is_primary() -> bool:
+    """Logs, progress, plots and reports come from process 0 only."""
+    return jax.process_index() == 0
