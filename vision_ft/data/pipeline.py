@@ -210,3 +210,28 @@ def prefetch_to_device(batches: Iterator[dict], sharding, *, keys=("image", "lab
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def sharded_eval_batches(
+    split: ExampleSplit, geometry: Geometry, sharding, *, batch_size: int, threads: int = 4, workers: int = 0
+) -> Iterator[tuple[object, dict]]:
+    """Each process decodes only its slice of every (global) eval batch. Yields the global image
+    array laid out as ``sharding`` and the host fields (label, mask, row, bad) of the whole global
+    batch, gathered from every process in batch order."""
+    import jax
+
+    index, count = jax.process_index(), jax.process_count()
+    local_batches = eval_batches(
+        split, geometry, batch_size=batch_size, process_index=index, process_count=count,
+        threads=threads, workers=workers,
+    )  # fmt: skip
+    for batch in local_batches:
+        images = jax.make_array_from_process_local_data(sharding, batch["image"])
+        fields = {k: batch[k] for k in ("label", "mask", "row", "bad")}
+        if count > 1:
+            from jax.experimental import multihost_utils
+
+            fields = {
+                k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()
+            }
+        yield images, fields

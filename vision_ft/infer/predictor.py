@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vision_ft.data.pipeline import ExampleSplit, Geometry, eval_batches
+from vision_ft.data.pipeline import ExampleSplit, Geometry, sharded_eval_batches
 from vision_ft.data.sources import DataOptions
 from vision_ft.models.factory import create_model
 from vision_ft.train.run_dir import load_run_model, read_run_config
@@ -115,7 +115,12 @@ def compiled_forward(
 
     # replicated outputs: in a multi-process run every process holds all of them
     jitted = jax.jit(apply, in_shardings=(replicated, batched), out_shardings=replicated)
-    return (lambda images: jitted(state, to_global(images, batched))), mesh.devices.size
+
+    def forward(images) -> jax.Array:
+        return jitted(state, to_global(images, batched))
+
+    forward.sharding = batched  # where process-local batches go (see data/pipeline.py)
+    return forward, mesh.devices.size
 
 
 def run_split(
@@ -130,6 +135,9 @@ def run_split(
     """(outputs of the readable examples, the batch they came from) for every batch of ``split``.
     The last batch is padded to ``batch_size`` so one compiled shape serves the whole split."""
     geometry = dataclasses.replace(predictor.geometry, channels=predictor.channels)
-    for batch in eval_batches(split, geometry, batch_size=batch_size, threads=threads, workers=workers):
+    batches = sharded_eval_batches(
+        split, geometry, forward.sharding, batch_size=batch_size, threads=threads, workers=workers
+    )
+    for images, batch in batches:
         keep = batch["mask"] > 0
-        yield np.asarray(forward(batch["image"]))[keep], batch
+        yield np.asarray(forward(images))[keep], batch

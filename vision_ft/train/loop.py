@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import Geometry, eval_batches, prefetch_to_device, train_batches
+from vision_ft.data.pipeline import Geometry, prefetch_to_device, sharded_eval_batches, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
 from vision_ft.data.splitting import write_split_file
@@ -262,14 +262,14 @@ class FitRun:
         """Labels, logits and ids of every readable example of ``split``, in order."""
         data = self.data.splits[split]
         labels, outputs, ids = [], [], []
-        batches = eval_batches(
-            data, self.eval_geometry, batch_size=self.cfg.eval_batch_size,
+        batches = sharded_eval_batches(
+            data, self.eval_geometry, trainer.batch_sharding, batch_size=self.cfg.eval_batch_size,
             threads=self.cfg.loader_threads, workers=self.cfg.workers,
         )  # fmt: skip
-        for batch in batches:
+        for images, batch in batches:
             self._note_bad(data, batch)
             keep = batch["mask"] > 0
-            logits = np.asarray(trainer.predict(batch["image"]))
+            logits = np.asarray(trainer.predict(images))
             labels.append(batch["label"][keep])
             outputs.append(logits[keep])
             ids += [data.example_id(int(r)) for r in batch["row"][keep]]
