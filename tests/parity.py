@@ -85,15 +85,9 @@ def assert_parity(
     ref = perturbed_timm_model(name, **(timm_kwargs or {}))
     ckpt = save_checkpoint(ref, tmp_path)
     ours = vision_ft.create_model(name, pretrained=str(ckpt), **(ours_kwargs or timm_kwargs or {}))
-    in_chans = ref.patch_embed.proj.in_channels if hasattr(ref, "patch_embed") else _in_chans(ref)
-    x = np.random.default_rng(0).standard_normal((batch, in_chans, img_size, img_size)).astype(np.float32)
-    ref_logits, ref_pre = torch_outputs(ref, x)
-    our_logits, our_pre = jax_outputs(ours, x)
-    errors = {"pre_logits": relative_error(our_pre, ref_pre)}
-    if check_logits:
-        errors["logits"] = relative_error(our_logits, ref_logits)
-    assert all(e <= TOLERANCE for e in errors.values()), f"{name}: {errors}"
-    return errors
+    return assert_models_match(
+        ref, ours, img_size=img_size, batch=batch, check_logits=check_logits, label=name
+    )
 
 
 def _in_chans(model: torch.nn.Module) -> int:
