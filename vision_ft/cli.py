@@ -410,7 +410,7 @@ def embed(
         np.concatenate([p.ids for p in parts]),
         _metadata(
             predictor, data=data, split=split, tta=tta, layer=layer,
-            dataset_classes=list(dataset.class_names),
+            dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
             pretrained=pretrained if model else None, in_chans=predictor.channels,
         ),
@@ -440,13 +440,19 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
     report = evaluate_run(checkpoint, data=data, split=split, output=output, batch_size=batch_size,
                           data_dir=data_dir)  # fmt: skip
     m = report["metrics"]
-    ci = report["clinical"]["auc_ci"]
-    click.echo(
-        f"{report['split']}: {m['count']} images  AUC {m['auc']:.4f} "
-        f"(95% CI {ci['low']:.4f}-{ci['high']:.4f})"
-        f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
-        f"  ECE {report['clinical']['ece']:.4f}"
-    )
+    if "map" in m:  # multi-label: intervals are per class, in the report
+        click.echo(
+            f"{report['split']}: {m['count']} images  macro AUC {m['auc']:.4f}  mAP {m['map']:.4f}"
+            f"  exact-match accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
+        )
+    else:
+        ci = report["clinical"]["auc_ci"]
+        click.echo(
+            f"{report['split']}: {m['count']} images  AUC {m['auc']:.4f} "
+            f"(95% CI {ci['low']:.4f}-{ci['high']:.4f})"
+            f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
+            f"  ECE {report['clinical']['ece']:.4f}"
+        )
     click.echo(f"report written to {report['output']}")
 
 
@@ -482,7 +488,10 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> 
     examples, labelled = resolve_input(input_, predictor.data_options, split)
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
-    write_predictions(output, ids, logits, names, labels=labels if labelled else None, top_k=top_k)
+    write_predictions(
+        output, ids, logits, names, labels=labels if labelled else None, top_k=top_k,
+        multi_label=predictor.multi_label and probe is None,
+    )  # fmt: skip
     click.echo(f"{len(ids)} predictions written to {output}")
     for path in bad:
         click.echo(f"skipped unreadable image {path}", err=True)

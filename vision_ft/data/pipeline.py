@@ -109,9 +109,11 @@ class _ReadExample:
     def __call__(self, position: int) -> dict:
         row, global_position = self._row(position)
         size, c = self.geometry.img_size, self.geometry.channels or 1
+        labels = self.split.labels
         example = {
             "image": np.zeros((size, size, c), np.float32),
-            "label": np.int32(0),
+            # a class index, or a multi-hot row for multi-label data
+            "label": np.zeros(labels.shape[1:], np.int32),
             "mask": np.float32(0.0),
             "row": np.int32(row),
             "bad": np.int8(0),
@@ -123,9 +125,9 @@ class _ReadExample:
             image = _prepare(self.split.load(row), self.geometry, rng)
         except (BadImageError, ValueError, OSError):
             example["bad"] = np.int8(1)
-            example["label"] = np.int32(self.split.labels[row])
+            example["label"] = np.asarray(labels[row], np.int32)
             return example
-        example.update(image=image, label=np.int32(self.split.labels[row]), mask=np.float32(1.0))
+        example.update(image=image, label=np.asarray(labels[row], np.int32), mask=np.float32(1.0))
         return example
 
 

@@ -43,6 +43,7 @@ class Dataset:
     channels: int
     description: str
     index: IndexedDataset | None = None  # file sources: which file is in which split
+    multi_label: bool = False  # labels are (N, classes) multi-hot rows rather than class indices
     skipped: dict[str, str] = field(default_factory=dict)  # left out while indexing: path -> reason
 
 
@@ -97,13 +98,18 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
         from vision_ft.data.csv_index import index_csv
 
         index = index_csv(Path(location).expanduser(), **split_args)
-    if index.multi_label:
-        raise DataError(f"--data {spec!r}: multi-label rows (a|b) are indexed but not trainable yet")
     if not index.splits.get("train"):
         raise DataError(f"--data {spec!r}: no training examples")
-    splits = {name: FileSplit(records, window=options.window) for name, records in index.splits.items()}
+    classes = len(index.class_names) if index.multi_label else None
+    splits = {
+        name: FileSplit(records, window=options.window, multi_label_classes=classes)
+        for name, records in index.splits.items()
+    }
     channels = _first_readable_channels(spec, splits["train"])
-    return Dataset(splits, index.class_names, channels, spec, index=index, skipped=dict(index.skipped))
+    return Dataset(
+        splits, index.class_names, channels, spec, index=index, multi_label=index.multi_label,
+        skipped=dict(index.skipped),
+    )  # fmt: skip
 
 
 def _first_readable_channels(spec: str, split: ExampleSplit, tries: int = 32) -> int:

@@ -21,7 +21,7 @@ class EmbeddingFileError(ValueError):
 @dataclass(frozen=True)
 class Embeddings:
     embeddings: np.ndarray  # (N, D) float32
-    labels: np.ndarray  # (N,) int64; -1 where unknown
+    labels: np.ndarray  # (N,) int64, -1 where unknown; (N, classes) multi-hot for multi-label data
     ids: np.ndarray  # (N,) str: file paths, or "<split>[i]" for arrays
     metadata: dict  # model, weights, data, split, class names, preprocessing
 
@@ -87,13 +87,20 @@ def write_embeddings(path: str | Path, data: Embeddings) -> None:
     table = pa.table(
         {
             "id": pa.array(data.ids.tolist(), pa.string()),
-            "label": pa.array(data.labels),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(data.embeddings.reshape(-1)), data.embeddings.shape[1]
-            ),
+            "label": _column(data.labels),
+            "embedding": _column(data.embeddings),
         }
     ).replace_schema_metadata({"vision_ft": meta})
     pq.write_table(table, path)
+
+
+def _column(values: np.ndarray):
+    """A parquet column: plain values, or a fixed-size list per row for (N, D) arrays."""
+    import pyarrow as pa
+
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
@@ -108,9 +115,12 @@ def read_embeddings(path: str | Path) -> Embeddings:
             flat = table.column("embedding").combine_chunks()
             embeddings = np.asarray(flat.values, np.float32).reshape(len(table), -1)
             meta = (table.schema.metadata or {}).get(b"vision_ft", b"{}").decode()
+            labels = table.column("label").combine_chunks()
+            if hasattr(labels, "flatten"):  # multi-hot rows, a fixed-size list per example
+                labels = np.asarray(labels.flatten(), np.int64).reshape(len(table), -1)
             return Embeddings(
                 embeddings,
-                np.asarray(table.column("label"), np.int64),
+                np.asarray(labels, np.int64),
                 np.asarray(table.column("id").to_pylist(), dtype=str),
                 json.loads(meta),
             )

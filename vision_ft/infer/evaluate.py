@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import expit, softmax
 
 from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import ExampleSplit
@@ -15,6 +14,8 @@ from vision_ft.data.sources import load_dataset
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.multilabel import as_multi_hot, multilabel_clinical_report, multilabel_metrics
+from vision_ft.train.report import write_json
 from vision_ft.train.run_dir import read_run_config
 
 log = logging.getLogger("vision_ft.eval")
@@ -85,8 +86,17 @@ def evaluate_run(
         raise DataError(f"--output {out} exists and is not empty; not overwriting it")
     out.mkdir(parents=True, exist_ok=True)
     ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
-    metrics = classification_metrics(labels, logits)
-    clinical = clinical_report(labels, softmax(logits, axis=1), ids, predictor.class_names, out, prefix=split)
+    names = predictor.class_names
+    if predictor.multi_label:
+        # a manifest whose rows happen to carry one label each is still scored per class
+        labels = as_multi_hot(labels, len(names))
+        metrics = multilabel_metrics(labels, logits)
+        clinical = multilabel_clinical_report(labels, expit(logits), ids, names, out, prefix=split)
+    elif dataset.multi_label:
+        raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
+    else:
+        metrics = classification_metrics(labels, logits)
+        clinical = clinical_report(labels, softmax(logits, axis=1), ids, names, out, prefix=split)
     report = {
         "checkpoint": str(run_dir),
         "data": spec,
@@ -96,5 +106,5 @@ def evaluate_run(
         "bad_examples": {"count": len(bad), "examples": bad},
         "output": str(out),
     }
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "eval.json", report)
     return report

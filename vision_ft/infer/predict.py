@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import expit, softmax
 
 from vision_ft.data.decode import IMAGE_SUFFIXES
 from vision_ft.data.errors import DataError
@@ -15,6 +15,7 @@ from vision_ft.data.files import FileSplit
 from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.records import Record
 from vision_ft.data.sources import KINDS, DataOptions, load_dataset
+from vision_ft.train.multilabel import THRESHOLD
 
 
 def resolve_input(text: str, options: DataOptions, split: str | None) -> tuple[ExampleSplit, bool]:
@@ -51,12 +52,16 @@ def write_predictions(
     *,
     labels: np.ndarray | None = None,
     top_k: int = 3,
+    multi_label: bool = False,
 ) -> None:
     """One row per image: path, [label], prediction, a probability column per class, and the top-k
-    as ``class:probability`` joined by ``|``. Refuses to overwrite an existing file."""
+    as ``class:probability`` joined by ``|``. Multi-label runs give each class its own sigmoid
+    probability and predict every class at or above ``THRESHOLD``, joined by ``|`` (labels likewise).
+    Refuses to overwrite an existing file."""
     if path.exists():
         raise DataError(f"--output {path} exists; not overwriting it")
-    probs = softmax(np.asarray(logits, np.float64), axis=1)
+    logits = np.asarray(logits, np.float64)
+    probs = expit(logits) if multi_label else softmax(logits, axis=1)
     top_k = min(top_k, len(class_names))
     header = ["path", *(["label"] if labels is not None else []), "predicted"]
     header += [f"p_{name}" for name in class_names] + [f"top{top_k}"]
@@ -68,8 +73,19 @@ def write_predictions(
             order = np.argsort(-probs[i])[:top_k]
             row = [example_id]
             if labels is not None:
-                row.append(class_names[labels[i]] if labels[i] >= 0 else "")
-            row.append(class_names[order[0]])
+                row.append(_label_text(labels[i], class_names))
+            if multi_label:
+                row.append("|".join(class_names[c] for c in np.flatnonzero(probs[i] >= THRESHOLD)))
+            else:
+                row.append(class_names[order[0]])
             row += [f"{p:.6f}" for p in probs[i]]
             row.append("|".join(f"{class_names[c]}:{probs[i, c]:.6f}" for c in order))
             writer.writerow(row)
+
+
+def _label_text(label: np.ndarray, class_names: tuple[str, ...]) -> str:
+    """A class index (-1: unknown) or a multi-hot row, as class names."""
+    label = np.asarray(label)
+    if label.ndim == 1:
+        return "|".join(class_names[c] for c in np.flatnonzero(label))
+    return class_names[int(label)] if label >= 0 else ""

@@ -37,6 +37,7 @@ class Predictor:
     source: str  # what the weights are, for logs and output metadata
     tta_flip: bool = False  # evaluate as the run (or the probe's embeddings) did
     layer: int | None = None  # embeddings from an intermediate stage (a probe trained on them)
+    multi_label: bool = False  # one sigmoid per class (a run fit on ``a|b`` labels)
 
     @property
     def channels(self) -> int:
@@ -58,7 +59,10 @@ def from_run(run_dir: str | Path, *, which: str = "best") -> Predictor:
         window=tuple(window) if window else None,
     )
     names = tuple(config["class_names"]) if config.get("class_names") else None
-    return Predictor(model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")))
+    return Predictor(
+        model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")),
+        multi_label=bool(config.get("multi_label")),
+    )  # fmt: skip
 
 
 def from_pretrained(

@@ -14,6 +14,7 @@ from vision_ft.infer.embeddings import Embeddings, read_embeddings
 from vision_ft.infer.predictor import Predictor, from_pretrained, from_run
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.probe import LinearProbe, fit_knn, fit_linear_probe, knn_probabilities
+from vision_ft.train.report import write_json
 
 PROBE_FILE, SOURCE_FILE = "probe.npz", "probe.json"
 
@@ -41,6 +42,11 @@ def run_probe(
     train, val = read_embeddings(train_path), read_embeddings(val_path)
     test = read_embeddings(test_path) if test_path is not None else None
     splits = [e for e in (val, test) if e is not None]
+    for path, part in zip((train_path, val_path, test_path), [train, *splits], strict=False):
+        if part.labels.ndim != 1:
+            raise DataError(
+                f"{path}: multi-label embeddings; the probe is a multinomial (one label per image) model"
+            )
     for path, part in zip((val_path, test_path), splits, strict=False):
         if part.embeddings.shape[1] != train.embeddings.shape[1]:
             raise DataError(
@@ -83,7 +89,7 @@ def run_probe(
         },
         "wall_seconds": round(time.time() - started, 1),
     }
-    (output / "final.json").write_text(json.dumps(final, indent=2, default=float) + "\n")
+    write_json(output / "final.json", final)
     return final
 
 

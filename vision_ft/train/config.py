@@ -35,7 +35,7 @@ class FitConfig:
     clip_norm: float = 1.0
     accumulate_steps: int = 1
     label_smoothing: float = 0.1
-    class_weights: str = "none"  # "none" or "auto" (inverse class frequency)
+    class_weights: str = "none"  # "none" or "auto" (inverse class frequency; multi-label: pos_weight)
     drop_path_rate: float = 0.1
     # which parameters train, and how fast: ordered (pattern, value) rules; see train/rules.py
     freeze: tuple[str, ...] = ()
@@ -97,8 +97,8 @@ class FitConfig:
             (self.precision in ("fp32", "bf16"), "precision must be 'fp32' or 'bf16'"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
             (
-                self.select_metric in ("auc", "accuracy", "balanced_accuracy", "macro_f1", "loss"),
-                "select_metric must be auc, accuracy, balanced_accuracy, macro_f1 or loss",
+                self.select_metric in ("auc", "accuracy", "balanced_accuracy", "macro_f1", "loss", "map"),
+                "select_metric must be auc, accuracy, balanced_accuracy, macro_f1, loss or map (multi-label)",
             ),
             (self.recipe != "fine_tune" or self.head_epochs < self.epochs, "head_epochs must be < epochs"),
             (self.translate is None or 0 <= self.translate < 0.5, "translate must be in [0, 0.5)"),

@@ -28,6 +28,7 @@ from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.multilabel import multilabel_clinical_report, multilabel_metrics, positive_weights
 from vision_ft.train.optimizer import build_optimizer, warmup_cosine
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted, was_preempted
 from vision_ft.train.rules import build_plan
@@ -64,8 +65,12 @@ def plan_phases(cfg: FitConfig, steps_per_epoch: int, num_layers: int) -> list[P
 
 
 def class_weights_for(cfg: FitConfig, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse class frequencies (``auto``) or ones; for multi-hot labels, each class's weight of
+    positives (negatives / positives)."""
     if cfg.class_weights == "none":
         return np.ones(num_classes, np.float32)
+    if labels.ndim == 2:
+        return positive_weights(labels)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)
@@ -99,6 +104,9 @@ class FitRun:
         options = DataOptions(cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.window)
         self.data: Dataset = load_dataset(cfg.data, options)
         self.num_classes = len(self.data.class_names)
+        self.multi_label = self.data.multi_label
+        if cfg.select_metric == "map" and not self.multi_label:
+            raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
         self.bad_examples: dict[str, str] = dict(self.data.skipped)
         if self.data.index is not None and is_primary():
             write_split_file(self.out / "splits.csv", self.data.index.splits, None)
@@ -219,6 +227,7 @@ class FitRun:
             label_smoothing=cfg.label_smoothing,
             ema_decay=cfg.ema_decay,
             tta_flip=cfg.tta_flip,
+            multi_label=self.multi_label,
             augment=Augment(
                 hflip=self.augment_settings["hflip"],
                 vflip=self.augment_settings["vflip"],
@@ -295,6 +304,11 @@ class FitRun:
 
     def evaluate(self, trainer: Trainer, split: str) -> dict:
         labels, logits, _ = self.predict_split(trainer, split)
+        return self._metrics(labels, logits)
+
+    def _metrics(self, labels: np.ndarray, logits: np.ndarray) -> dict:
+        if self.multi_label:
+            return multilabel_metrics(labels, logits, self.class_weights)
         return classification_metrics(labels, logits, self.class_weights)
 
     def _score(self, metrics: dict) -> float:
@@ -313,6 +327,7 @@ class FitRun:
                     **cfg.to_dict(),
                     "num_classes": self.num_classes,
                     "class_names": list(self.data.class_names),
+                    "multi_label": self.multi_label,
                     "in_chans": self.data.channels,
                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
                 },
@@ -397,6 +412,19 @@ class FitRun:
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
 
+    def _test_reports(self, labels: np.ndarray, logits: np.ndarray, ids: list[str], test: dict) -> dict:
+        """Plots of the test split, and its clinical report."""
+        names = list(self.data.class_names)
+        if self.multi_label:
+            probs = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))
+            report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
+            return multilabel_clinical_report(labels, probs, ids, names, self.out, prefix="test")
+        probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+        matrix_png = self.out / "confusion_matrix.png"
+        report.plot_confusion_matrix(test["confusion_matrix"], names, matrix_png, "test")
+        report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
+        return clinical_report(labels, probs, ids, names, self.out, prefix="test")
+
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports
         (from process 0; every process evaluates, since evaluation is a collective)."""
@@ -410,20 +438,14 @@ class FitRun:
             (r for r in metrics_log.records if r["split"] == "val" and r["step"] == best_step), None
         )
         final: dict = {"best_val": _public(best_val) if best_val else None}
-        names = list(self.data.class_names)
         if "test" in self.data.splits:
             labels, logits, ids = self.predict_split(trainer, "test")
-            test = classification_metrics(labels, logits, self.class_weights)
+            test = self._metrics(labels, logits)
             final["test"] = _public(test)
             epoch = best_val["epoch"] if best_val else self.cfg.epochs
             metrics_log.log("test", epoch, best_step or self.total_steps, test)
-            probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
             if primary:
-                report.plot_confusion_matrix(
-                    test["confusion_matrix"], names, self.out / "confusion_matrix.png", "test"
-                )
-                report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
-                final["test_clinical"] = clinical_report(labels, probs, ids, names, self.out, prefix="test")
+                final["test_clinical"] = self._test_reports(labels, logits, ids, test)
         if primary:
             report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
@@ -435,7 +457,10 @@ class FitRun:
 
 
 def _public(metrics: dict) -> dict:
-    keep = ("epoch", "step", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix")
+    keep = (
+        "epoch", "step", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix",
+        "micro_f1", "hamming_accuracy", "map", "per_class",
+    )  # fmt: skip
     return {k: metrics[k] for k in keep if k in metrics}
 
 

@@ -12,6 +12,24 @@ from vision_ft.train.metrics import roc_curve
 SCALARS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc")
 
 
+def strict_json(value):
+    """``value`` with NaN and infinities as None (JSON null) and numpy scalars as Python ones:
+    ``json.dumps`` would otherwise write NaN, which strict JSON readers (jq, JavaScript) reject."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def json_text(payload, *, indent: int | None = None) -> str:
+    return json.dumps(strict_json(payload), indent=indent, allow_nan=False)
+
+
 class MetricsLog:
     """Appends one JSON object per evaluation to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
@@ -25,14 +43,16 @@ class MetricsLog:
         self.records = [r for r in records if r["step"] <= (resume_step or 0)]
         self.writer = None
         if write:
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            self.path.write_text("".join(json_text(r) + "\n" for r in self.records))
             self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step)
 
     @staticmethod
     def read(path: Path) -> list[dict]:
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # undefined metrics were written as null; in memory they are NaN again, as when computed
+        return [{k: float("nan") if v is None else v for k, v in r.items()} for r in records]
 
     def log(self, split: str, epoch: int, step: int, metrics: dict) -> dict:
         record = {"epoch": epoch, "step": step, "split": split, **metrics}
@@ -40,7 +60,7 @@ class MetricsLog:
         if not self.write:
             return record
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
         for key, value in metrics.items():
             if isinstance(value, int | float) and np.isfinite(value):
                 self.writer.add_scalar(f"{split}/{key}", value, step)
@@ -100,16 +120,20 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
 
 
 def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    """One curve per class against the rest (the positive class only for binary tasks); ``labels``
+    are class indices, or multi-hot rows for multi-label data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    multi_hot = labels.ndim == 2
+    classes = [1] if probs.shape[1] == 2 and not multi_hot else range(probs.shape[1])
     for c in classes:
-        if 0 < (labels == c).sum() < len(labels):
-            fpr, tpr = roc_curve(labels == c, probs[:, c])
+        positives = labels[:, c].astype(bool) if multi_hot else labels == c
+        if 0 < positives.sum() < len(labels):
+            fpr, tpr = roc_curve(positives, probs[:, c])
             ax.plot(fpr, tpr, label=class_names[c])
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set_xlabel("false positive rate")
@@ -123,5 +147,5 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path
 
 def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(json_text(payload, indent=2) + "\n")
     tmp.replace(path)

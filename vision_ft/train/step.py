@@ -154,6 +154,15 @@ def mix_batch(
     return mixed, targets, weights
 
 
+def multilabel_loss(logits: jax.Array, targets: jax.Array, pos_weight: jax.Array) -> jax.Array:
+    """Per-example sigmoid cross-entropy averaged over classes, positives weighted by ``pos_weight``
+    (PyTorch's ``BCEWithLogitsLoss(pos_weight=...)``, reduced per example)."""
+    per_class = -(
+        pos_weight * targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits)
+    )
+    return per_class.mean(axis=-1)
+
+
 class Trainer:
     """Owns the split model state and the compiled steps for one mesh."""
 
@@ -170,6 +179,7 @@ class Trainer:
         seed: int = 0,
         ema_decay: float = 0.0,
         tta_flip: bool = False,
+        multi_label: bool = False,
     ):
         trainable_paths = frozenset(p for p, s in plan.items() if s.trainable)
 
@@ -198,6 +208,7 @@ class Trainer:
         # kept as the best checkpoint instead of the raw weights
         self.ema_decay = ema_decay
         self.ema = jax.tree.map(jnp.copy, (self.trainable, self.stats)) if ema_decay > 0 else None
+        # single-label: a weight per class; multi-label: each class's weight of positives (pos_weight)
         self.class_weights = put(jnp.asarray(class_weights, jnp.float32))
         num_classes = len(class_weights)
         base_key = jax.random.key(seed)
@@ -215,14 +226,21 @@ class Trainer:
             model = nnx.merge(graphdef, trainable, frozen, stats, other)
             aug_key, mix_key = jax.random.split(aug_key)
             x = augment_batch(images, aug_key, augment)
-            targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-            weights = self.class_weights[labels] * mask
+            if multi_label:
+                # each class is its own two-way problem, smoothed towards 1/2
+                targets = labels.astype(jnp.float32) * (1 - label_smoothing) + label_smoothing / 2
+                weights = mask
+            else:
+                targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+                weights = self.class_weights[labels] * mask
             if augment.mixup > 0 or augment.cutmix > 0:
                 x, targets, weights = mix_batch(x, targets, weights, mix_key, augment)
             logits = model((x - mean) / std, train=True).astype(jnp.float32)
-            loss = jnp.sum(optax.softmax_cross_entropy(logits, targets) * weights) / jnp.maximum(
-                weights.sum(), 1e-6
-            )
+            if multi_label:
+                per_example = multilabel_loss(logits, targets, self.class_weights)
+            else:
+                per_example = optax.softmax_cross_entropy(logits, targets)
+            loss = jnp.sum(per_example * weights) / jnp.maximum(weights.sum(), 1e-6)
             return loss, nnx.state(model, nnx.BatchStat)
 
         def train_step(trainable, opt_state, stats, frozen, other, images, labels, mask, step):
