@@ -156,6 +156,8 @@ def _one_line_exit_2(result, culprit):
         (("--freeze", "no_such_layer"), "no_such_layer"),
         (("--lr", "fast"), "--lr"),
         (("--resume",), "no run to resume"),
+        (("--mesh", "data=3,fsdp=5"), "--mesh"),
+        (("--mesh", "pipeline=2"), "--mesh"),
     ],
 )
 def test_fit_bad_options(tmp_path, args, culprit):

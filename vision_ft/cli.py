@@ -209,6 +209,9 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
 @click.option("--class-weights", type=click.Choice(["none", "auto"]))
 @click.option("--recipe", type=click.Choice(["standard", "fine_tune"]))
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option(
+    "--mesh", help="Device mesh data=N,fsdp=M: shard weights and optimizer state over M [data only]."
+)
 @click.option("--train-bn/--no-train-bn", default=None, help="Update BatchNorm statistics of frozen layers.")
 @click.option("--seed", type=int)
 @click.option("--output", help="Run directory [runs/fit].")

@@ -76,6 +76,8 @@ class FitConfig:
     tta_flip: bool = False
     # run
     precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 parameters)
+    mesh: str | None = None  # "data=N,fsdp=M": FSDP over M devices; None: data parallel on all
+    fsdp_min_size: int = 2**14  # tensors with fewer elements stay replicated under FSDP
     seed: int = 0
     output: str = "runs/fit"
     resume: bool = False
@@ -95,6 +97,7 @@ class FitConfig:
             (self.class_weights in ("none", "auto"), "class_weights must be 'none' or 'auto'"),
             (self.recipe in ("standard", "fine_tune"), "recipe must be 'standard' or 'fine_tune'"),
             (self.precision in ("fp32", "bf16"), "precision must be 'fp32' or 'bf16'"),
+            (self.fsdp_min_size >= 1, "fsdp_min_size must be >= 1"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
             (
                 self.select_metric in ("auc", "accuracy", "balanced_accuracy", "macro_f1", "loss", "map"),

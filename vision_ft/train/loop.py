@@ -33,7 +33,8 @@ from vision_ft.train.optimizer import build_optimizer, warmup_cosine
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted, was_preempted
 from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
-from vision_ft.train.step import Augment, Trainer, data_mesh, freeze_batchnorm, to_global
+from vision_ft.train.sharding import MeshError, make_mesh
+from vision_ft.train.step import Augment, Trainer, freeze_batchnorm, to_global
 
 log = logging.getLogger("vision_ft.fit")
 
@@ -87,7 +88,10 @@ class FitRun:
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.progress = progress
-        self.mesh = data_mesh(devices)
+        try:
+            self.mesh = make_mesh(cfg.mesh, devices)
+        except MeshError as e:
+            raise ConfigError(str(e)) from None
         n_dev = self.mesh.devices.size
         if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
             raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
@@ -228,6 +232,7 @@ class FitRun:
             ema_decay=cfg.ema_decay,
             tta_flip=cfg.tta_flip,
             multi_label=self.multi_label,
+            fsdp_min_size=cfg.fsdp_min_size,
             augment=Augment(
                 hflip=self.augment_settings["hflip"],
                 vflip=self.augment_settings["vflip"],
@@ -406,9 +411,11 @@ class FitRun:
         _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
         nnx.update(self.model, restored["params"], restored["stats"])
         trainer = self._trainer(phase)
-        trainer.opt_state = to_global(restored["opt_state"], trainer.replicated)
+        trainer.opt_state = to_global(restored["opt_state"], trainer.shardings["opt_state"])
         if trainer.ema is not None:
-            trainer.ema = to_global(restored["ema"], trainer.replicated)
+            trainer.ema = to_global(
+                restored["ema"], (trainer.shardings["trainable"], trainer.shardings["stats"])
+            )
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
 

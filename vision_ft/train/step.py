@@ -4,12 +4,13 @@ The model is split once into ``trainable`` params, ``frozen`` params, BatchNorm 
 rest (RNG streams). Gradients are taken with respect to ``trainable`` only, so frozen parameters
 cost no gradient and hold no optimizer state. Each step merges the pieces inside ``jax.jit``
 (no ``nnx.jit`` in the hot loop), donates the buffers it replaces, and sees one static batch
-shape, so nothing recompiles after the first step. The batch is sharded over the mesh's ``data``
-axis and everything else is replicated.
+shape, so nothing recompiles after the first step. The batch is sharded over every device of the
+mesh; the model state is replicated, or with an ``fsdp`` mesh axis sharded over it (train/sharding.py).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vision_ft.models.layers import BatchNorm
 from vision_ft.train.rules import ParamSetting
+from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
 from vision_ft.weights.mapping import format_path
 
 
@@ -39,29 +41,37 @@ class Augment:
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 disables
 
 
-def to_global(tree, sharding: NamedSharding):
-    """Values every process holds in full -> global arrays laid out as ``sharding``. One process:
-    ``jax.device_put``; several: each process supplies its own devices' shards (device_put cannot
-    address other processes' devices). Arrays that are already global pass through."""
+def to_global(tree, sharding):
+    """Values every process holds in full -> global arrays laid out as ``sharding`` (one sharding,
+    or a tree of them matching ``tree``). One process: ``jax.device_put``; several: each process
+    supplies its own devices' shards (device_put cannot address other processes' devices). Arrays
+    that are already global keep their layout, or are resharded when it differs."""
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
+    if isinstance(sharding, NamedSharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
 
-    def from_full(x: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    def one(x, where: NamedSharding):
+        def from_full(x: np.ndarray) -> jax.Array:
+            return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
-    def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return x
+            return x if x.sharding == where else jax.jit(lambda v: v, out_shardings=where)(x)
         if jnp.issubdtype(jnp.asarray(x).dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(
                 from_full(np.asarray(jax.random.key_data(x))), impl=jax.random.key_impl(x)
             )
         return from_full(np.asarray(x))
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, sharding)
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def data_mesh(devices=None) -> Mesh:
+    """A 1-D ``data`` mesh over every device: inference, where weights are always replicated."""
     devices = np.asarray(devices if devices is not None else jax.devices())
     return Mesh(devices.reshape(-1), ("data",))
 
@@ -180,6 +190,7 @@ class Trainer:
         ema_decay: float = 0.0,
         tta_flip: bool = False,
         multi_label: bool = False,
+        fsdp_min_size: int = DEFAULT_MIN_SIZE,
     ):
         trainable_paths = frozenset(p for p, s in plan.items() if s.trainable)
 
@@ -188,7 +199,8 @@ class Trainer:
 
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
-        self.batch_sharding = NamedSharding(mesh, P("data"))
+        # a (data, fsdp) mesh splits the batch over both axes; a 1-D data mesh over its one axis
+        self.batch_sharding = NamedSharding(mesh, P(mesh.axis_names))
         cfg = model.pretrained_cfg
         mean = jnp.asarray(cfg.mean, jnp.float32)
         std = jnp.asarray(cfg.std, jnp.float32)
@@ -196,20 +208,39 @@ class Trainer:
             model, is_trainable, nnx.Param, nnx.BatchStat, ...
         )
         self.graphdef = graphdef
-        put = lambda tree: to_global(tree, self.replicated)  # noqa: E731
+        layout = functools.partial(state_shardings, mesh=mesh, min_size=fsdp_min_size)
+        if "fsdp" not in mesh.axis_names:
+            layout = lambda tree: jax.tree.map(lambda _: self.replicated, tree)  # noqa: E731
+        self.shardings = {
+            "trainable": layout(trainable), "frozen": layout(frozen), "stats": layout(stats),
+            "other": jax.tree.map(lambda _: self.replicated, other),
+            "opt_state": layout(jax.eval_shape(tx.init, trainable)),
+        }  # fmt: skip
+        sh = self.shardings
+        # an abstract model (from nnx.eval_shape) gives a trainer that can only be compiled and
+        # measured (step_memory): how much a large model needs per device, without allocating it
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trainable))
+        place = _with_shardings if self.abstract else to_global
         self.trainable, self.frozen, self.stats, self.other = (
-            put(trainable),
-            put(frozen),
-            put(stats),
-            put(other),
+            place(trainable, sh["trainable"]),
+            place(frozen, sh["frozen"]),
+            place(stats, sh["stats"]),
+            place(other, sh["other"]),
         )
-        self.opt_state = put(tx.init(self.trainable))
+        if self.abstract:
+            self.opt_state = _with_shardings(jax.eval_shape(tx.init, trainable), sh["opt_state"])
+        else:  # created in place, each device holding only its shard
+            self.opt_state = jax.jit(tx.init, out_shardings=sh["opt_state"])(self.trainable)
         # timm's model EMA: an average of the trained weights and BatchNorm statistics, evaluated and
         # kept as the best checkpoint instead of the raw weights
         self.ema_decay = ema_decay
-        self.ema = jax.tree.map(jnp.copy, (self.trainable, self.stats)) if ema_decay > 0 else None
+        self.ema = (
+            jax.tree.map(jnp.copy, (self.trainable, self.stats))
+            if ema_decay > 0 and not self.abstract
+            else None
+        )
         # single-label: a weight per class; multi-label: each class's weight of positives (pos_weight)
-        self.class_weights = put(jnp.asarray(class_weights, jnp.float32))
+        self.class_weights = to_global(jnp.asarray(class_weights, jnp.float32), self.replicated)
         num_classes = len(class_weights)
         base_key = jax.random.key(seed)
         has_dropout = any(isinstance(v, nnx.RngKey) for _, v in nnx.to_flat_state(other))
@@ -273,15 +304,16 @@ class Trainer:
             )
 
         rep, data = self.replicated, self.batch_sharding
+        t, o, st, f, ot = (sh[k] for k in ("trainable", "opt_state", "stats", "frozen", "other"))
         self._train_step = jax.jit(
             train_step,
-            in_shardings=(rep, rep, rep, rep, rep, data, data, data, rep),
-            out_shardings=(rep, rep, rep, rep),
+            in_shardings=(t, o, st, f, ot, data, data, data, rep),
+            out_shardings=(t, o, st, rep),
             donate_argnums=(0, 1, 2),
         )
         # replicated logits: in a multi-process run every process gets all of them for the metrics
-        self._eval_step = jax.jit(eval_step, in_shardings=(rep, rep, rep, rep, data), out_shardings=rep)
-        self._ema_update = jax.jit(ema_update, out_shardings=rep, donate_argnums=(0,))
+        self._eval_step = jax.jit(eval_step, in_shardings=(t, st, f, ot, data), out_shardings=rep)
+        self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
 
     @property
     def num_devices(self) -> int:
@@ -295,6 +327,30 @@ class Trainer:
         if self.ema is not None:
             self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(step))
         return metrics
+
+    def step_memory(self, images: tuple[int, ...], labels: tuple[int, ...] = ()) -> dict:
+        """Per-device bytes of the compiled train step for a global batch of ``images`` (shape NHWC)
+        and labels of per-example shape ``labels``, from XLA's memory analysis (nothing runs)."""
+
+        def abstract(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+
+        n = images[0]
+        lowered = self._train_step.lower(
+            self.trainable, self.opt_state, self.stats, self.frozen, self.other,
+            abstract(images, jnp.float32), abstract((n, *labels), jnp.int32), abstract((n,), jnp.float32),
+            jnp.int32(0),
+        )  # fmt: skip
+        m = lowered.compile().memory_analysis()
+        used = {
+            "arguments": m.argument_size_in_bytes,
+            "outputs": m.output_size_in_bytes,
+            "temporaries": m.temp_size_in_bytes,
+            "aliased": m.alias_size_in_bytes,
+        }
+        # donated inputs are reused for outputs, so they count once
+        used["peak_estimate"] = used["arguments"] + used["outputs"] + used["temporaries"] - used["aliased"]
+        return used
 
     def predict(self, images: np.ndarray) -> jax.Array:
         """Logits of the evaluated weights: the EMA where enabled, else the trained ones."""
