@@ -149,3 +149,19 @@ def test_an_abstract_model_measures_like_a_real_one():
     )  # fmt: skip
     assert abstract.abstract and not real.abstract
     assert abstract.step_memory((16, 32, 32, 1)) == real.step_memory((16, 32, 32, 1))
+
+
+def test_checkpoints_may_live_elsewhere_and_urls_pass_through(tmp_path):
+    from vision_ft.train.checkpoint import checkpoint_location
+    from vision_ft.train.run_dir import load_run_model
+
+    assert str(checkpoint_location("gs://bucket/runs/a") / "latest") == "gs://bucket/runs/a/latest"
+    assert str(checkpoint_location(tmp_path / "x")) == str(tmp_path / "x")
+    store = tmp_path / "store" / "ckpt"
+    cfg = tiny_config(tmp_path, epochs=1, checkpoint_dir=str(store), mesh="fsdp=8", fsdp_min_size=256)
+    first = FitRun(cfg, progress=False).run()
+    assert (store / "latest").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
+    model = load_run_model(tmp_path / "run")  # found through the run's config
+    assert model.pretrained_cfg.num_classes == 2
+    resumed = FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False).run()
+    assert resumed["test"]["auc"] == pytest.approx(first["test"]["auc"], abs=1e-6)

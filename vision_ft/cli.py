@@ -215,6 +215,7 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
 @click.option("--train-bn/--no-train-bn", default=None, help="Update BatchNorm statistics of frozen layers.")
 @click.option("--seed", type=int)
 @click.option("--output", help="Run directory [runs/fit].")
+@click.option("--checkpoint-dir", help="Where checkpoints go [OUTPUT/checkpoints]; may be gs://BUCKET/PATH.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --output exactly.")
 @click.option("--no-progress", is_flag=True, help="Log instead of drawing a progress bar.")
 @_distributed_options

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,11 +59,20 @@ def abstract_like(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def checkpoint_location(directory: str | Path) -> epath.Path:
+    """A local directory made absolute, or a URL (``gs://bucket/run``) kept as it is: Orbax and
+    tensorstore write to cloud storage themselves, from every host of a multi-host run."""
+    text = str(directory)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(Path(text).expanduser().absolute())
+
+
 class RunCheckpoints:
     """``DIR/latest`` keeps the newest state; ``DIR/best`` keeps the best by a scalar metric."""
 
     def __init__(self, directory: str | Path, *, best_mode: str = "max", create: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = checkpoint_location(directory)
         common = dict(create=create, enable_async_checkpointing=False)
         # Naming the handler lets a fresh process read a checkpoint's metadata before any save.
         self.latest = ocp.CheckpointManager(

@@ -80,6 +80,7 @@ class FitConfig:
     fsdp_min_size: int = 2**14  # tensors with fewer elements stay replicated under FSDP
     seed: int = 0
     output: str = "runs/fit"
+    checkpoint_dir: str | None = None  # OUTPUT/checkpoints; may be a gs:// URL (written by Orbax)
     resume: bool = False
     select_metric: str = "auc"
     save_every_steps: int = 0  # 0: at each epoch end only

@@ -22,7 +22,7 @@ from vision_ft.data.splitting import write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.train import report
-from vision_ft.train.checkpoint import RunCheckpoints, abstract_like
+from vision_ft.train.checkpoint import RunCheckpoints, abstract_like, checkpoint_location
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary
@@ -149,7 +149,7 @@ class FitRun:
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers)
         self.class_weights = class_weights_for(cfg, train.labels, self.num_classes)
         self.checkpoints = RunCheckpoints(
-            self.out / "checkpoints", best_mode="min" if cfg.select_metric == "loss" else "max"
+            self.checkpoint_dir, best_mode="min" if cfg.select_metric == "loss" else "max"
         )
 
     def _set_input_pipeline(self) -> None:
@@ -184,7 +184,8 @@ class FitRun:
         return self.model.pretrained_cfg.mean, self.model.pretrained_cfg.std
 
     def _check_output_dir(self) -> None:
-        has_run = (self.out / "checkpoints").exists() or (self.out / "metrics.jsonl").exists()
+        self.checkpoint_dir = checkpoint_location(self.cfg.checkpoint_dir or self.out / "checkpoints")
+        has_run = self.checkpoint_dir.exists() or (self.out / "metrics.jsonl").exists()
         if has_run and was_preempted(self.out) and not self.cfg.resume:
             # rerunning the command of a preempted run continues it
             log.info("resuming the preempted run in %s", self.out)
@@ -403,7 +404,7 @@ class FitRun:
     def _resume(self, trainer: Trainer) -> tuple[int, float, Trainer]:
         latest = self.checkpoints.latest_step()
         if latest is None:
-            raise RunDirError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+            raise RunDirError(f"--resume: no checkpoint in {self.checkpoint_dir}")
         phase = self._phase_at(latest) if latest < self.total_steps else self.phases[-1]
         if phase is not self.phases[0]:
             trainer.write_back(self.model)

@@ -39,6 +39,11 @@ def read_run_config(run_dir: str | Path) -> dict:
     return config
 
 
+def run_checkpoint_dir(run_dir: str | Path, config: dict) -> str | Path:
+    """Where a run keeps its checkpoints: ``RUN/checkpoints`` unless its config names another place."""
+    return config.get("checkpoint_dir") or Path(run_dir).expanduser() / "checkpoints"
+
+
 def load_run_model(
     run_dir: str | Path,
     *,
@@ -70,7 +75,7 @@ def load_run_model(
         "stats": nnx.state(model, nnx.BatchStat),
         "step": np.asarray(0, np.int32),
     }
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", create=False)
+    checkpoints = RunCheckpoints(run_checkpoint_dir(run_dir, config), create=False)
     try:
         if which == "best" and checkpoints.best_step() is not None:
             step, restored = checkpoints.restore_best(abstract_like(weights))
