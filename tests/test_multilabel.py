@@ -181,3 +181,35 @@ def test_fit_eval_predict_embed_on_multi_label_csv(tmp_path):
                "--output", str(tmp_path / "probe")],
     )  # fmt: skip
     assert result.exit_code == 2 and "multi-label embeddings" in result.output
+
+
+def _chestmnist_style(path, sizes=(48, 16, 16), side=16, classes=3, seed=0):
+    """ChestMNIST's layout: one 0/1 label column per finding; finding c brightens band c of the image."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), sizes, strict=True):
+        labels = (rng.random((n, classes)) < 0.4).astype(np.uint8)
+        images = rng.integers(0, 60, (n, side, side), dtype=np.uint8)
+        for c in range(classes):
+            images[labels[:, c] == 1, c * 5 : c * 5 + 5] += 150
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_with_one_binary_column_per_class_is_multi_label(tmp_path):
+    path = _chestmnist_style(tmp_path / "chest.npz")
+    dataset = load_dataset(f"npz:{path}")
+    assert dataset.multi_label and len(dataset.class_names) == 3
+    assert dataset.splits["train"].labels.shape == (48, 3)
+    final = FitRun(
+        tiny_config(tmp_path, data=f"npz:{path}", epochs=1, batch_size=16, eval_batch_size=16), progress=False
+    ).run()
+    assert {"map", "micro_f1", "per_class"} <= set(final["test"]) and len(final["test"]["per_class"]) == 3
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array([[0, 2]] * 4))
+    from vision_ft.data.errors import DataError
+
+    with pytest.raises(DataError, match="values other than 0 and 1"):
+        load_dataset(f"npz:{bad}")

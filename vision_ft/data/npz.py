@@ -15,7 +15,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class ArraySplit:
-    """An in-memory split: images as NHWC arrays at their stored resolution, integer labels."""
+    """An in-memory split: images as NHWC arrays at their stored resolution; integer labels, or
+    (N, classes) 0/1 rows for multi-label data (MedMNIST's ChestMNIST layout)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -32,7 +33,9 @@ class ArraySplit:
 
 
 def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read every split present in a MedMNIST-layout ``.npz``; ``train`` is required."""
+    """Read every split present in a MedMNIST-layout ``.npz``; ``train`` is required. Labels with
+    one column are class indices; with several, every value 0 or 1, one binary column per class
+    (multi-label)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -50,17 +53,21 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if images is None or labels is None:
             raise DataError(f"{path}: {split}_images and {split}_labels must come together")
         labels = labels.reshape(len(labels), -1)
-        if labels.shape[1] != 1:
+        if labels.shape[1] > 1 and not np.isin(labels, (0, 1)).all():
             raise DataError(
-                f"{path}: {split}_labels has {labels.shape[1]} columns; multi-label is not supported here"
+                f"{path}: {split}_labels has {labels.shape[1]} columns but values other than 0 and 1; "
+                "several columns must be one 0/1 column per class (multi-label)"
             )
         if images.ndim not in (3, 4) or len(images) != len(labels):
             raise DataError(f"{path}: {split}_images has shape {images.shape} for {len(labels)} labels")
         if images.dtype != np.uint8:
             raise DataError(f"{path}: {split}_images must be uint8, found {images.dtype}")
-        splits[split] = (images if images.ndim == 4 else images[..., None], labels[:, 0].astype(np.int64))
+        labels = labels[:, 0].astype(np.int64) if labels.shape[1] == 1 else labels.astype(np.uint8)
+        splits[split] = (images if images.ndim == 4 else images[..., None], labels)
     if "train" not in splits:
         raise DataError(f"{path} has no train_images/train_labels")
+    if len({labels.shape[1:] for _, labels in splits.values()}) > 1:
+        raise DataError(f"{path}: the splits' labels have different numbers of columns")
     return splits
 
 

@@ -70,9 +70,14 @@ def _npz(spec: str, location: str) -> Dataset:
     else:
         path = Path(location).expanduser()
     splits = load_npz_splits(path)
-    num_classes = _check_labels(path, {k: s.labels for k, s in splits.items()})
+    multi_label = splits["train"].labels.ndim == 2
+    if multi_label:
+        num_classes = splits["train"].labels.shape[1]
+    else:
+        num_classes = _check_labels(path, {k: s.labels for k, s in splits.items()})
     names = names or tuple(f"class {i}" for i in range(num_classes))
-    return Dataset(splits, names, splits["train"].images.shape[-1], str(path))
+    channels = splits["train"].images.shape[-1]
+    return Dataset(splits, names, channels, str(path), multi_label=multi_label)
 
 
 def _check_labels(where, labels: dict[str, np.ndarray]) -> int:
