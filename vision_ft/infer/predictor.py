@@ -8,7 +8,6 @@ normalization the run used (recorded in ``config.json``), so a user never restat
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,28 +74,6 @@ def from_pretrained(
     return Predictor(model, geometry, None, DataOptions(), f"{name} ({pretrained})")
 
 
-# XLA's own CPU GEMM loops leave matmul-heavy models behind PyTorch; handing dot fusions to the YNNPACK
-# library embeds ViT-S about 1.3x faster on CPU (benchmarks/README.md). Only for inference: the same
-# option made convolutional train steps 2-4x slower, so Trainer does not use it.
-_CPU_INFERENCE_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-}
-
-
-@functools.cache
-def inference_compiler_options(platform: str) -> dict | None:
-    """Per-compilation XLA options for the inference forward on ``platform``; None where there are
-    none, or where this jaxlib does not know them (the option is experimental)."""
-    if platform != "cpu":
-        return None
-    try:
-        probe = jax.jit(lambda a: a @ a, compiler_options=_CPU_INFERENCE_OPTIONS)
-        probe.lower(jax.ShapeDtypeStruct((2, 2), jnp.float32)).compile()
-    except Exception:  # noqa: BLE001 - an unknown or malformed option: compile without it
-        return None
-    return dict(_CPU_INFERENCE_OPTIONS)
-
-
 def compiled_forward(
     predictor: Predictor, output: str, *, tta_flip: bool = False, layer: int | None = None, devices=None
 ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
@@ -141,10 +118,7 @@ def compiled_forward(
         return out
 
     # replicated outputs: in a multi-process run every process holds all of them
-    jitted = jax.jit(
-        apply, in_shardings=(replicated, batched), out_shardings=replicated,
-        compiler_options=inference_compiler_options(mesh.devices.flat[0].platform),
-    )  # fmt: skip
+    jitted = jax.jit(apply, in_shardings=(replicated, batched), out_shardings=replicated)
 
     def forward(images) -> jax.Array:
         return jitted(state, to_global(images, batched))
