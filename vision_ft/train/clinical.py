@@ -324,16 +324,19 @@ def hardest_misclassified(
     ]
 
 
-def write_misclassified_csv(rows: list[dict], path: Path) -> None:
-    """Rows of ``hardest_misclassified`` under the header ``id,label,predicted,loss,p_label,p_predicted``.
+def write_misclassified_csv(
+    rows: list[dict], path: Path, fields: Sequence[str] = MISCLASSIFIED_FIELDS
+) -> None:
+    """Rows of ``hardest_misclassified`` under the header ``id,label,predicted,loss,p_label,p_predicted``
+    (or other ``fields``, as multi-label mistakes have).
 
     The csv module quotes ids holding commas or quotes, so any file name survives the round trip.
     """
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MISCLASSIFIED_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: row[key] for key in MISCLASSIFIED_FIELDS})
+            writer.writerow({key: row[key] for key in fields})
 
 
 def _operating_points_for(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict:

@@ -13,14 +13,19 @@ the names of the single-label ones so reports and checkpoint selection work unch
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit, log_expit
 
-from vision_ft.train.clinical import bootstrap_auc_ci, calibration, operating_points, plot_reliability
+from vision_ft.train.clinical import (
+    bootstrap_auc_ci,
+    calibration,
+    operating_points,
+    plot_reliability,
+    write_misclassified_csv,
+)
 from vision_ft.train.metrics import binary_auc
 
 THRESHOLD = 0.5
@@ -168,10 +173,7 @@ def multilabel_clinical_report(
     plot_reliability(calib, out_dir / reliability_png, f"{prefix} reliability (every class)")
     mistakes = hardest_mistakes(ids, targets, probs, class_names)
     mistakes_csv = f"{prefix}_mistakes.csv"
-    with open(out_dir / mistakes_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MISTAKE_FIELDS)
-        writer.writeheader()
-        writer.writerows(mistakes)
+    write_misclassified_csv(mistakes, out_dir / mistakes_csv, MISTAKE_FIELDS)
     return {
         "count": int(len(targets)),
         "per_class": per_class,
