@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
+from flax import nnx
 from safetensors.torch import save_file
 
 import vision_ft
@@ -60,9 +62,17 @@ def torch_outputs(model: torch.nn.Module, x_nchw: np.ndarray) -> tuple[np.ndarra
 
 
 def jax_outputs(model, x_nchw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = np.transpose(x_nchw, (0, 2, 3, 1))
-    feats = model.forward_features(x)
-    return np.asarray(model.forward_head(feats)), np.asarray(model.forward_head(feats, pre_logits=True))
+    """Logits and pre-logits from one jitted forward (eagerly, every op would compile on its own)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        merged = nnx.merge(graphdef, state)
+        feats = merged.forward_features(x)
+        return merged.forward_head(feats), merged.forward_head(feats, pre_logits=True)
+
+    logits, pre_logits = forward(state, np.transpose(x_nchw, (0, 2, 3, 1)))
+    return np.asarray(logits), np.asarray(pre_logits)
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -1,11 +1,13 @@
 """Two real JAX processes on CPU (gloo collectives, 4 simulated devices each) against one process
-with 8 devices: `fit` ends with the same metrics and `embed` writes identical embeddings."""
+with 8 devices: `fit` ends with the same metrics (also with FSDP across the two processes) and
+`embed` writes identical embeddings."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,26 +34,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], processes: int) -> None:
+def _run(args: list[str], processes: int, logs: Path) -> None:
     base = [sys.executable, "-m", "vision_ft.cli", *args]
     if processes == 1:
         out = subprocess.run(base, env=_env(8), capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr
         return
+    # Output goes to files, not pipes: a process blocked on a full pipe while the other waits for it
+    # in a collective would deadlock both. One that dies (killed for memory, say) leaves the other
+    # waiting in a collective for ever, so the survivor is killed at once.
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [*base, "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-            env=_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err
+    label = Path(args[args.index("--output") + 1]).stem
+    paths = [logs / f"{label}.process{i}.log" for i in range(2)]
+    procs = []
+    for i, path in enumerate(paths):
+        with open(path, "w") as log:
+            command = [
+                *base,
+                "--coordinator",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ]
+            procs.append(subprocess.Popen(command, env=_env(4), stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 900
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, path in zip(procs, paths, strict=True):
+        assert p.returncode == 0, f"{path.name} (exit {p.returncode}):\n" + path.read_text()[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +82,32 @@ def data(tmp_path_factory):
 def test_two_processes_fit_and_embed_like_one(data, tmp_path):
     fit = ["fit", "--no-progress", "--model", "resnet18", "--pretrained", "false", "--data", f"npz:{data}",
            "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--seed", "1"]  # fmt: skip
-    _run([*fit, "--output", str(tmp_path / "one")], 1)
-    _run([*fit, "--output", str(tmp_path / "two")], 2)
+    _run([*fit, "--output", str(tmp_path / "one")], 1, tmp_path)
+    _run([*fit, "--output", str(tmp_path / "two")], 2, tmp_path)
     one = json.loads((tmp_path / "one" / "final.json").read_text())
     two = json.loads((tmp_path / "two" / "final.json").read_text())
     assert one["best_step"] == two["best_step"]
     for split in ("best_val", "test"):
         for key in ("loss", "accuracy", "auc", "balanced_accuracy"):
             assert two[split][key] == pytest.approx(one[split][key], rel=1e-4, abs=1e-5), (split, key)
+    # FSDP whose groups span both processes: every sharded tensor has shards on both hosts
+    (tmp_path / "fsdp.yaml").write_text("fsdp_min_size: 256\n")
+    fsdp_args = [
+        "--config",
+        str(tmp_path / "fsdp.yaml"),
+        "--mesh",
+        "fsdp=8",
+        "--output",
+        str(tmp_path / "fsdp"),
+    ]
+    _run([*fit, *fsdp_args], 2, tmp_path)
+    fsdp = json.loads((tmp_path / "fsdp" / "final.json").read_text())
+    for key in ("loss", "accuracy", "auc"):
+        assert fsdp["test"][key] == pytest.approx(one["test"][key], rel=1e-4, abs=1e-5), key
     embed = ["embed", "--checkpoint", str(tmp_path / "one"), "--data", f"npz:{data}", "--split", "test",
              "--no-progress", "--batch-size", "16"]  # fmt: skip
-    _run([*embed, "--output", str(tmp_path / "one.npz")], 1)
-    _run([*embed, "--output", str(tmp_path / "two.npz")], 2)
+    _run([*embed, "--output", str(tmp_path / "one.npz")], 1, tmp_path)
+    _run([*embed, "--output", str(tmp_path / "two.npz")], 2, tmp_path)
     a, b = read_embeddings(tmp_path / "one.npz"), read_embeddings(tmp_path / "two.npz")
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)  # identical, not merely close

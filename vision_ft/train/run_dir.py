@@ -7,13 +7,14 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from vision_ft.models.factory import create_model
 from vision_ft.models.registry import PretrainedCfg
-from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints
 
 log = logging.getLogger("vision_ft.run")
 
@@ -61,6 +62,20 @@ def load_run_model(
     """
     run_dir = Path(run_dir).expanduser()
     config = read_run_config(run_dir)
+    restored = {}
+
+    def checkpoint_weights(abstract: nnx.Module) -> dict[tuple, jax.Array]:
+        # Orbax restores onto the device an eagerly built model's arrays would live on
+        device = jnp.zeros(()).sharding
+        target = {
+            "params": _on(nnx.state(abstract, nnx.Param), device),
+            "stats": _on(nnx.state(abstract, nnx.BatchStat), device),
+            "step": jax.ShapeDtypeStruct((), np.int32, sharding=device),
+        }
+        restored.update(_restore(run_dir, config, target, which))
+        flat = nnx.to_flat_state(nnx.merge_state(restored["params"], restored["stats"]))
+        return {tuple(path): var.get_value() for path, var in flat}
+
     model = create_model(
         config["model"],
         num_classes=config["num_classes"],
@@ -69,26 +84,8 @@ def load_run_model(
         drop_path_rate=drop_path_rate,
         dtype=dtype,
         seed=seed,
+        weights=checkpoint_weights,
     )
-    weights = {
-        "params": nnx.state(model, nnx.Param),
-        "stats": nnx.state(model, nnx.BatchStat),
-        "step": np.asarray(0, np.int32),
-    }
-    checkpoints = RunCheckpoints(run_checkpoint_dir(run_dir, config), create=False)
-    try:
-        if which == "best" and checkpoints.best_step() is not None:
-            step, restored = checkpoints.restore_best(abstract_like(weights))
-        elif checkpoints.latest_step() is not None:
-            # The latest checkpoint holds optimizer state too; restore only the weights from it.
-            step, restored = checkpoints.restore_latest_weights(abstract_like(weights))
-        else:
-            raise RunDirError(f"{run_dir}: the run has no checkpoint yet")
-    except CheckpointMismatchError as e:
-        raise RunDirError(f"{run_dir}: {e}") from None
-    finally:
-        checkpoints.close()
-    nnx.update(model, restored["params"], restored["stats"])
     saved_cfg = config.get("pretrained_cfg")
     if saved_cfg:
         fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
@@ -100,3 +97,22 @@ def load_run_model(
         model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes)
         log.info("new %d-class head (the run had %d classes)", num_classes, config["num_classes"])
     return model
+
+
+def _on(state: nnx.State, sharding: jax.sharding.Sharding) -> nnx.State:
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), state)
+
+
+def _restore(run_dir: Path, config: dict, target: dict, which: str) -> dict:
+    checkpoints = RunCheckpoints(run_checkpoint_dir(run_dir, config), create=False)
+    try:
+        if which == "best" and checkpoints.best_step() is not None:
+            return checkpoints.restore_best(target)[1]
+        if checkpoints.latest_step() is not None:
+            # The latest checkpoint holds optimizer state too; restore only the weights from it.
+            return checkpoints.restore_latest_weights(target)[1]
+        raise RunDirError(f"{run_dir}: the run has no checkpoint yet")
+    except CheckpointMismatchError as e:
+        raise RunDirError(f"{run_dir}: {e}") from None
+    finally:
+        checkpoints.close()

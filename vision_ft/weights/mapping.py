@@ -142,9 +142,35 @@ def load_state_dict_into(
     regexes of NNX paths that may stay at their initial value (a classifier replaced for new
     classes). Nothing is written unless the whole checkpoint fits.
     """
+    targets = model_variables(model)
+    shapes = {path: tuple(var.get_value().shape) for path, var in targets.items()}
+    updates = match_state_dict(
+        shapes, state_dict, rules, ignore=ignore, keep_model_init=keep_model_init,
+        model_name=type(model).__name__, source=source,
+    )  # fmt: skip
+    for path, array in updates.items():
+        var = targets[path]
+        var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+
+
+def match_state_dict(
+    shapes: dict[Path, tuple[int, ...]],
+    state_dict: dict[str, np.ndarray],
+    rules: Sequence[MappingRule],
+    *,
+    ignore: Iterable[str] = (),
+    keep_model_init: Iterable[str] = (),
+    model_name: str = "the model",
+    source: str = "checkpoint",
+) -> dict[Path, np.ndarray]:
+    """The checkpoint's arrays by model path, transformed to NNX layout, for a model whose
+    variables have ``shapes``; raises :class:`WeightLoadError` listing every key that does not fit.
+
+    Only shapes are needed, so a model that was never initialised (``nnx.eval_shape``) can be
+    checked and filled.
+    """
     ignore_res = [re.compile(p) for p in ignore]
     keep_res = [re.compile(p) for p in keep_model_init]
-    targets = model_variables(model)
     unexpected, mismatched, updates = [], [], {}
     mismatched_paths = set()
     for key, value in state_dict.items():
@@ -152,13 +178,12 @@ def load_state_dict_into(
             continue
         hit = _first_match(rules, key)
         path = parse_path(hit[0]) if hit else None
-        if path is None or path not in targets:
+        if path is None or path not in shapes:
             unexpected.append(key if hit is None else f"{key} (-> {hit[0]})")
             continue
         array = hit[2](np.asarray(value))
-        expected = targets[path].get_value().shape
-        if array.shape != tuple(expected):
-            mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {tuple(expected)}")
+        if array.shape != shapes[path]:
+            mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {shapes[path]}")
             mismatched_paths.add(path)
             continue
         if path in updates:
@@ -167,13 +192,13 @@ def load_state_dict_into(
         updates[path] = array
     missing = [
         format_path(p)
-        for p in targets
+        for p in shapes
         if p not in updates
         and p not in mismatched_paths
         and not any(r.fullmatch(format_path(p)) for r in keep_res)
     ]
     if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit {type(model).__name__}:"]
+        lines = [f"{source} does not fit {model_name}:"]
         for title, items in (
             ("missing", missing),
             ("unexpected", unexpected),
@@ -182,6 +207,4 @@ def load_state_dict_into(
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise WeightLoadError("\n".join(lines))
-    for path, array in updates.items():
-        var = targets[path]
-        var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+    return updates
