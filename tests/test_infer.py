@@ -11,8 +11,10 @@ from PIL import Image
 
 from tests.train_fixtures import tiny_config
 from vision_ft.cli import main
+from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import eval_batches
 from vision_ft.infer.embeddings import read_embeddings
+from vision_ft.infer.evaluate import reorder_labels, run_class_order
 from vision_ft.infer.predictor import from_run
 from vision_ft.train.loop import FitRun
 
@@ -163,3 +165,17 @@ def test_intermediate_layer_embeddings(fitted, tmp_path):
     bad = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--layer", 4,
               "--output", tmp_path / "x.npz", "--no-progress")  # fmt: skip
     assert bad.exit_code == 2 and "4 stages" in bad.output
+
+
+def test_eval_data_classes_are_matched_to_the_run_by_name():
+    run = ("benign", "malignant", "normal")
+    assert run_class_order("d", run, run) is None
+    assert run_class_order("d", ("class 0", "class 1", "class 2"), run) is None  # unnamed: by position
+    order = run_class_order("d", ("normal", "benign", "malignant"), run)
+    np.testing.assert_array_equal(reorder_labels(np.array([0, 1, 2, -1]), order), [2, 0, 1, -1])
+    multi_hot = np.array([[1, 0, 0], [0, 1, 1]], np.uint8)
+    np.testing.assert_array_equal(reorder_labels(multi_hot, order), [[0, 0, 1], [1, 1, 0]])
+    with pytest.raises(DataError, match="has classes benign, cyst, normal; the run was trained on benign"):
+        run_class_order("d", ("benign", "cyst", "normal"), run)
+    with pytest.raises(DataError, match="has 2 classes; the run was trained on 3"):
+        run_class_order("d", ("benign", "normal"), run)

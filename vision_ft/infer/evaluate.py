@@ -76,16 +76,14 @@ def evaluate_run(
         raise DataError(f"--split {split}: {spec} has splits {', '.join(dataset.splits)}")
     if dataset.channels != predictor.channels:
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
-    if len(dataset.class_names) != len(predictor.class_names or ()):
-        raise DataError(
-            f"{spec} has {len(dataset.class_names)} classes; "
-            f"the run was trained on {len(predictor.class_names)}"
-        )
+    to_run_classes = run_class_order(spec, dataset.class_names, tuple(predictor.class_names or ()))
     out = Path(output) if output is not None else _free_directory(run_dir, split)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--output {out} exists and is not empty; not overwriting it")
     out.mkdir(parents=True, exist_ok=True)
     ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
+    if to_run_classes is not None:
+        labels = reorder_labels(labels, to_run_classes)
     names = predictor.class_names
     if predictor.multi_label:
         # a manifest whose rows happen to carry one label each is still scored per class
@@ -108,3 +106,30 @@ def evaluate_run(
     }
     write_json(out / "eval.json", report)
     return report
+
+
+def _generic(names: tuple[str, ...]) -> bool:
+    # arrays without class names (an .npz file) get "class 0", "class 1", ...
+    return names == tuple(f"class {i}" for i in range(len(names)))
+
+
+def run_class_order(spec: str, data_names: tuple[str, ...], run_names: tuple[str, ...]) -> np.ndarray | None:
+    """For each of the data's classes, the index of the run's class of the same name; ``None`` when
+    they are already the same. Unnamed classes match by position; different classes are an error."""
+    if len(data_names) != len(run_names):
+        raise DataError(f"{spec} has {len(data_names)} classes; the run was trained on {len(run_names)}")
+    if data_names == run_names or _generic(data_names) or _generic(run_names):
+        return None
+    if sorted(data_names) != sorted(run_names):
+        raise DataError(
+            f"{spec} has classes {', '.join(data_names)}; the run was trained on {', '.join(run_names)}"
+        )
+    return np.asarray([run_names.index(name) for name in data_names])
+
+
+def reorder_labels(labels: np.ndarray, to_run_classes: np.ndarray) -> np.ndarray:
+    if labels.ndim == 2:  # multi-hot: column j of the data is column to_run_classes[j] of the run
+        reordered = np.zeros_like(labels)
+        reordered[:, to_run_classes] = labels
+        return reordered
+    return np.where(labels >= 0, to_run_classes[np.maximum(labels, 0)], labels)
