@@ -14,6 +14,7 @@ import click
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import EmbeddingFileError
 from vision_ft.models.registry import UnknownModelError
+from vision_ft.progress import ProgressBar
 from vision_ft.train.checkpoint import CheckpointMismatchError
 from vision_ft.train.config import ConfigError
 from vision_ft.train.rules import RuleError
@@ -290,39 +291,6 @@ def stats(data, model, img_size, split, data_dir, window, output) -> None:
         output.write_text(text)
 
 
-def _progress(total: int, label: str, enabled: bool):
-    """A context giving ``advance(n)``: a rich bar on stderr with ETA and images/s, or a no-op."""
-    from contextlib import nullcontext
-
-    if not enabled:
-        return nullcontext(lambda n: None)
-    import time
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    class _Bar:
-        def __enter__(self):
-            self.bar = Progress(
-                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[rate]} img/s"), console=Console(stderr=True),
-            )  # fmt: skip
-            self.bar.start()
-            self.started, self.done = time.time(), 0
-            self.task = self.bar.add_task(label, total=total, rate="-")
-            return self.advance
-
-        def advance(self, n: int) -> None:
-            self.done += n
-            rate = self.done / max(time.time() - self.started, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:.0f}")
-
-        def __exit__(self, *exc):
-            self.bar.stop()
-
-    return _Bar()
-
-
 def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data: str | None, data_dir):
     """The model and preprocessing for embed/eval/predict: a run directory, or a zoo model."""
     from vision_ft.data.sources import DataOptions, load_dataset
@@ -397,12 +365,12 @@ def embed(
         raise UserError(f"{data} has {dataset.channels} bands; the model takes {predictor.channels}")
     parts, bad = [], []
     total = sum(len(dataset.splits[n]) for n in names)
-    with _progress(total, "embed", not no_progress) as advance:
+    with ProgressBar("embed", total, enabled=not no_progress) as progress:
         for name in names:
             try:
                 part, unreadable = embed_split(
                     predictor, dataset.splits[name], batch_size=batch_size, tta_flip=tta == "flip",
-                    layer=layer, on_batch=advance,
+                    layer=layer, on_batch=progress.advance,
                 )  # fmt: skip
             except ValueError as e:  # a --layer the model does not have
                 raise UserError(str(e)) from None

@@ -21,6 +21,7 @@ from vision_ft.data.sources import DataOptions, Dataset, load_dataset
 from vision_ft.data.splitting import write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
+from vision_ft.progress import ProgressBar
 from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like, checkpoint_location
 from vision_ft.train.clinical import clinical_report
@@ -349,9 +350,12 @@ class FitRun:
         train_split = self.data.splits["train"]
         phase = self._phase_at(step) if step < self.total_steps else self.phases[-1]
         epoch_losses: list[float] = []
-        progress = _Progress(self.total_steps, cfg.batch_size, enabled=self.progress and is_primary())
+        progress = ProgressBar(
+            "fit", self.total_steps, enabled=self.progress and is_primary(),
+            images_per_unit=cfg.batch_size, fields=("loss",),
+        )  # fmt: skip
         watch = PreemptionWatch()
-        progress.advance_to(step)
+        progress.start_at(step)
         batches = train_batches(
             train_split, self.train_geometry, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step,
             total_steps=self.total_steps, process_index=jax.process_index(),
@@ -369,7 +373,10 @@ class FitRun:
             out = trainer.train_step(*on_device, step)
             epoch_losses.append(out["loss"])
             step += 1
-            progress.update(step, out["loss"])
+            if progress.enabled and step % 10 == 0:  # reading the loss waits for the step
+                progress.update(step, loss=f"{float(out['loss']):.4f}")
+            else:
+                progress.update(step)
             end_of_epoch = step % self.steps_per_epoch == 0
             if end_of_epoch:
                 epoch = step // self.steps_per_epoch
@@ -470,56 +477,3 @@ def _public(metrics: dict) -> dict:
         "micro_f1", "hamming_accuracy", "map", "per_class",
     )  # fmt: skip
     return {k: metrics[k] for k in keep if k in metrics}
-
-
-class _Progress:
-    """A rich progress bar with ETA and images/s; silent when disabled."""
-
-    def __init__(self, total: int, batch_size: int, *, enabled: bool):
-        self.enabled, self.batch_size = enabled, batch_size
-        self._t0, self._start_step = time.time(), 0
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]fit"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[rate]} img/s  loss {task.fields[loss]}"),
-        )
-        self.task = self.bar.add_task("fit", total=total, rate="-", loss="-")
-        self.bar.start()
-
-    def advance_to(self, step: int) -> None:
-        self._start_step = step
-        if self.enabled:
-            self.bar.update(self.task, completed=step)
-
-    def update(self, step: int, loss) -> None:
-        if not self.enabled:
-            return
-        rate = (step - self._start_step) * self.batch_size / max(time.time() - self._t0, 1e-9)
-        fields = {"rate": f"{rate:.0f}"}
-        if step % 10 == 0:
-            fields["loss"] = f"{float(loss):.4f}"
-        self.bar.update(self.task, completed=step, **fields)
-
-    def note(self, message: str) -> None:
-        if self.enabled:
-            self.bar.console.log(message)
-        else:
-            log.info(message)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
