@@ -51,3 +51,31 @@ def test_fast_paths_match_xla_forward_and_backward(in_chs, out_chs, kernel, stri
     theirs = jax.grad(loss, argnums=(0, 1))(state, x, True)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_running_statistics_follow_pytorch():
+    import torch
+
+    from vision_ft.models.layers import batch_norm
+
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.standard_normal((4, 5, 6, 8))).astype(np.float32)  # NHWC, n = 4*5*6 per channel
+    ref = torch.nn.BatchNorm2d(8).train()
+    ours = batch_norm(8, rngs=nnx.Rngs(0))
+    with torch.no_grad():
+        ref.running_mean.copy_(torch.linspace(-1, 1, 8))
+        ref.running_var.copy_(torch.linspace(0.5, 2, 8))
+    ours.mean[...] = jnp.linspace(-1, 1, 8)
+    ours.var[...] = jnp.linspace(0.5, 2, 8)
+    for step in range(2):
+        batch = x + step
+        want = ref(torch.from_numpy(batch).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+        got = np.asarray(ours(jnp.asarray(batch), use_running_average=False))
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(ours.mean[...]), ref.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+        # unbiased: n / (n - 1) = 120 / 119 times the batch variance, as PyTorch keeps it
+        np.testing.assert_allclose(np.asarray(ours.var[...]), ref.running_var.numpy(), rtol=1e-6)
+    ours.frozen_stats = True
+    frozen = np.asarray(ours.var[...])
+    ours(jnp.asarray(x), use_running_average=False)
+    np.testing.assert_array_equal(np.asarray(ours.var[...]), frozen)

@@ -180,7 +180,16 @@ class BatchNorm(nnx.BatchNorm):
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         if self.frozen_stats:
             use_running_average = True
-        return super().__call__(x, use_running_average=use_running_average, mask=mask)
+        resolved = self.use_running_average if use_running_average is None else use_running_average
+        previous_var = None if resolved else self.var[...]
+        y = super().__call__(x, use_running_average=use_running_average, mask=mask)
+        if previous_var is not None:
+            # PyTorch's running variance averages the unbiased batch variance, n / (n - 1) times
+            # Flax's biased one; Flax has just added (1 - momentum) * biased.
+            n = x.size // x.shape[-1] if mask is None else jnp.sum(jnp.broadcast_to(mask, x.shape)[..., 0])
+            added = self.var[...] - self.momentum * previous_var
+            self.var[...] = self.var[...] + added / jnp.maximum(n - 1, 1)
+        return y
 
 
 def batch_norm(
