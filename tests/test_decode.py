@@ -160,6 +160,27 @@ def test_float_tiff_returned_unchanged(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image, data)
 
 
+def test_float_tiff_gaps_take_the_band_mean(tmp_path: Path) -> None:
+    data = np.array([[[1.0, np.nan], [np.nan, np.nan]], [[3.0, np.inf], [5.0, np.nan]]], np.float32)
+    tifffile.imwrite(tmp_path / "gaps.tif", data, planarconfig="contig", photometric="minisblack")
+    image = read_image(tmp_path / "gaps.tif")
+    # band 0: valid 1, 3, 5 -> mean 3; band 1: no valid pixel -> 0
+    np.testing.assert_array_equal(image[..., 0], [[1.0, 3.0], [3.0, 5.0]])
+    np.testing.assert_array_equal(image[..., 1], np.zeros((2, 2)))
+
+
+def test_geotiff_nodata_value_takes_the_band_mean(tmp_path: Path) -> None:
+    data = np.array([[[0, 100], [200, 0]], [[0, 0], [1000, 3000]]], np.uint16)  # (H, W, 2); 0 = no data
+    nodata = [(42113, "s", 0, "0", True)]  # GDAL_NODATA, as GDAL writes it
+    tifffile.imwrite(
+        tmp_path / "nd.tif", data, planarconfig="contig", photometric="minisblack", extratags=nodata
+    )
+    image = read_image(tmp_path / "nd.tif")
+    # band 0: 200 and 1000 are valid -> 600; band 1: 100 and 3000 -> 1550
+    want = np.array([[[600, 100], [200, 1550]], [[600, 1550], [1000, 3000]]]) / 65535
+    np.testing.assert_allclose(image, want, rtol=1e-6)
+
+
 def test_int16_tiff_keeps_sign(tmp_path: Path) -> None:
     data = np.array([[-32767, -100], [0, 32767]], np.int16)
     tifffile.imwrite(tmp_path / "dem.tif", data)

@@ -10,7 +10,10 @@ Value conventions, chosen so that nothing is lost before per-band normalization:
   a 16-bit PNG by 65535), giving ``[0, 1]``;
 * signed integers (e.g. int16 elevation or SAR bands) are divided by their positive maximum and keep their
   sign, giving ``[-1, 1]``: clipping at 0 would silently erase below-zero measurements;
-* float TIFFs are returned as stored (reflectances, temperatures are already meaningful), NaN included;
+* float TIFFs are returned as stored (reflectances, temperatures are already meaningful);
+* GeoTIFF no-data pixels (the GDAL_NODATA value, and NaN or infinite floats) take their band's mean
+  over the image's valid pixels, 0 for a band with none: a model cannot take NaN, and the mean is
+  what normalization centres on, so gaps neither poison a batch nor look like a bright or dark feature;
 * DICOM grey levels go through the modality LUT (slope/intercept) and a VOI window into ``[0, 1]``.
 
 A codec that is not installed (LZW TIFF without ``imagecodecs``, JPEG-LS DICOM without ``pylibjpeg``) is a
@@ -230,6 +233,7 @@ def _read_tiff(path: Path) -> np.ndarray:
             photometric = int(page.photometric)
             colormap = page.colormap
             extrasamples = tuple(page.extrasamples)
+            nodata = _gdal_nodata(page)
         image = _tiff_to_hwc(data, axes, path)
         if photometric == _TIFF_PALETTE and colormap is not None:
             # TIFF colormaps are 16-bit by definition (TIFF 6.0, ColorMap)
@@ -239,7 +243,32 @@ def _read_tiff(path: Path) -> np.ndarray:
         scaled = _scale_tiff_values(image, bits, path)
         if photometric == _TIFF_MINISWHITE and image.dtype.kind in "ub":
             scaled = 1.0 - scaled  # "min is white": 0 is the brightest value
-        return scaled
+        invalid = ~np.isfinite(scaled)
+        if nodata is not None:
+            invalid |= image.astype(np.float64) == nodata
+        return fill_with_band_means(scaled, invalid) if invalid.any() else scaled
+
+
+_GDAL_NODATA_TAG = 42113
+
+
+def _gdal_nodata(page: tifffile.TiffPage) -> float | None:
+    tag = page.tags.get(_GDAL_NODATA_TAG)
+    if tag is None:
+        return None
+    try:
+        return float(str(tag.value).strip().strip("\x00"))
+    except ValueError:
+        return None  # an unparseable tag marks nothing
+
+
+def fill_with_band_means(image: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+    """``image`` (H, W, C) with its ``invalid`` pixels set to their band's mean over the valid ones."""
+    valid = ~invalid
+    counts = valid.sum(axis=(0, 1))
+    sums = np.where(valid, image, 0).sum(axis=(0, 1), dtype=np.float64)
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+    return np.where(invalid, means, image).astype(np.float32)
 
 
 def _tiff_to_hwc(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
