@@ -8,6 +8,7 @@ loading path as a .safetensors file.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -94,7 +95,9 @@ def assert_parity(
     with ``ours_kwargs`` and compare logits and pre-logit embeddings on one random batch."""
     ref = perturbed_timm_model(name, **(timm_kwargs or {}))
     ckpt = save_checkpoint(ref, tmp_path)
-    ours = vision_ft.create_model(name, pretrained=str(ckpt), **(ours_kwargs or timm_kwargs or {}))
+    ours = vision_ft.create_model(
+        name, pretrained=str(ckpt), **(timm_kwargs or {} if ours_kwargs is None else ours_kwargs)
+    )
     return assert_models_match(
         ref, ours, img_size=img_size, batch=batch, check_logits=check_logits, label=name
     )
@@ -121,3 +124,36 @@ def assert_models_match(
         errors["logits"] = relative_error(our_logits, ref_logits)
     assert all(e <= TOLERANCE for e in errors.values()), f"{label}: {errors}"
     return errors
+
+
+def assert_structure_matches(name: str, *, timm_kwargs: dict, ours_kwargs: dict | None = None) -> int:
+    """Every tensor of timm's full-size ``name`` maps onto a vision-ft variable of the same shape,
+    and every variable is filled, checked on shapes alone: timm's model is built on the meta device
+    and ours abstractly, so a 300M-parameter preset costs no memory. Returns the tensor count."""
+    import timm
+
+    from vision_ft.models.factory import variable_values
+    from vision_ft.models.registry import get_model_entry
+    from vision_ft.weights.mapping import match_state_dict
+
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False, **timm_kwargs)
+    zero = np.zeros((), np.float32)
+    state = {k: np.broadcast_to(zero, tuple(v.shape)) for k, v in ref.state_dict().items()}
+    ours = nnx.eval_shape(lambda: vision_ft.create_model(name, **(ours_kwargs or timm_kwargs)))
+    shapes = {path: tuple(v.shape) for path, v in variable_values(ours).items()}
+    entry = get_model_entry(name)
+    return len(match_state_dict(shapes, state, entry.rules, ignore=entry.ignore_keys, source=f"timm {name}"))
+
+
+def register_shortened(monkeypatch, name: str, **config_changes) -> None:
+    """For one test, make vision-ft build ``name`` with ``config_changes`` (fewer blocks), as timm
+    does when given the same keyword arguments."""
+    from functools import partial
+
+    from vision_ft.models import registry
+
+    entry = registry.get_model_entry(name)
+    config = dataclasses.replace(entry.build.args[0], **config_changes)
+    shortened = dataclasses.replace(entry, build=partial(entry.build.func, config))
+    monkeypatch.setitem(registry._REGISTRY, entry.name, shortened)
