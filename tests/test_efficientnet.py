@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from flax import nnx
 from timm.models._manipulate import group_with_matcher
 
 import vision_ft
@@ -54,14 +55,24 @@ def test_odd_input_size(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["efficientnet_b1", "tf_efficientnet_b3", "tf_efficientnet_lite4"])
 def test_timm_state_dict_keys(name):
-    ours = vision_ft.create_model(name)
-    ref = timm.create_model(name)
+    # structure only: ours built abstractly, timm's on the meta device
+    ours = _abstract(name)
+    ref = _meta_timm(name)
     assert ours.timm_state_dict_keys() == list(ref.state_dict().keys())
     shapes = ours.timm_state_dict_shapes()
     assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    headless = vision_ft.create_model(name, num_classes=0)
+    headless = _abstract(name, num_classes=0)
     assert headless.classifier is None
-    assert headless.timm_state_dict_keys() == list(timm.create_model(name, num_classes=0).state_dict().keys())
+    assert headless.timm_state_dict_keys() == list(_meta_timm(name, num_classes=0).state_dict().keys())
+
+
+def _abstract(name, **kwargs):
+    return nnx.eval_shape(lambda: vision_ft.create_model(name, **kwargs))
+
+
+def _meta_timm(name, **kwargs):
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -125,8 +136,8 @@ def test_train_mode_matches_timm(tmp_path):
 
 @pytest.mark.parametrize("name", ["efficientnet_b1", "tf_efficientnet_lite3"])
 def test_drop_path_schedule(name):
-    ref = timm.create_model(name, drop_path_rate=0.2)
-    ours = vision_ft.create_model(name, drop_path_rate=0.2)
+    ref = _meta_timm(name, drop_path_rate=0.2)
+    ours = _abstract(name, drop_path_rate=0.2)
     theirs = [
         getattr(b.drop_path, "drop_prob", 0.0) if b.has_skip else 0.0 for stage in ref.blocks for b in stage
     ]
