@@ -132,18 +132,20 @@ def assert_structure_matches(name: str, *, timm_kwargs: dict, ours_kwargs: dict 
     and ours abstractly, so a 300M-parameter preset costs no memory. Returns the tensor count."""
     import timm
 
-    from vision_ft.models.factory import variable_values
     from vision_ft.models.registry import get_model_entry
-    from vision_ft.weights.mapping import match_state_dict
+    from vision_ft.weights.mapping import match_state_dict, variable_shapes
 
     with torch.device("meta"):
         ref = timm.create_model(name, pretrained=False, **timm_kwargs)
     zero = np.zeros((), np.float32)
     state = {k: np.broadcast_to(zero, tuple(v.shape)) for k, v in ref.state_dict().items()}
     ours = nnx.eval_shape(lambda: vision_ft.create_model(name, **(ours_kwargs or timm_kwargs)))
-    shapes = {path: tuple(v.shape) for path, v in variable_values(ours).items()}
     entry = get_model_entry(name)
-    return len(match_state_dict(shapes, state, entry.rules, ignore=entry.ignore_keys, source=f"timm {name}"))
+    return len(
+        match_state_dict(
+            variable_shapes(ours), state, entry.rules, ignore=entry.ignore_keys, source=f"timm {name}"
+        )
+    )
 
 
 def register_shortened(monkeypatch, name: str, **config_changes) -> None:

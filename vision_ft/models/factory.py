@@ -15,7 +15,7 @@ from flax import nnx
 
 from vision_ft.models.registry import ModelEntry, PretrainedCfg, get_model_entry
 from vision_ft.weights.adapt import adapt_input_conv, adapt_norm_stats
-from vision_ft.weights.mapping import format_path, match_state_dict
+from vision_ft.weights.mapping import format_path, match_state_dict, variable_shapes
 from vision_ft.weights.sources import WeightSource, resolve_source
 
 log = logging.getLogger("vision_ft.models")
@@ -76,10 +76,7 @@ def create_model(
     elif source is not None:
 
         def from_checkpoint(abstract: nnx.Module) -> dict[tuple, np.ndarray]:
-            shapes = {path: tuple(v.shape) for path, v in variable_values(abstract).items()}
-            return checkpoint_arrays(
-                abstract, shapes, entry, source, num_classes=num_classes, in_chans=in_chans
-            )
+            return checkpoint_arrays(abstract, entry, source, num_classes=num_classes, in_chans=in_chans)
 
         model = construct_with(construct, from_checkpoint)
         log.info("%s: loaded weights from %s", entry.name, source.description)
@@ -93,12 +90,6 @@ def create_model(
         num_classes=num_classes,
     )
     return model
-
-
-def variable_values(model: nnx.Module) -> dict[tuple, jax.Array | jax.ShapeDtypeStruct]:
-    """Every parameter and batch statistic of ``model`` by path (abstract ones for an abstract model)."""
-    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 def construct_with(construct: Callable[[], nnx.Module], weights: WeightsFor) -> nnx.Module:
@@ -136,15 +127,14 @@ def construct_with(construct: Callable[[], nnx.Module], weights: WeightsFor) -> 
 
 def checkpoint_arrays(
     model: nnx.Module,
-    shapes: dict[tuple, tuple[int, ...]],
     entry: ModelEntry,
     source: WeightSource,
     *,
     num_classes: int,
     in_chans: int,
 ) -> dict[tuple, np.ndarray]:
-    """Apply timm's load-time adaptations, then map every tensor onto ``model``'s variable
-    ``shapes`` (its parameters and batch statistics, by path)."""
+    """Apply timm's load-time adaptations, then map every tensor onto ``model``'s parameters and
+    batch statistics (by path; ``model`` may be abstract)."""
     state = dict(source.state_dict)
     if entry.filter_state_dict is not None:
         state = entry.filter_state_dict(state, model)
@@ -159,7 +149,7 @@ def checkpoint_arrays(
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
         keep_init.append(re.escape(prefix) + ".*")
     return match_state_dict(
-        shapes,
+        variable_shapes(model),
         state,
         entry.rules,
         ignore=entry.ignore_keys,

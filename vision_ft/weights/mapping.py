@@ -15,7 +15,6 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -113,10 +112,11 @@ def format_path(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def model_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
-    """Every parameter and batch statistic of ``model`` by NNX path."""
+def variable_shapes(model: nnx.Module) -> dict[Path, tuple[int, ...]]:
+    """The shape of every parameter and batch statistic of ``model`` by NNX path; an abstract
+    model (``nnx.eval_shape``) has them too."""
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    return {tuple(path): var for path, var in nnx.to_flat_state(state)}
+    return {tuple(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
 
 
 def _first_match(rules: Sequence[MappingRule], key: str):
@@ -125,32 +125,6 @@ def _first_match(rules: Sequence[MappingRule], key: str):
         if hit is not None:
             return hit
     return None
-
-
-def load_state_dict_into(
-    model: nnx.Module,
-    state_dict: dict[str, np.ndarray],
-    rules: Sequence[MappingRule],
-    *,
-    ignore: Iterable[str] = (),
-    keep_model_init: Iterable[str] = (),
-    source: str = "checkpoint",
-) -> None:
-    """Write ``state_dict`` into ``model`` in place, or raise :class:`WeightLoadError`.
-
-    ``ignore`` are regexes of checkpoint keys that carry nothing to load; ``keep_model_init`` are
-    regexes of NNX paths that may stay at their initial value (a classifier replaced for new
-    classes). Nothing is written unless the whole checkpoint fits.
-    """
-    targets = model_variables(model)
-    shapes = {path: tuple(var.get_value().shape) for path, var in targets.items()}
-    updates = match_state_dict(
-        shapes, state_dict, rules, ignore=ignore, keep_model_init=keep_model_init,
-        model_name=type(model).__name__, source=source,
-    )  # fmt: skip
-    for path, array in updates.items():
-        var = targets[path]
-        var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
 
 
 def match_state_dict(
