@@ -30,6 +30,10 @@ def _reference(conv, x):
         (16, 8, 1, 1, 1, "torch", 9),  # 1x1 as a dot
         (16, 8, 1, 2, 1, "SAME", 9),
         (8, 8, 3, 1, 8, "torch", 10),  # depthwise
+        (8, 8, 3, 2, 8, "SAME", 10),  # depthwise, strided, TF padding (extra bottom/right)
+        (6, 6, 5, 2, 6, "SAME", 11),
+        (6, 6, 5, 1, 6, "torch", 7),
+        (4, 4, 3, 2, 4, "torch", 9),
         (8, 16, 3, 1, 1, "torch", 2),  # output smaller than the kernel
     ],
 )  # fmt: skip

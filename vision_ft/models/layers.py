@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vision_ft.models.cpu_conv import conv_patch_backward, depthwise_conv, output_size, patch_matmul
 
 # PyTorch's BatchNorm momentum 0.1 weights the new batch; Flax's 0.9 weights the running value.
 BN_MOMENTUM = 0.9
@@ -27,46 +27,6 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
-
-
-def _patch_matmul(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
-    """A (groups=1) convolution as one matmul over the k*k shifted views of the padded input."""
-    kh, kw, cin, cout = kernel.shape
-    (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
-    out_h = (x.shape[1] + pt + pb - kh) // sh + 1
-    out_w = (x.shape[2] + pl + pr - kw) // sw + 1
-    padded = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    taps = [
-        padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.concatenate(taps, axis=-1) @ kernel.reshape(kh * kw * cin, cout)
-
-
-def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_patch_backward(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
-    """XLA's convolution forward, the patch matmul's gradients backward: on CPU XLA's convolution
-    backward ran 1.1-2.4x slower than the patch form's (3x3 ResNet-50 shapes, batch 32), while its
-    forward is the faster one (2.5x at 56x56)."""
-    return _xla_conv(x, kernel, strides, pads)
-
-
-def _conv_patch_backward_fwd(x, kernel, strides, pads):
-    return _xla_conv(x, kernel, strides, pads), (x, kernel)
-
-
-def _conv_patch_backward_bwd(strides, pads, residuals, grad):
-    x, kernel = residuals
-    _, vjp = jax.vjp(lambda a, b: _patch_matmul(a, b, strides, pads), x, kernel)
-    return vjp(grad)
-
-
-_conv_patch_backward.defvjp(_conv_patch_backward_fwd, _conv_patch_backward_bwd)
 
 
 class Conv(nnx.Conv):
@@ -95,8 +55,8 @@ class Conv(nnx.Conv):
             dtype = self.dtype or jnp.result_type(x, self.kernel[...])
             y = x[:, ::sh, ::sw].astype(dtype) @ self.kernel[...].astype(dtype)[0, 0]
             return y + self.bias[...].astype(dtype) if self.bias is not None else y
-        out_h = (x.shape[1] + pt + pb - kh) // sh + 1
-        out_w = (x.shape[2] + pl + pr - kw) // sw + 1
+        pads = ((pt, pb), (pl, pr))
+        out_h, out_w = output_size(x.shape[1], kh, sh, pads[0]), output_size(x.shape[2], kw, sw, pads[1])
         # patch-embedding-sized kernels would need hundreds of slices: leave those to XLA
         patchable = self.feature_group_count == 1 and kh * kw <= 49
         small_output = out_h < kh and out_w < kw and patchable
@@ -105,21 +65,12 @@ class Conv(nnx.Conv):
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         x = x.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        pads = ((pt, pb), (pl, pr))
         if depthwise:
-            padded = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-            taps = [
-                padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
-                for i in range(kh)
-                for j in range(kw)
-            ]
-            y = taps[0] * kernel[0, 0, 0]
-            for t, tap in enumerate(taps[1:], start=1):
-                y = y + tap * kernel[t // kw, t % kw, 0]
+            y = depthwise_conv(x, kernel, (sh, sw), pads)
         elif small_output:
-            y = _patch_matmul(x, kernel, (sh, sw), pads)
+            y = patch_matmul(x, kernel, (sh, sw), pads)
         else:
-            y = _conv_patch_backward(x, kernel, (sh, sw), pads)
+            y = conv_patch_backward(x, kernel, (sh, sw), pads)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
