@@ -30,6 +30,10 @@ def compare(description: str, jax_rate_fn, torch_rate_fn, *, default_batch: int)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
+    # what `vision-ft` does at start-up; PyTorch, in the same process, gets the same allocator
+    from vision_ft.cpu_runtime import keep_freed_host_memory
+
+    keep_freed_host_memory()
     rows = []
     for name in args.models.split(","):
         ours = jax_rate_fn(name, args.batch, args.img_size, args.warmup, args.steps)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from vision_ft.cpu_runtime import keep_freed_host_memory
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import EmbeddingFileError
 from vision_ft.models.registry import UnknownModelError
@@ -83,6 +84,7 @@ def main(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
+    keep_freed_host_memory()
 
 
 def _distributed_options(command):

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from vision_ft.models.base import Backbone
-from vision_ft.models.layers import Conv, DropPath, gelu, torch_padding
+from vision_ft.models.layers import Conv, DropPath, Linear, gelu, torch_padding
 from vision_ft.models.registry import ModelEntry, PretrainedCfg, register_model
 from vision_ft.weights.mapping import conv, layernorm, linear, param
 
@@ -74,8 +74,8 @@ def _conv(in_chs, out_chs, kernel_size, *, stride=1, groups=1, padding="VALID", 
     )
 
 
-def _dense(in_features: int, out_features: int, *, rngs: nnx.Rngs, **kw) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, kernel_init=_init, rngs=rngs, **kw)
+def _dense(in_features: int, out_features: int, *, rngs: nnx.Rngs, **kw) -> Linear:
+    return Linear(in_features, out_features, kernel_init=_init, rngs=rngs, **kw)
 
 
 def _layer_norm(dim: int, *, rngs: nnx.Rngs, **kw) -> nnx.LayerNorm:

@@ -45,6 +45,16 @@ def patch_matmul(x: jax.Array, kernel: jax.Array, strides: Strides, pads: Pads) 
     return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
+def weight_grad(inputs: jax.Array, grad: jax.Array) -> jax.Array:
+    """``inputs^T @ grad`` summed over every leading (batch and spatial) axis: a matmul's kernel
+    gradient. The barrier keeps both operands as they were computed, so the dot reads ``inputs``
+    transposed in place; without it XLA gave a producer (a BatchNorm or ReLU backward) a transposed
+    output layout, and that fused elementwise-plus-transpose ran at under 1 GB/s."""
+    rows, cols = inputs.shape[-1], grad.shape[-1]
+    a, b = jax.lax.optimization_barrier((inputs.reshape(-1, rows), grad.reshape(-1, cols)))
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_patch_backward(x: jax.Array, kernel: jax.Array, strides: Strides, pads: Pads) -> jax.Array:
     """XLA's convolution forward, the patch matmul's gradients backward: on CPU XLA's convolution
@@ -59,8 +69,10 @@ def _conv_patch_backward_fwd(x, kernel, strides, pads):
 
 def _conv_patch_backward_bwd(strides, pads, residuals, grad):
     x, kernel = residuals
-    _, vjp = jax.vjp(lambda a, b: patch_matmul(a, b, strides, pads), x, kernel)
-    return vjp(grad)
+    kh, kw, cin, cout = kernel.shape
+    patches, to_input = jax.vjp(lambda a: jnp.concatenate(_shifted_views(a, kh, kw, strides, pads), -1), x)
+    dpatches = grad @ kernel.reshape(kh * kw * cin, cout).T
+    return to_input(dpatches)[0], weight_grad(patches, grad).reshape(kernel.shape)
 
 
 conv_patch_backward.defvjp(_conv_patch_backward_fwd, _conv_patch_backward_bwd)
@@ -135,3 +147,21 @@ def _depthwise_conv_bwd(strides, pads, residuals, grad):
 
 
 depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
+@jax.custom_vjp
+def pointwise_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` over the channel axis (an unpadded 1x1 convolution)."""
+    return x @ kernel
+
+
+def _pointwise_matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _pointwise_matmul_bwd(residuals, grad):
+    x, kernel = residuals
+    return grad @ kernel.T, weight_grad(x, grad)
+
+
+pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vision_ft.cpu_runtime import compiler_options
 from vision_ft.models.layers import BatchNorm
 from vision_ft.train.rules import ParamSetting
 from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
@@ -305,14 +306,18 @@ class Trainer:
 
         rep, data = self.replicated, self.batch_sharding
         t, o, st, f, ot = (sh[k] for k in ("trainable", "opt_state", "stats", "frozen", "other"))
+        options = compiler_options()
         self._train_step = jax.jit(
             train_step,
             in_shardings=(t, o, st, f, ot, data, data, data, rep),
             out_shardings=(t, o, st, rep),
             donate_argnums=(0, 1, 2),
+            compiler_options=options,
         )
         # replicated logits: in a multi-process run every process gets all of them for the metrics
-        self._eval_step = jax.jit(eval_step, in_shardings=(t, st, f, ot, data), out_shardings=rep)
+        self._eval_step = jax.jit(
+            eval_step, in_shardings=(t, st, f, ot, data), out_shardings=rep, compiler_options=options
+        )
         self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
 
     @property
