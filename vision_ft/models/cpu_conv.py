@@ -1,10 +1,11 @@
 """Convolutions for XLA's CPU backend, written as the shifted views and matmuls they are.
 
-XLA's CPU convolution is fast forward for dense kernels but slow elsewhere: grouped (depthwise)
-convolutions, backward passes, and outputs smaller than the kernel. Each function here computes
-exactly the convolution ``lax.conv_general_dilated`` would (NHWC input, HWIO kernel, explicit
-``((top, bottom), (left, right))`` padding), with gradients chosen for speed on CPU. Every path
-is tested against XLA's convolution and its gradients (tests/test_layers.py).
+XLA's CPU convolution (Eigen's, as compiled by train/step.py) is fast forward and backward for
+dense kernels, but slow for grouped (depthwise) convolutions and for outputs smaller than the
+kernel. Each function here computes exactly the convolution ``lax.conv_general_dilated`` would
+(NHWC input, HWIO kernel, explicit ``((top, bottom), (left, right))`` padding), with gradients
+chosen for speed on CPU. Every path is tested against XLA's convolution and its gradients
+(tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ def _shifted_views(x: jax.Array, kh: int, kw: int, strides: Strides, pads: Pads)
     ]
 
 
-def xla_conv(x: jax.Array, kernel: jax.Array, strides: Strides, pads: Pads) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def patch_matmul(x: jax.Array, kernel: jax.Array, strides: Strides, pads: Pads) -> jax.Array:
     """A (groups=1) convolution as one matmul over the kh*kw shifted views of the padded input."""
     kh, kw, cin, cout = kernel.shape
@@ -53,29 +50,6 @@ def weight_grad(inputs: jax.Array, grad: jax.Array) -> jax.Array:
     rows, cols = inputs.shape[-1], grad.shape[-1]
     a, b = jax.lax.optimization_barrier((inputs.reshape(-1, rows), grad.reshape(-1, cols)))
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_patch_backward(x: jax.Array, kernel: jax.Array, strides: Strides, pads: Pads) -> jax.Array:
-    """XLA's convolution forward, the patch matmul's gradients backward: on CPU XLA's convolution
-    backward ran 1.1-2.4x slower than the patch form's (3x3 ResNet-50 shapes, batch 32), while its
-    forward is the faster one (2.5x at 56x56)."""
-    return xla_conv(x, kernel, strides, pads)
-
-
-def _conv_patch_backward_fwd(x, kernel, strides, pads):
-    return xla_conv(x, kernel, strides, pads), (x, kernel)
-
-
-def _conv_patch_backward_bwd(strides, pads, residuals, grad):
-    x, kernel = residuals
-    kh, kw, cin, cout = kernel.shape
-    patches, to_input = jax.vjp(lambda a: jnp.concatenate(_shifted_views(a, kh, kw, strides, pads), -1), x)
-    dpatches = grad @ kernel.reshape(kh * kw * cin, cout).T
-    return to_input(dpatches)[0], weight_grad(patches, grad).reshape(kernel.shape)
-
-
-conv_patch_backward.defvjp(_conv_patch_backward_fwd, _conv_patch_backward_bwd)
 
 
 def _depthwise_forward(x: jax.Array, kernel: jax.Array, strides: Strides, pads: Pads) -> jax.Array:

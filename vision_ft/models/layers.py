@@ -7,12 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vision_ft.models.cpu_conv import (
-    conv_patch_backward,
     depthwise_conv,
     output_size,
     patch_matmul,
     pointwise_matmul,
 )
+from vision_ft.models.fused_norm import batch_norm_train
 
 # PyTorch's BatchNorm momentum 0.1 weights the new batch; Flax's 0.9 weights the running value.
 BN_MOMENTUM = 0.9
@@ -38,14 +38,13 @@ def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class Conv(nnx.Conv):
-    """nnx.Conv with CPU fast paths that compute the same convolution.
+    """nnx.Conv with CPU paths that compute the same convolution faster.
 
     XLA's CPU backend runs grouped (depthwise) convolutions and convolutions whose output is
-    smaller than the kernel (e.g. 3x3 on a 2x2 map) through slow generic code: measured 10-50x and
-    up to 70x slower than the equivalent shifted multiply-adds or patch matmul below, forward and
-    backward. Unpadded 1x1 convolutions are a (strided) matmul: as a dot they ran 1.7-6x faster
-    forward and 3-13x faster forward plus backward (ResNet-50 shapes, batch 32). Other shapes and
-    other backends use XLA's convolution.
+    smaller than the kernel (e.g. 3x3 on a 2x2 map) through slow generic code: 7-35x slower forward
+    plus backward than the shifted multiply-adds or patch matmul of models/cpu_conv.py. Unpadded
+    1x1 convolutions are a (strided) matmul with an in-place transposed kernel gradient. Other
+    convolutions, and every convolution on other backends, are XLA's.
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,29 +55,27 @@ class Conv(nnx.Conv):
         if jax.default_backend() != "cpu" or dilated or isinstance(self.padding, int):
             return super().__call__(x)
         sh, sw = _pair(self.strides)
-        (pt, pb), (pl, pr) = self._explicit_padding(x.shape[1], x.shape[2], kh, kw, sh, sw)
-        if kh == 1 and kw == 1:
-            if self.feature_group_count != 1 or (pt, pb, pl, pr) != (0, 0, 0, 0):
-                return super().__call__(x)
-            dtype = self.dtype or jnp.result_type(x, self.kernel[...])
-            y = pointwise_matmul(x[:, ::sh, ::sw].astype(dtype), self.kernel[...].astype(dtype)[0, 0])
-            return y + self.bias[...].astype(dtype) if self.bias is not None else y
-        pads = ((pt, pb), (pl, pr))
+        pads = self._explicit_padding(x.shape[1], x.shape[2], kh, kw, sh, sw)
         out_h, out_w = output_size(x.shape[1], kh, sh, pads[0]), output_size(x.shape[2], kw, sw, pads[1])
+        dense = self.feature_group_count == 1
+        if kh == kw == 1 and dense and pads == ((0, 0), (0, 0)):
+            path = "pointwise"
+        elif depthwise:
+            path = "depthwise"
         # patch-embedding-sized kernels would need hundreds of slices: leave those to XLA
-        patchable = self.feature_group_count == 1 and kh * kw <= 49
-        small_output = out_h < kh and out_w < kw and patchable
-        if not (depthwise or patchable):
+        elif dense and out_h < kh and out_w < kw and kh * kw <= 49:
+            path = "patches"
+        else:
             return super().__call__(x)
         dtype = self.dtype or jnp.result_type(x, self.kernel[...])
         x = x.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        if depthwise:
+        if path == "pointwise":
+            y = pointwise_matmul(x[:, ::sh, ::sw], kernel[0, 0])
+        elif path == "depthwise":
             y = depthwise_conv(x, kernel, (sh, sw), pads)
-        elif small_output:
-            y = patch_matmul(x, kernel, (sh, sw), pads)
         else:
-            y = conv_patch_backward(x, kernel, (sh, sw), pads)
+            y = patch_matmul(x, kernel, (sh, sw), pads)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -152,14 +149,16 @@ class BatchNorm(nnx.BatchNorm):
         if self.frozen_stats:
             use_running_average = True
         resolved = self.use_running_average if use_running_average is None else use_running_average
-        previous_var = None if resolved else self.var[...]
-        y = super().__call__(x, use_running_average=use_running_average, mask=mask)
-        if previous_var is not None:
-            # PyTorch's running variance averages the unbiased batch variance, n / (n - 1) times
-            # Flax's biased one; Flax has just added (1 - momentum) * biased.
-            n = x.size // x.shape[-1] if mask is None else jnp.sum(jnp.broadcast_to(mask, x.shape)[..., 0])
-            added = self.var[...] - self.momentum * previous_var
-            self.var[...] = self.var[...] + added / jnp.maximum(n - 1, 1)
+        if resolved or mask is not None:
+            return super().__call__(x, use_running_average=use_running_average, mask=mask)
+        x = x.astype(self.dtype or jnp.result_type(x, self.scale[...]))
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        # PyTorch's running variance averages the unbiased batch variance, n / (n - 1) times the
+        # biased one that normalises
+        n = x.size // x.shape[-1]
+        mean, var = jax.lax.stop_gradient((mean, var * (n / max(n - 1, 1))))
+        self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
+        self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var
         return y
 
 
