@@ -83,3 +83,44 @@ def test_batch_norm_running_statistics_follow_pytorch():
     frozen = np.asarray(ours.var[...])
     ours(jnp.asarray(x), use_running_average=False)
     np.testing.assert_array_equal(np.asarray(ours.var[...]), frozen)
+
+
+def test_training_batch_norm_matches_flax_values_and_gradients():
+    from vision_ft.models.layers import batch_norm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3 + 2 * rng.standard_normal((4, 5, 6, 8)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours = batch_norm(8, rngs=nnx.Rngs(0))
+    ref = nnx.BatchNorm(8, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=nnx.Rngs(0))
+    for m in (ours, ref):
+        m.scale[...] = jnp.linspace(0.5, 2, 8)
+        m.bias[...] = jnp.linspace(-1, 1, 8)
+
+    def loss(module, x):
+        return jnp.sum(module(x, use_running_average=False) * target)
+
+    np.testing.assert_allclose(ours(x, use_running_average=False), ref(x, use_running_average=False), atol=1e-6)
+    (d_ours, dx_ours), (d_ref, dx_ref) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, ref))
+    np.testing.assert_allclose(dx_ours, dx_ref, atol=1e-5)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(d_ours[name][...], d_ref[name][...], rtol=1e-5, atol=1e-5)
+
+
+def test_self_attention_matches_einsum_reference_and_its_gradient():
+    from vision_ft.models.attention import self_attention
+
+    b, n, heads, d = 2, 7, 3, 4
+    rng = np.random.default_rng(0)
+    qkv = jnp.asarray(rng.standard_normal((b, n, 3 * heads * d)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((b, n, heads * d)), jnp.float32)
+
+    def reference(qkv):
+        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, heads, d), 2, 0)
+        weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q * d**-0.5, k), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, heads * d)
+
+    np.testing.assert_allclose(self_attention(qkv, heads, d**-0.5), reference(qkv), atol=1e-6)
+    ours = jax.grad(lambda x: jnp.sum(self_attention(x, heads, d**-0.5) * target))(qkv)
+    theirs = jax.grad(lambda x: jnp.sum(reference(x) * target))(qkv)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vision_ft.models.attention import self_attention
 from vision_ft.models.base import Backbone
 from vision_ft.models.layers import DropPath, Linear, conv2d, gelu, linear_head
 from vision_ft.models.registry import ModelEntry, PretrainedCfg, StateDict, register_model
@@ -119,16 +120,7 @@ class Attention(nnx.Module):
         self.proj = dense(dim, dim, rngs=rngs, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, c = x.shape
-        # heads to the front once, (3, B, heads, N, head_dim), so that every attention matmul is a
-        # plain batched one; with heads left inside the token axis XLA's CPU backend chose
-        # transposed layouts for the products and ran the block's attention 1.2-2x slower
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        logits = (q * self.scale) @ k.swapaxes(-1, -2)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, c)
-        return self.proj(out)
+        return self.proj(self_attention(self.qkv(x), self.num_heads, self.scale))
 
 
 class Mlp(nnx.Module):
