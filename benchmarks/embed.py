@@ -8,10 +8,10 @@ same machine, same batch and resolution, fp32. Prints a table; ``--json OUT`` wr
 from __future__ import annotations
 
 import numpy as np
-from throughput import compare, images_per_second
+from throughput import compare
 
 
-def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
+def jax_step(name: str, batch: int, img_size: int):
     import jax
 
     from vision_ft.data.pipeline import Geometry
@@ -23,10 +23,10 @@ def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, ste
     predictor = Predictor(model, Geometry(img_size), None, DataOptions(), name)
     forward, _ = compiled_forward(predictor, "embedding")
     images = np.random.default_rng(0).random((batch, img_size, img_size, 3), dtype=np.float32)
-    return images_per_second(lambda: jax.block_until_ready(forward(images)), batch, warmup, steps)
+    return lambda: jax.block_until_ready(forward(images))
 
 
-def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
+def torch_step(name: str, batch: int, img_size: int):
     import timm
     import torch
 
@@ -38,11 +38,11 @@ def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, s
         with torch.inference_mode():
             model.forward_head(model.forward_features(images), pre_logits=True)
 
-    return images_per_second(step, batch, warmup, steps)
+    return step
 
 
 def main() -> None:
-    compare(__doc__, jax_images_per_second, torch_images_per_second, default_batch=64)
+    compare(__doc__, jax_step, torch_step, default_batch=64)
 
 
 if __name__ == "__main__":

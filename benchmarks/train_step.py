@@ -9,10 +9,10 @@ optionally writes ``[{model, batch, img_size, jax_img_s, torch_img_s, ratio}]`` 
 from __future__ import annotations
 
 import numpy as np
-from throughput import compare, images_per_second
+from throughput import compare
 
 
-def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
+def jax_step(name: str, batch: int, img_size: int):
     import jax
     import optax
 
@@ -40,10 +40,10 @@ def jax_images_per_second(name: str, batch: int, img_size: int, warmup: int, ste
     def step():
         jax.block_until_ready(trainer.train_step(images, labels, mask, next(counter))["loss"])
 
-    return images_per_second(step, batch, warmup, steps)
+    return step
 
 
-def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, steps: int) -> float:
+def torch_step(name: str, batch: int, img_size: int):
     import timm
     import torch
 
@@ -59,11 +59,11 @@ def torch_images_per_second(name: str, batch: int, img_size: int, warmup: int, s
         loss_fn(model(images), labels).backward()
         opt.step()
 
-    return images_per_second(step, batch, warmup, steps)
+    return step
 
 
 def main() -> None:
-    compare(__doc__, jax_images_per_second, torch_images_per_second, default_batch=32)
+    compare(__doc__, jax_step, torch_step, default_batch=32)
 
 
 if __name__ == "__main__":

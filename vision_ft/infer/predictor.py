@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vision_ft.cpu_runtime import compiler_options
 from vision_ft.data.pipeline import ExampleSplit, Geometry, sharded_eval_batches
 from vision_ft.data.sources import DataOptions
 from vision_ft.models.factory import create_model
@@ -118,7 +119,10 @@ def compiled_forward(
         return out
 
     # replicated outputs: in a multi-process run every process holds all of them
-    jitted = jax.jit(apply, in_shardings=(replicated, batched), out_shardings=replicated)
+    options = compiler_options()
+    jitted = jax.jit(
+        apply, in_shardings=(replicated, batched), out_shardings=replicated, compiler_options=options
+    )
 
     def forward(images) -> jax.Array:
         return jitted(state, to_global(images, batched))
