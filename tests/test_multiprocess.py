@@ -1,6 +1,10 @@
 """Two real JAX processes on CPU (gloo collectives, 4 simulated devices each) against one process
 with 8 devices: `fit` ends with the same metrics (also with FSDP across the two processes) and
-`embed` writes identical embeddings."""
+`embed` writes identical embeddings.
+
+Every process gets the same intra-op thread pool (8 threads, as `NPROC` sets it): XLA sizes the pool
+to max(cores, local devices), so it would hold 8 threads in the single process and 4 in each of the
+two, and Eigen splits its contractions by the pool's size, which moves the last bits (up to 1e-7)."""
 
 import json
 import os
@@ -22,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
-        PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", NPROC="8",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     )  # fmt: skip
     return env
