@@ -2,9 +2,11 @@
 with 8 devices: `fit` ends with the same metrics (also with FSDP across the two processes) and
 `embed` writes identical embeddings.
 
-Every process gets the same intra-op thread pool (8 threads, as `NPROC` sets it): XLA sizes the pool
-to max(cores, local devices), so it would hold 8 threads in the single process and 4 in each of the
-two, and Eigen splits its contractions by the pool's size, which moves the last bits (up to 1e-7)."""
+For `embed` every process gets the same intra-op thread pool (8 threads, as `NPROC` sets it): XLA
+sizes the pool to max(cores, local devices), so it would hold 8 threads in the single process and 4
+in each of the two, and Eigen splits its contractions by the pool's size, which moves the last bits
+(up to 1e-7). `fit` keeps the default pools: 16 threads on two cores slowed the two processes enough
+to miss gloo's 30 s start-up deadline."""
 
 import json
 import os
@@ -23,12 +25,14 @@ from vision_ft.infer.embeddings import read_embeddings
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _env(devices: int, threads: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
     env.update(
-        PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", NPROC="8",
+        PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     )  # fmt: skip
+    if threads is not None:
+        env["NPROC"] = str(threads)
     return env
 
 
@@ -38,10 +42,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], processes: int, logs: Path) -> None:
+def _run(args: list[str], processes: int, logs: Path, threads: int | None = None) -> None:
     base = [sys.executable, "-m", "vision_ft.cli", *args]
     if processes == 1:
-        out = subprocess.run(base, env=_env(8), capture_output=True, text=True, timeout=900)
+        out = subprocess.run(base, env=_env(8, threads), capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr
         return
     # Output goes to files, not pipes: a process blocked on a full pipe while the other waits for it
@@ -62,7 +66,8 @@ def _run(args: list[str], processes: int, logs: Path) -> None:
                 "--process-id",
                 str(i),
             ]
-            procs.append(subprocess.Popen(command, env=_env(4), stdout=log, stderr=subprocess.STDOUT))
+            env = _env(4, threads)
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 900
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -110,8 +115,8 @@ def test_two_processes_fit_and_embed_like_one(data, tmp_path):
         assert fsdp["test"][key] == pytest.approx(one["test"][key], rel=1e-4, abs=1e-5), key
     embed = ["embed", "--checkpoint", str(tmp_path / "one"), "--data", f"npz:{data}", "--split", "test",
              "--no-progress", "--batch-size", "16"]  # fmt: skip
-    _run([*embed, "--output", str(tmp_path / "one.npz")], 1, tmp_path)
-    _run([*embed, "--output", str(tmp_path / "two.npz")], 2, tmp_path)
+    _run([*embed, "--output", str(tmp_path / "one.npz")], 1, tmp_path, threads=8)
+    _run([*embed, "--output", str(tmp_path / "two.npz")], 2, tmp_path, threads=8)
     a, b = read_embeddings(tmp_path / "one.npz"), read_embeddings(tmp_path / "two.npz")
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)  # identical, not merely close

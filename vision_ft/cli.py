@@ -17,7 +17,7 @@ from vision_ft.infer.embeddings import EmbeddingFileError
 from vision_ft.models.registry import UnknownModelError
 from vision_ft.progress import ProgressBar
 from vision_ft.train.checkpoint import CheckpointMismatchError
-from vision_ft.train.config import ConfigError
+from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.rules import RuleError
 from vision_ft.train.run_dir import RunDirError
 from vision_ft.weights.mapping import WeightLoadError
@@ -257,7 +257,7 @@ def fit(
 @main.command()
 @click.option("--data", required=True, help="A --data spec, as for fit.")
 @click.option("--model", default="tf_efficientnet_lite0", help="Model whose input geometry to use.")
-@click.option("--img-size", type=int, default=128)
+@click.option("--img-size", type=int, default=FitConfig.img_size, help="Input side, as fit's.")
 @click.option("--split", default="train")
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--window", help="DICOM window CENTER,WIDTH.")
