@@ -120,3 +120,34 @@ def test_two_processes_fit_and_embed_like_one(data, tmp_path):
     a, b = read_embeddings(tmp_path / "one.npz"), read_embeddings(tmp_path / "two.npz")
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)  # identical, not merely close
+
+
+_SKEWED_SUM = """
+import sys, time
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from vision_ft.train.distributed import compile_then_meet, initialize
+
+port, pid, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+initialize(f"localhost:{port}", 2, pid)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.full(2, pid + 1.0, np.float32))
+total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P()))
+time.sleep(delay if pid == 1 else 0)  # as if process 1 took that much longer to compile
+compile_then_meet("sum", total, x)
+print("sum", float(total(x)))
+"""
+
+
+def test_processes_meet_before_a_collective_however_late_one_compiles(tmp_path):
+    """Gloo lets a collective wait 30 s for the other processes; process 1 arrives 35 s late.
+    Without compile_then_meet's barrier this fails with gloo's DEADLINE_EXCEEDED (checked by hand)."""
+    port = _free_port()
+    procs, paths = [], [tmp_path / f"process{i}.log" for i in range(2)]
+    for i, path in enumerate(paths):
+        with open(path, "w") as log:
+            command = [sys.executable, "-c", _SKEWED_SUM, str(port), str(i), "35"]
+            procs.append(subprocess.Popen(command, env=_env(1), stdout=log, stderr=subprocess.STDOUT))
+    for p, path in zip(procs, paths, strict=True):
+        assert p.wait(timeout=300) == 0, path.read_text()[-4000:]
+        assert "sum 6.0" in path.read_text()  # 2 x 1.0 from process 0 + 2 x 2.0 from process 1

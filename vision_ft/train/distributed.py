@@ -3,6 +3,7 @@ where the environment says a run spans processes (TPU VM slices, SLURM, Open MPI
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -55,3 +56,30 @@ def initialize(
 def is_primary() -> bool:
     """Logs, progress, plots and reports come from process 0 only."""
     return jax.process_index() == 0
+
+
+_barrier_count = itertools.count()
+
+
+def wait_for_all_processes(label: str, timeout_s: int = 3600) -> None:
+    """Block until every process gets here, over the coordination service rather than a device
+    collective. Gloo gives the other processes 30 s to join a collective (not configurable), and one
+    process may finish compiling a step much later than another on a loaded machine; so steps are
+    compiled first and the processes meet here before the first collective runs."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    # every process makes the same calls in the same order, so the counter agrees across them
+    key = f"vision_ft/{label}/{next(_barrier_count)}"
+    multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
+
+
+def compile_then_meet(name: str, jitted, *args) -> None:
+    """Multi-process runs: compile ``jitted`` for ``args`` ahead of its first call, then wait for
+    the other processes, so that all of them reach its collectives together however long each took
+    to compile. The call that follows finds the executable in jit's cache."""
+    if jax.process_count() == 1:
+        return
+    jitted.lower(*args).compile()
+    wait_for_all_processes(f"compiled-{name}")
