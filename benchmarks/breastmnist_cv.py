@@ -29,6 +29,7 @@ CANDIDATES: dict[str, dict] = {
     "ep24": {"epochs": 24},
     "crop": {"random_crop": True, "crop_scale": [0.6, 1.0]},
     "ema": {"ema_decay": 0.99},
+    "ema_tta": {"ema_decay": 0.98, "tta_flip": True},  # EMA over about 3 epochs, mirrored-image TTA
     "mixup": {"mixup": 0.2},
     "layer_decay": {"layer_decay": 0.75},
     "class_weights": {"class_weights": "auto"},

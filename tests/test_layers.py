@@ -1,5 +1,9 @@
 """The CPU convolution fast paths compute XLA's convolution and its gradients."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,10 +112,12 @@ def test_training_batch_norm_matches_flax_values_and_gradients():
         np.testing.assert_allclose(d_ours[name][...], d_ref[name][...], rtol=1e-5, atol=1e-5)
 
 
-def test_self_attention_matches_einsum_reference_and_its_gradient():
+@pytest.mark.parametrize("chunk", [4, 2, 1])
+def test_self_attention_matches_einsum_reference_and_its_gradient(chunk):
+    """Whole batch, and attended a few images at a time (what a single CPU device does)."""
     from vision_ft.models.attention import self_attention
 
-    b, n, heads, d = 2, 7, 3, 4
+    b, n, heads, d = 4, 7, 3, 4
     rng = np.random.default_rng(0)
     qkv = jnp.asarray(rng.standard_normal((b, n, 3 * heads * d)), jnp.float32)
     target = jnp.asarray(rng.standard_normal((b, n, heads * d)), jnp.float32)
@@ -121,7 +127,22 @@ def test_self_attention_matches_einsum_reference_and_its_gradient():
         weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q * d**-0.5, k), axis=-1)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, heads * d)
 
-    np.testing.assert_allclose(self_attention(qkv, heads, d**-0.5), reference(qkv), atol=1e-6)
-    ours = jax.grad(lambda x: jnp.sum(self_attention(x, heads, d**-0.5) * target))(qkv)
+    attend = jax.jit(lambda x: self_attention(x, heads, d**-0.5, chunk))
+    np.testing.assert_allclose(attend(qkv), reference(qkv), atol=1e-6)
+    ours = jax.jit(jax.grad(lambda x: jnp.sum(attend(x) * target)))(qkv)
     theirs = jax.grad(lambda x: jnp.sum(reference(x) * target))(qkv)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_attention_chunks_only_on_one_cpu_device():
+    from vision_ft.models.attention import images_per_chunk, self_attention
+
+    assert jax.device_count() == 8  # conftest's simulated devices: a batch sharded over them
+    assert images_per_chunk(64) == 64
+    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = "from vision_ft.models.attention import images_per_chunk as c; print(c(64), c(63))"
+    out = subprocess.run([sys.executable, "-c", code], env={**one_device, "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.split() == ["2", "1"]
+    with pytest.raises(ValueError, match="multiple of the attention chunk 2"):
+        self_attention(jnp.zeros((3, 5, 18)), 2, 1.0, 2)
