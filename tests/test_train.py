@@ -78,8 +78,10 @@ def _numpy_state(model, kind):
     return {format_path(p): np.array(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, kind))}
 
 
-def test_fit_with_frozen_backbone_changes_only_the_head(tmp_path):
-    cfg = tiny_config(tmp_path, freeze=("backbone",), epochs=1)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_fit_with_frozen_backbone_changes_only_the_head(tmp_path, ema_decay):
+    """After the run the model holds the best checkpoint: with EMA, the average of the weights."""
+    cfg = tiny_config(tmp_path, freeze=("backbone",), epochs=1, ema_decay=ema_decay)
     run = FitRun(cfg, progress=False)
     params_before = _numpy_state(run.model, nnx.Param)
     stats_before = _numpy_state(run.model, nnx.BatchStat)
@@ -93,6 +95,14 @@ def test_fit_with_frozen_backbone_changes_only_the_head(tmp_path):
             assert np.array_equal(before, params_after[path]), path
     for path, before in stats_before.items():
         assert np.array_equal(before, stats_after[path]), path
+
+
+def test_mirrored_tta_follows_the_training_flips_unless_set(tmp_path):
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    assert FitRun(tiny_config(tmp_path / "a"), progress=False).cfg.tta_flip is True
+    assert FitRun(tiny_config(tmp_path / "b", hflip=False), progress=False).cfg.tta_flip is False
+    assert FitRun(tiny_config(tmp_path / "c", tta_flip=False), progress=False).cfg.tta_flip is False
 
 
 def test_train_bn_updates_frozen_statistics(tmp_path):

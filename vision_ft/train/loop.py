@@ -141,6 +141,8 @@ class FitRun:
                 seed=cfg.seed,
             )
         self._set_input_pipeline()
+        if cfg.tta_flip is None:  # resolved, so that the run's config.json says what eval and predict do
+            cfg = self.cfg = dataclasses.replace(cfg, tta_flip=self.augment_settings["hflip"])
         train = self.data.splits["train"]
         self.steps_per_epoch = len(train) // cfg.batch_size
         if self.steps_per_epoch == 0:

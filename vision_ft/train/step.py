@@ -301,8 +301,10 @@ class Trainer:
         def ema_update(ema, trainable, stats, step):
             # the decay warms up as in timm's ModelEmaV3, so early averages do not stick to the init
             decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+            # e + (v - e)(1 - decay): a value that does not change (a frozen BatchNorm statistic)
+            # stays bitwise the same, which e * decay + v * (1 - decay) does not guarantee
             return jax.tree.map(
-                lambda e, v: e * decay + v.astype(e.dtype) * (1 - decay), ema, (trainable, stats)
+                lambda e, v: e + (v.astype(e.dtype) - e) * (1 - decay), ema, (trainable, stats)
             )
 
         rep, data = self.replicated, self.batch_sharding
