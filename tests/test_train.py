@@ -280,7 +280,7 @@ def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
 
 
 def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path):
-    run = FitRun(tiny_config(tmp_path, ema_decay=0.5), progress=False)
+    run = FitRun(tiny_config(tmp_path, ema_decay=0.5, tta_flip=False), progress=False)
     trainer = run._trainer(run.phases[0])
 
     def fc_kernel(tree):
