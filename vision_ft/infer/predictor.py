@@ -23,7 +23,7 @@ from vision_ft.cpu_runtime import compiler_options
 from vision_ft.data.pipeline import ExampleSplit, Geometry, sharded_eval_batches
 from vision_ft.data.sources import DataOptions
 from vision_ft.models.factory import create_model
-from vision_ft.train.distributed import compile_then_meet
+from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.run_dir import load_run_model, read_run_config
 from vision_ft.train.step import data_mesh, to_global
 
@@ -125,14 +125,10 @@ def compiled_forward(
         apply, in_shardings=(replicated, batched), out_shardings=replicated, compiler_options=options
     )
 
-    first_call = [True]
+    run = meeting_on_first_call("predictor", jitted)
 
     def forward(images) -> jax.Array:
-        args = (state, to_global(images, batched))
-        if first_call[0]:
-            compile_then_meet("predictor", jitted, *args)
-            first_call[0] = False
-        return jitted(*args)
+        return run(state, to_global(images, batched))
 
     forward.sharding = batched  # where process-local batches go (see data/pipeline.py)
     return forward, mesh.devices.size

@@ -75,11 +75,21 @@ def wait_for_all_processes(label: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
-def compile_then_meet(name: str, jitted, *args) -> None:
-    """Multi-process runs: compile ``jitted`` for ``args`` ahead of its first call, then wait for
-    the other processes, so that all of them reach its collectives together however long each took
-    to compile. The call that follows finds the executable in jit's cache."""
+def meeting_on_first_call(name: str, jitted):
+    """``jitted`` itself in a single process. In multi-process runs, a function that on its first
+    call compiles ``jitted`` for the arguments, then waits for the other processes, so that all of
+    them reach its collectives together however long each took to compile; that call and every
+    later one then run ``jitted`` (the executable is in jit's cache)."""
     if jax.process_count() == 1:
-        return
-    jitted.lower(*args).compile()
-    wait_for_all_processes(f"compiled-{name}")
+        return jitted
+    met = False
+
+    def call(*args):
+        nonlocal met
+        if not met:
+            jitted.lower(*args).compile()
+            wait_for_all_processes(f"compiled-{name}")
+            met = True
+        return jitted(*args)
+
+    return call

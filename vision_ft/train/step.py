@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from vision_ft.cpu_runtime import compiler_options
 from vision_ft.models.layers import BatchNorm
-from vision_ft.train.distributed import compile_then_meet
+from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.rules import ParamSetting
 from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
 from vision_ft.weights.mapping import format_path
@@ -322,12 +322,8 @@ class Trainer:
             eval_step, in_shardings=(t, st, f, ot, data), out_shardings=rep, compiler_options=options
         )
         self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
-        self._aligned: set[str] = set()
-
-    def _align_first_call(self, name: str, jitted, *args) -> None:
-        if name not in self._aligned:
-            compile_then_meet(name, jitted, *args)
-            self._aligned.add(name)
+        self._run_train_step = meeting_on_first_call("train_step", self._train_step)
+        self._run_eval_step = meeting_on_first_call("eval_step", self._eval_step)
 
     @property
     def num_devices(self) -> int:
@@ -335,9 +331,9 @@ class Trainer:
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, step: int) -> dict:
         batch = to_global((images, labels, mask), self.batch_sharding)
-        args = (self.trainable, self.opt_state, self.stats, self.frozen, self.other, *batch, jnp.int32(step))
-        self._align_first_call("train_step", self._train_step, *args)
-        self.trainable, self.opt_state, self.stats, metrics = self._train_step(*args)
+        self.trainable, self.opt_state, self.stats, metrics = self._run_train_step(
+            self.trainable, self.opt_state, self.stats, self.frozen, self.other, *batch, jnp.int32(step)
+        )
         if self.ema is not None:
             self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(step))
         return metrics
@@ -369,9 +365,9 @@ class Trainer:
     def predict(self, images: np.ndarray) -> jax.Array:
         """Logits of the evaluated weights: the EMA where enabled, else the trained ones."""
         trainable, stats = self.ema if self.ema is not None else (self.trainable, self.stats)
-        args = (trainable, stats, self.frozen, self.other, to_global(images, self.batch_sharding))
-        self._align_first_call("eval_step", self._eval_step, *args)
-        return self._eval_step(*args)
+        return self._run_eval_step(
+            trainable, stats, self.frozen, self.other, to_global(images, self.batch_sharding)
+        )
 
     def write_back(self, model: nnx.Module, *, evaluated: bool = False) -> None:
         """Copy the trained state into ``model`` (e.g. to save or embed with it); ``evaluated``
