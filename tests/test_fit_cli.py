@@ -109,8 +109,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file, u
     # debris of a checkpoint that was being written when the process died must not matter
     (killed / "checkpoints" / "latest" / "30.orbax-checkpoint-tmp-1").mkdir()
 
-    resumed = subprocess.run(
-        fit_cmd("--config", str(config_file), "--output", str(killed), "--resume"),
+    resumed = subprocess.run(  # no --config: the run's own settings, from its config.json
+        fit_cmd("--output", str(killed), "--resume"),
         env=_env(),
         capture_output=True,
         text=True,
@@ -118,6 +118,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file, u
     )
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_results(killed, uninterrupted)
+
+    kept = {p: p.read_bytes() for p in killed.iterdir() if p.is_file()}
+    changed = subprocess.run(
+        fit_cmd("--output", str(killed), "--resume", "--lr", "0.5", "--workers", "1"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _one_line_exit_2(changed, "lr (run 0.001, now 0.5)")
+    assert "workers" not in changed.stderr  # where and how the work runs may change
+    assert {p: p.read_bytes() for p in killed.iterdir() if p.is_file()} == kept
 
 
 def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tmp_path, config_file, uninterrupted):

@@ -14,7 +14,7 @@ import vision_ft
 from tests.train_fixtures import tiny_config, write_synthetic_npz
 from vision_ft.data.pipeline import eval_batches, train_batches
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
-from vision_ft.train.config import load_config
+from vision_ft.train.config import load_config, resume_conflicts
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
@@ -252,6 +252,25 @@ def test_default_config_is_the_bundled_breastmnist_recipe():
     default = load_config(None)
     # every setting but where the run is written
     assert dataclasses.replace(cfg, output=default.output) == default
+
+
+def test_resume_compares_every_setting_that_changes_what_the_run_computes():
+    started = load_config(None, {"model": "resnet18", "eval_crop_pct": None, "tta_flip": True})
+    saved = {**started.to_dict(), "num_classes": 2, "in_chans": 1}  # config.json records more
+    # fit --resume takes the run's settings, None included (eval_crop_pct's default is 1.0)
+    assert load_config(None, {"resume": True}, base=saved) == dataclasses.replace(started, resume=True)
+    assert resume_conflicts(saved, started) == []
+    moved = {"output": "elsewhere", "mesh": "data=2", "loader_threads": 1, "eval_batch_size": 8}
+    assert resume_conflicts(saved, dataclasses.replace(started, **moved)) == []
+    assert resume_conflicts(saved, dataclasses.replace(started, tta_flip=None)) == []  # resolved at start
+    changed = dataclasses.replace(started, lr=0.5, tta_flip=False, freeze=("stem",))
+    assert resume_conflicts(saved, changed) == [
+        "lr (run 0.001, now 0.5)",
+        "freeze (run [], now ['stem'])",
+        "tta_flip (run True, now False)",
+    ]
+    from_run = dataclasses.replace(started, model="tf_efficientnet_lite0", pretrained="run:earlier")
+    assert resume_conflicts({**saved, "pretrained": "run:earlier"}, from_run) == []
 
 
 def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):

@@ -231,7 +231,7 @@ def fit(
     from vision_ft.train.loop import FitRun, RunDirError
     from vision_ft.train.preemption import EXIT_PREEMPTED, Preempted
 
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, base=_resumed_settings(config_path, overrides))
     _start_processes(coordinator, num_processes, process_id)
     try:
         final = FitRun(cfg, progress=not no_progress).run()
@@ -252,6 +252,17 @@ def fit(
             f"({final['wall_seconds']:.0f} s)"
         )
     click.echo(f"run written to {cfg.output}")
+
+
+def _resumed_settings(config_path: Path | None, overrides: dict) -> dict | None:
+    """``fit --resume`` without ``--config`` continues with the settings the run was started with."""
+    from vision_ft.train.config import FitConfig
+    from vision_ft.train.run_dir import read_run_config
+
+    if not overrides.get("resume") or config_path is not None:
+        return None
+    run = Path(overrides.get("output") or FitConfig.output)
+    return read_run_config(run) if (run / "config.json").is_file() else None
 
 
 @main.command()

@@ -180,9 +180,42 @@ def _coerce(name: str, value):
         raise ConfigError(f"bad value for {name}: {value!r}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> FitConfig:
-    """Defaults, then the YAML file, then overrides (``None`` values are ignored)."""
-    values: dict = {}
+# Settings a resumed run may change: where things are kept and how the work is spread, none of
+# which changes what the run computes.
+RESUMABLE_CHANGES = frozenset(
+    {"output", "resume", "checkpoint_dir", "mesh", "fsdp_min_size", "workers", "loader_threads",
+     "data_dir", "eval_batch_size", "save_every_steps"}
+)  # fmt: skip
+
+
+def settings_of_run(saved: dict) -> dict:
+    """The fit settings in a run's ``config.json`` (which also records what the run resolved)."""
+    return {k: v for k, v in saved.items() if k in _FIELDS}
+
+
+def resume_conflicts(saved: dict, cfg: FitConfig) -> list[str]:
+    """Settings of ``cfg`` that differ from those the run was started with, as ``name (run X, now Y)``.
+    Two are not compared: ``tta_flip`` while unset (the run resolved it at its start) and the model of
+    a fine-tune from another run (``run:DIR`` decides it)."""
+    current = cfg.to_dict()
+    skip = set(RESUMABLE_CHANGES)
+    if cfg.tta_flip is None:
+        skip.add("tta_flip")
+    if cfg.pretrained.startswith("run:"):
+        skip.add("model")
+    return [
+        f"{k} (run {saved[k]!r}, now {current[k]!r})"
+        for k in current
+        if k not in skip and k in saved and saved[k] != current[k]
+    ]
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict | None = None, *, base: dict | None = None
+) -> FitConfig:
+    """Defaults, then ``base`` (a run's saved settings), then the YAML file, then overrides
+    (``None`` values are ignored)."""
+    values: dict = settings_of_run(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():

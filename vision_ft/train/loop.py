@@ -25,7 +25,7 @@ from vision_ft.progress import ProgressBar
 from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like, checkpoint_location
 from vision_ft.train.clinical import clinical_report
-from vision_ft.train.config import ConfigError, FitConfig
+from vision_ft.train.config import ConfigError, FitConfig, resume_conflicts
 from vision_ft.train.distributed import is_primary
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.metrics import classification_metrics
@@ -199,6 +199,14 @@ class FitRun:
             )
         if self.cfg.resume and not has_run:
             raise RunDirError(f"--resume: {self.out} holds no run to resume")
+        if self.cfg.resume and (self.out / "config.json").is_file():
+            # before anything in the run directory is written again
+            conflicts = resume_conflicts(read_run_config(self.out), self.cfg)
+            if conflicts:
+                raise RunDirError(
+                    f"--resume: {self.out} was started with other settings: {'; '.join(conflicts)}. "
+                    "Resume with the run's own (leave them out), or fit into a new --output"
+                )
         self.out.mkdir(parents=True, exist_ok=True)
 
     # -- phases ---------------------------------------------------------------------------------
