@@ -1,6 +1,6 @@
 """Two real JAX processes on CPU (gloo collectives, 4 simulated devices each) against one process
-with 8 devices: `fit` ends with the same metrics (also with FSDP across the two processes) and
-`embed` writes identical embeddings.
+with 8 devices: `fit` with FSDP across the two processes ends with the same metrics as data-parallel
+`fit` in one, and `embed` writes identical embeddings.
 
 For `embed` every process gets the same intra-op thread pool (8 threads, as `NPROC` sets it): XLA
 sizes the pool to max(cores, local devices), so it would hold 8 threads in the single process and 4
@@ -97,27 +97,19 @@ def test_two_processes_fit_and_embed_like_one(data, tmp_path):
     fit = ["fit", "--no-progress", "--model", "resnet18", "--pretrained", "false", "--data", f"npz:{data}",
            "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--seed", "1"]  # fmt: skip
     _run([*fit, "--output", str(tmp_path / "one")], 1, tmp_path)
-    _run([*fit, "--output", str(tmp_path / "two")], 2, tmp_path)
+    # FSDP over all 8 devices: every sharded tensor has shards on both hosts, and the tensors under
+    # fsdp_min_size (biases, norms) stay replicated, so one run covers both kinds of cross-process
+    # gradient reduction and checkpoint write. (Each two-process run costs two cold compiles on two
+    # cores; a separate pure data-parallel run added 1.5-2.5 minutes and no code path.)
+    (tmp_path / "fsdp.yaml").write_text("fsdp_min_size: 256\n")
+    fsdp = ["--config", str(tmp_path / "fsdp.yaml"), "--mesh", "fsdp=8", "--output", str(tmp_path / "two")]
+    _run([*fit, *fsdp], 2, tmp_path)
     one = json.loads((tmp_path / "one" / "final.json").read_text())
     two = json.loads((tmp_path / "two" / "final.json").read_text())
     assert one["best_step"] == two["best_step"]
     for split in ("best_val", "test"):
         for key in ("loss", "accuracy", "auc", "balanced_accuracy"):
             assert two[split][key] == pytest.approx(one[split][key], rel=1e-4, abs=1e-5), (split, key)
-    # FSDP whose groups span both processes: every sharded tensor has shards on both hosts
-    (tmp_path / "fsdp.yaml").write_text("fsdp_min_size: 256\n")
-    fsdp_args = [
-        "--config",
-        str(tmp_path / "fsdp.yaml"),
-        "--mesh",
-        "fsdp=8",
-        "--output",
-        str(tmp_path / "fsdp"),
-    ]
-    _run([*fit, *fsdp_args], 2, tmp_path)
-    fsdp = json.loads((tmp_path / "fsdp" / "final.json").read_text())
-    for key in ("loss", "accuracy", "auc"):
-        assert fsdp["test"][key] == pytest.approx(one["test"][key], rel=1e-4, abs=1e-5), key
     embed = ["embed", "--checkpoint", str(tmp_path / "one"), "--data", f"npz:{data}", "--split", "test",
              "--no-progress", "--batch-size", "16"]  # fmt: skip
     _run([*embed, "--output", str(tmp_path / "one.npz")], 1, tmp_path, threads=8)

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 
 class CheckpointMismatchError(ValueError):
@@ -68,10 +69,24 @@ def checkpoint_location(directory: str | Path) -> epath.Path:
     return epath.Path(Path(text).expanduser().absolute())
 
 
+def write_replicated_arrays_whole_on_cpu() -> None:
+    """Orbax splits the write of a replicated array among its replicas by default, which pays where
+    each device has its own link to the host. CPU devices share one memory, and the split costs one
+    compiled slice per array shape and device: on 8 CPU devices it made a ResNet-18 state's save
+    2-6x slower (2.8-7.4 s against 1.2-1.4 s). Orbax makes the same choice on GPUs."""
+    if jax.default_backend() != "cpu" or jax.local_device_count() == 1:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class RunCheckpoints:
     """``DIR/latest`` keeps the newest state; ``DIR/best`` keeps the best by a scalar metric."""
 
     def __init__(self, directory: str | Path, *, best_mode: str = "max", create: bool = True):
+        write_replicated_arrays_whole_on_cpu()
         self.directory = checkpoint_location(directory)
         common = dict(create=create, enable_async_checkpointing=False)
         # Naming the handler lets a fresh process read a checkpoint's metadata before any save.
