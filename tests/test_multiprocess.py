@@ -119,6 +119,30 @@ def test_two_processes_fit_and_embed_like_one(data, tmp_path):
     np.testing.assert_array_equal(a.embeddings, b.embeddings)  # identical, not merely close
 
 
+def test_processes_given_different_settings_stop_before_writing(data, tmp_path):
+    port, procs = _free_port(), []
+    paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    for i, path in enumerate(paths):
+        differs = ["--lr", "0.5", "--workers", "1"] if i == 1 else []
+        command = [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "resnet18",
+                   "--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32",
+                   "--output", str(tmp_path / f"run{i}"), *differs, "--coordinator", f"localhost:{port}",
+                   "--num-processes", "2", "--process-id", str(i)]  # fmt: skip
+        with open(path, "w") as log:
+            procs.append(subprocess.Popen(command, env=_env(1), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+    for p, path in zip(procs, paths, strict=True):
+        text = path.read_text()
+        assert p.returncode == 2, text[-4000:]
+        assert "were given different settings: lr." in text and "Traceback" not in text, text[-4000:]
+    assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
+
+
 _SKEWED_SUM = """
 import sys, time
 import jax, numpy as np

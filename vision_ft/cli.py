@@ -228,11 +228,13 @@ def fit(
 ) -> None:
     """Fine-tune a pretrained backbone (default: tf_efficientnet_lite0 on bundled BreastMNIST)."""
     from vision_ft.train.config import load_config
+    from vision_ft.train.distributed import check_same_settings, is_primary
     from vision_ft.train.loop import FitRun, RunDirError
     from vision_ft.train.preemption import EXIT_PREEMPTED, Preempted
 
     cfg = load_config(config_path, overrides, base=_resumed_settings(config_path, overrides))
     _start_processes(coordinator, num_processes, process_id)
+    check_same_settings(cfg.to_dict())
     try:
         final = FitRun(cfg, progress=not no_progress).run()
     except (RunDirError, FileNotFoundError) as e:
@@ -240,8 +242,6 @@ def fit(
     except Preempted as e:
         click.echo(f"stopped: {e}", err=True)
         sys.exit(EXIT_PREEMPTED)
-    from vision_ft.train.distributed import is_primary
-
     test = final.get("test")
     if not is_primary():
         return

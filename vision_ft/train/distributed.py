@@ -3,11 +3,14 @@ where the environment says a run spans processes (TPU VM slices, SLURM, Open MPI
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
 
 import jax
+import numpy as np
 
 from vision_ft.train.config import ConfigError
 
@@ -93,3 +96,28 @@ def meeting_on_first_call(name: str, jitted):
         return jitted(*args)
 
     return call
+
+
+# where each host may keep its own files or threads; every other setting changes what is computed
+HOST_LOCAL_SETTINGS = frozenset({"output", "data_dir", "workers", "loader_threads"})
+
+
+def check_same_settings(settings: dict) -> None:
+    """Stop every process of a run whose processes were given different settings (another --lr on one
+    host, or a resume that found the run's config.json on one host only), naming the settings.
+    Left alone, such processes would train different models in lockstep or hang in a collective."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    names = sorted(k for k in settings if k not in HOST_LOCAL_SETTINGS)
+    digests = [hashlib.sha256(json.dumps(settings[k], sort_keys=True, default=str).encode()) for k in names]
+    mine = np.array([int.from_bytes(d.digest()[:4], "little") for d in digests], np.uint32)
+    wait_for_all_processes("settings")  # a collective follows; see wait_for_all_processes
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    differ = [name for i, name in enumerate(names) if len(set(everyone[:, i].tolist())) > 1]
+    if differ:
+        raise ConfigError(
+            f"the processes of this run were given different settings: {', '.join(differ)}. "
+            "Start every process with the same --config and options"
+        )
