@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,27 @@ def json_text(payload, *, indent: int | None = None) -> str:
     return json.dumps(strict_json(payload), indent=indent, allow_nan=False)
 
 
+def summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch. tensorboardX imports torch where it
+    is installed, only to accept torch tensors; a run never passes one, and the import cost every
+    `fit` 3-8 s and some 300 MB. Torch stays hidden while tensorboardX loads (unless it is loaded
+    already, by the caller's own code)."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """Appends one JSON object per evaluation to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
     def __init__(self, directory: Path, *, resume_step: int | None = None, write: bool = True):
-        from tensorboardX import SummaryWriter
-
         self.path = directory / "metrics.jsonl"
         self.write = write  # other processes of a multi-process run keep the records in memory only
         records = self.read(self.path) if resume_step is not None else []
@@ -44,7 +60,8 @@ class MetricsLog:
         self.writer = None
         if write:
             self.path.write_text("".join(json_text(r) + "\n" for r in self.records))
-            self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step)
+            writer_class = summary_writer_class()
+            self.writer = writer_class(str(directory / "tensorboard"), purge_step=resume_step)
 
     @staticmethod
     def read(path: Path) -> list[dict]:

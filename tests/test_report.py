@@ -1,0 +1,50 @@
+"""What a run writes: TensorBoard scalars that read back, written without importing torch."""
+
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_LOG_ONE_EVALUATION = """
+import sys
+from pathlib import Path
+from vision_ft.train.report import MetricsLog
+
+log = MetricsLog(Path(sys.argv[1]))
+log.log("val", 1, 5, {"auc": 0.75, "loss": 1.5, "confusion_matrix": [[1, 0], [0, 1]]})
+log.close()
+print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+def _scalars(event_file: Path) -> dict[tuple[str, int], float]:
+    """Scalars of a TFRecord event file: records of [length u64][crc u32][Event proto][crc u32]."""
+    from tensorboardX.proto import event_pb2
+
+    data, offset, found = event_file.read_bytes(), 0, {}
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            found[(value.tag, event.step)] = value.simple_value
+    return found
+
+
+def test_tensorboard_scalars_read_back_and_torch_stays_unloaded(tmp_path):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed, so there is nothing to keep unloaded")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", _LOG_ONE_EVALUATION, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "torch loaded: False" in out.stdout  # torch is for parity tests and benchmarks only
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    assert _scalars(event_file) == {("val/auc", 5): 0.75, ("val/loss", 5): 1.5}
