@@ -195,6 +195,6 @@ def test_package_layout_mismatch_raises():
 
 
 def test_filter_passes_timm_layout_through():
-    model = vision_ft.create_model("tf_efficientnet_lite0")
+    model = nnx.eval_shape(lambda: vision_ft.create_model("tf_efficientnet_lite0"))
     state = {"conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}
     assert checkpoint_filter(state, model) is state

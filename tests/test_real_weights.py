@@ -5,6 +5,7 @@ from importlib import resources
 import numpy as np
 import timm
 import torch
+from flax import nnx
 from PIL import Image
 
 import vision_ft
@@ -24,7 +25,7 @@ def _timm_lite0_with_package_weights() -> torch.nn.Module:
 
 
 def test_eval_transform_matches_timm():
-    model = vision_ft.create_model("tf_efficientnet_lite0")
+    model = nnx.eval_shape(lambda: vision_ft.create_model("tf_efficientnet_lite0"))
     ref_model = timm.create_model("tf_efficientnet_lite0")
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ref_model))
     with Image.open(PHOTO) as img:

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
 import vision_ft
 from tests.parity import (
@@ -81,10 +82,11 @@ def test_dinov2_with_classifier(name, tmp_path):
 
 def test_model_names_and_defaults():
     assert set(vision_ft.list_models("vit_*")) == set(CLASSIC + DINOV2)
-    model = vision_ft.create_model("vit_small_patch14_reg4_dinov2", img_size=28)
+    model = nnx.eval_shape(lambda: vision_ft.create_model("vit_small_patch14_reg4_dinov2", img_size=28))
     assert model.num_classes == 0 and model.head is None and model.num_features == 384
     assert model.pretrained_cfg.mean == (0.485, 0.456, 0.406)
-    assert vision_ft.create_model("vit_tiny_patch16_384", img_size=32).pretrained_cfg.crop_pct == 1.0
+    tiny = nnx.eval_shape(lambda: vision_ft.create_model("vit_tiny_patch16_384", img_size=32))
+    assert tiny.pretrained_cfg.crop_pct == 1.0
 
 
 @pytest.mark.parametrize(("in_size", "out_size"), [(3, 2), (3, 4), (3, 5), (7, 3), (2, 7), (5, 5), (37, 2)])
@@ -169,7 +171,9 @@ def test_group_matcher_matches_timm(name):
     from timm.models._manipulate import group_parameters
 
     ref = timm.create_model(name, img_size=32 if "patch16" in name else 28, num_classes=10)
-    ours = vision_ft.create_model(name, img_size=32 if "patch16" in name else 28, num_classes=10)
+    ours = nnx.eval_shape(
+        lambda: vision_ft.create_model(name, img_size=32 if "patch16" in name else 28, num_classes=10)
+    )  # structure only
     timm_ids = {
         key.rpartition(".")[0] or key: gid
         for gid, keys in group_parameters(ref, ref.group_matcher()).items()
@@ -205,7 +209,7 @@ def test_meta_dinov2_layout_converted_like_timm():
 
     name = "vit_small_patch14_reg4_dinov2"
     ref = perturbed_timm_model(name, img_size=28)
-    ours = vision_ft.create_model(name, img_size=28)
+    ours = nnx.eval_shape(lambda: vision_ft.create_model(name, img_size=28))
     meta = {k: v for k, v in ref.state_dict().items() if k != "reg_token"}
     meta["register_tokens"] = ref.reg_token.detach()
     meta["pos_embed"] = torch.cat([torch.randn(1, 1, 384), ref.pos_embed.detach()], dim=1)  # + class row
