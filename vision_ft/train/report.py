@@ -31,10 +31,10 @@ def json_text(payload, *, indent: int | None = None) -> str:
     return json.dumps(strict_json(payload), indent=indent, allow_nan=False)
 
 
-def summary_writer_class():
+def summary_writer_class() -> type:
     """tensorboardX's ``SummaryWriter``, imported without torch. tensorboardX imports torch where it
     is installed, only to accept torch tensors; a run never passes one, and the import cost every
-    `fit` 3-8 s and some 300 MB. Torch stays hidden while tensorboardX loads (unless it is loaded
+    `fit` 3-8 s and about 470 MB. Torch stays hidden while tensorboardX loads (unless it is loaded
     already, by the caller's own code)."""
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
