@@ -54,29 +54,29 @@ def _run(args: list[str], processes: int, logs: Path, threads: int | None = None
     port = _free_port()
     label = Path(args[args.index("--output") + 1]).stem
     paths = [logs / f"{label}.process{i}.log" for i in range(2)]
+    commands = [
+        [*base, "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)
+    ]
+    _wait_for_all(_start(commands, paths, _env(4, threads)), paths, timeout=900)
+
+
+def _start(commands: list[list[str]], paths: list[Path], env: dict) -> list:
+    """One process per command, its output (stdout and stderr) to the log file beside it."""
     procs = []
-    for i, path in enumerate(paths):
+    for command, path in zip(commands, paths, strict=True):
         with open(path, "w") as log:
-            command = [
-                *base,
-                "--coordinator",
-                f"localhost:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ]
-            env = _env(4, threads)
             procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-    _wait_for_all(procs, paths, timeout=900)
+    return procs
 
 
-def _wait_for_all(procs: list, paths: list[Path], timeout: float) -> None:
-    """Wait for every process to exit 0; kill the others as soon as one fails or time runs out."""
+def _wait_for_all(procs: list, paths: list[Path], timeout: float, exit_code: int = 0) -> None:
+    """Wait for every process to exit with ``exit_code``; kill the others as soon as one exits with
+    another code or time runs out."""
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
+            if any(p.poll() not in (None, exit_code) for p in procs):
                 break
             time.sleep(0.5)
     finally:
@@ -85,7 +85,7 @@ def _wait_for_all(procs: list, paths: list[Path], timeout: float) -> None:
                 p.kill()
                 p.wait()
     for p, path in zip(procs, paths, strict=True):
-        assert p.returncode == 0, f"{path.name} (exit {p.returncode}):\n" + path.read_text()[-4000:]
+        assert p.returncode == exit_code, f"{path.name} (exit {p.returncode}):\n" + path.read_text()[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -120,25 +120,18 @@ def test_two_processes_fit_and_embed_like_one(data, tmp_path):
 
 
 def test_processes_given_different_settings_stop_before_writing(data, tmp_path):
-    port, procs = _free_port(), []
+    port = _free_port()
     paths = [tmp_path / f"process{i}.log" for i in range(2)]
-    for i, path in enumerate(paths):
-        differs = ["--lr", "0.5", "--workers", "1"] if i == 1 else []
-        command = [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "resnet18",
-                   "--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32",
-                   "--output", str(tmp_path / f"run{i}"), *differs, "--coordinator", f"localhost:{port}",
-                   "--num-processes", "2", "--process-id", str(i)]  # fmt: skip
-        with open(path, "w") as log:
-            procs.append(subprocess.Popen(command, env=_env(1), stdout=log, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=300)
-    finally:
-        for p in procs:
-            p.kill()
-    for p, path in zip(procs, paths, strict=True):
+    commands = [
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "resnet18",
+         "--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32",
+         "--output", str(tmp_path / f"run{i}"), *(["--lr", "0.5", "--workers", "1"] if i == 1 else []),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)
+    ]  # fmt: skip
+    _wait_for_all(_start(commands, paths, _env(1)), paths, timeout=300, exit_code=2)
+    for path in paths:
         text = path.read_text()
-        assert p.returncode == 2, text[-4000:]
         assert "were given different settings: lr." in text and "Traceback" not in text, text[-4000:]
     assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
 
@@ -163,11 +156,8 @@ def test_processes_meet_before_a_collective_however_late_one_compiles(tmp_path):
     """Gloo lets a collective wait 30 s for the other processes; process 1 arrives 35 s late.
     Without meeting_on_first_call's barrier this fails with gloo's DEADLINE_EXCEEDED (checked by hand)."""
     port = _free_port()
-    procs, paths = [], [tmp_path / f"process{i}.log" for i in range(2)]
-    for i, path in enumerate(paths):
-        with open(path, "w") as log:
-            command = [sys.executable, "-c", _SKEWED_SUM, str(port), str(i), "35"]
-            procs.append(subprocess.Popen(command, env=_env(1), stdout=log, stderr=subprocess.STDOUT))
-    _wait_for_all(procs, paths, timeout=300)
+    paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    commands = [[sys.executable, "-c", _SKEWED_SUM, str(port), str(i), "35"] for i in range(2)]
+    _wait_for_all(_start(commands, paths, _env(1)), paths, timeout=300)
     for path in paths:
         assert "sum 6.0" in path.read_text()  # 2 x 1.0 from process 0 + 2 x 2.0 from process 1
