@@ -2,7 +2,7 @@ import pytest
 
 from tests.parity import assert_parity, assert_structure_matches, register_shortened
 
-NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d"]
+NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d", "test_resnet"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,11 +17,15 @@ from vision_ft.weights.mapping import batchnorm, conv, linear
 
 @dataclass(frozen=True)
 class ResNetConfig:
-    block: str  # "basic" or "bottleneck"
+    block: str | tuple[str, str, str, str]  # "basic" or "bottleneck", for all stages or per stage
     layers: tuple[int, int, int, int]
     deep_stem: bool = False  # ResNet-D: three 3x3 convs instead of one 7x7
     stem_width: int = 64
     avg_down: bool = False  # ResNet-D: average-pool before the 1x1 projection shortcut
+    channels: tuple[int, int, int, int] = (64, 128, 256, 512)  # planes of each stage
+
+    def stage_blocks(self) -> tuple[str, str, str, str]:
+        return (self.block,) * 4 if isinstance(self.block, str) else self.block
 
 
 CONFIGS = {
@@ -31,6 +35,15 @@ CONFIGS = {
     "resnet101": ResNetConfig("bottleneck", (3, 4, 23, 3)),
     "resnet152": ResNetConfig("bottleneck", (3, 8, 36, 3)),
     "resnet50d": ResNetConfig("bottleneck", (3, 4, 6, 3), deep_stem=True, stem_width=32, avg_down=True),
+    # timm's tiny test model (0.47 M parameters), small enough for the engine's tests to run fast
+    "test_resnet": ResNetConfig(
+        ("basic", "basic", "bottleneck", "basic"),
+        (1, 1, 1, 1),
+        deep_stem=True,
+        stem_width=16,
+        avg_down=True,
+        channels=(32, 48, 48, 96),
+    ),
 }
 
 
@@ -146,14 +159,17 @@ class ResNet(Backbone):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self._head_kw = kw
-        block_cls = BasicBlock if config.block == "basic" else Bottleneck
         if config.deep_stem:
-            self.conv1 = DeepStem(in_chans, config.stem_width, 64, rngs=rngs, **kw)
+            stem_chs = 2 * config.stem_width  # timm's inplanes for a deep stem
+            self.conv1 = DeepStem(in_chans, config.stem_width, stem_chs, rngs=rngs, **kw)
         else:
-            self.conv1 = conv2d(in_chans, 64, 7, stride=2, rngs=rngs, **kw)
-        self.bn1 = batch_norm(64, rngs=rngs, **kw)
-        total_blocks, block_idx, in_chs = sum(config.layers), 0, 64
-        for stage, (depth, planes) in enumerate(zip(config.layers, (64, 128, 256, 512), strict=True)):
+            stem_chs = 64
+            self.conv1 = conv2d(in_chans, stem_chs, 7, stride=2, rngs=rngs, **kw)
+        self.bn1 = batch_norm(stem_chs, rngs=rngs, **kw)
+        total_blocks, block_idx, in_chs = sum(config.layers), 0, stem_chs
+        stages = zip(config.layers, config.channels, config.stage_blocks(), strict=True)
+        for stage, (depth, planes, block) in enumerate(stages):
+            block_cls = BasicBlock if block == "basic" else Bottleneck
             blocks = []
             for i in range(depth):
                 stride = 2 if stage > 0 and i == 0 else 1
@@ -234,6 +250,14 @@ _DEFAULT_TAGS = {
         ("a1_in1k", "a1h_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "tv2_in1k", "tv_in1k"),
     ),
     "resnet50d": ("ra2_in1k", ("a1_in1k", "a2_in1k", "a3_in1k", "gluon_in1k", "ra2_in1k")),
+    "test_resnet": ("r160_in1k", ("r160_in1k",)),
+}
+
+
+# where timm's pretrained_cfg differs from the defaults above
+_CFG_OVERRIDES = {
+    "resnet50d": dict(crop_pct=0.875),
+    "test_resnet": dict(input_size=(3, 160, 160), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
 
@@ -252,10 +276,10 @@ for _name, _config in CONFIGS.items():
                 architecture=_name,
                 tag=_tag,
                 hf_hub_id=f"timm/{_name}.{_tag}",
-                crop_pct=0.875 if _name == "resnet50d" else 0.95,
                 first_conv="conv1.0" if _config.deep_stem else "conv1",
                 classifier="fc",
                 license="apache-2.0",
+                **{"crop_pct": 0.95, **_CFG_OVERRIDES.get(_name, {})},
             ),
             rules=weight_rules(_config),
             tags=_tags,
