@@ -114,7 +114,7 @@ def test_on_bad_image_fail_is_one_line_exit_2(tmp_path):
         (root / "River" / f"River_{i}.jpg").write_bytes(b"")
     cmd = [
         sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--data", f"folder:{root}",
-        "--model", "resnet18", "--pretrained", "false", "--img-size", "32", "--epochs", "1",
+        "--model", "test_resnet", "--pretrained", "false", "--img-size", "32", "--epochs", "1",
         "--batch-size", "8", "--on-bad-image", "fail", "--output", str(tmp_path / "out"),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})

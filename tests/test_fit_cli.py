@@ -32,7 +32,7 @@ def config_file(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fit_cli")
     data = write_synthetic_npz(tmp_path / "data.npz", sizes=(128, 32, 32))
     cfg = dict(
-        model="resnet18",
+        model="test_resnet",
         pretrained="false",
         data=f"npz:{data}",
         img_size=48,
@@ -174,8 +174,8 @@ def _one_line_exit_2(result, culprit):
 )
 def test_fit_bad_options(tmp_path, args, culprit):
     result = subprocess.run(
-        # resnet18: the cheapest random init, for the errors found after the model is built
-        fit_cmd("--output", str(tmp_path / "out"), "--model", "resnet18", "--pretrained", "false", *args),
+        # test_resnet: the cheapest random init, for the errors found after the model is built
+        fit_cmd("--output", str(tmp_path / "out"), "--model", "test_resnet", "--pretrained", "false", *args),
         env=_env(),
         capture_output=True,
         text=True,

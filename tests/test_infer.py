@@ -54,7 +54,7 @@ def test_embeddings_are_the_pre_logits_and_bit_identical_run_to_run(fitted, tmp_
                      "--output", out, "--batch-size", 16, "--no-progress")  # fmt: skip
         assert result.exit_code == 0, result.output
     a, b, c = read_embeddings(first), read_embeddings(second), read_embeddings(table)
-    assert a.embeddings.shape == (32, 512) and a.embeddings.dtype == np.float32
+    assert a.embeddings.shape == (32, 96) and a.embeddings.dtype == np.float32
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     np.testing.assert_array_equal(a.embeddings, c.embeddings)
     np.testing.assert_array_equal(a.labels, c.labels)
@@ -108,7 +108,7 @@ def test_linear_probe_and_knn_on_zoo_embeddings(fitted, tmp_path):
     paths = {}
     for split in ("train", "val", "test"):
         paths[split] = tmp_path / f"{split}.npz"
-        result = cli("embed", "--model", "resnet18", "--pretrained", "false", "--data", cfg.data,
+        result = cli("embed", "--model", "test_resnet", "--pretrained", "false", "--data", cfg.data,
                      "--split", split, "--output", paths[split], "--no-progress")  # fmt: skip
         assert result.exit_code == 0, result.output
     out = tmp_path / "probe"
@@ -159,7 +159,7 @@ def test_intermediate_layer_embeddings(fitted, tmp_path):
                      "--output", out, "--no-progress", *extra)  # fmt: skip
         assert result.exit_code == 0, result.output
         outputs[layer] = read_embeddings(out).embeddings
-    assert outputs[1].shape == (32, 128)  # resnet18's second stage
+    assert outputs[1].shape == (32, 48)  # test_resnet's second stage
     # ResNet's pre-logits are the global average of the last stage
     np.testing.assert_allclose(outputs[-1], outputs[None], rtol=1e-5, atol=1e-6)
     bad = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--layer", 4,

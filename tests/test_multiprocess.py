@@ -94,7 +94,7 @@ def data(tmp_path_factory):
 
 
 def test_two_processes_fit_and_embed_like_one(data, tmp_path):
-    fit = ["fit", "--no-progress", "--model", "resnet18", "--pretrained", "false", "--data", f"npz:{data}",
+    fit = ["fit", "--no-progress", "--model", "test_resnet", "--pretrained", "false", "--data", f"npz:{data}",
            "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--seed", "1"]  # fmt: skip
     _run([*fit, "--output", str(tmp_path / "one")], 1, tmp_path)
     # FSDP over all 8 devices: every sharded tensor has shards on both hosts, and the tensors under
@@ -123,7 +123,7 @@ def test_processes_given_different_settings_stop_before_writing(data, tmp_path):
     port = _free_port()
     paths = [tmp_path / f"process{i}.log" for i in range(2)]
     commands = [
-        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "resnet18",
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "test_resnet",
          "--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32",
          "--output", str(tmp_path / f"run{i}"), *(["--lr", "0.5", "--workers", "1"] if i == 1 else []),
          "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
