@@ -257,7 +257,9 @@ _DEFAULT_TAGS = {
 # where timm's pretrained_cfg differs from the defaults above
 _CFG_OVERRIDES = {
     "resnet50d": dict(crop_pct=0.875),
-    "test_resnet": dict(input_size=(3, 160, 160), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "test_resnet": dict(
+        input_size=(3, 160, 160), interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    ),
 }
 
 
