@@ -67,12 +67,15 @@ def test_multispectral_geotiffs_get_their_own_band_statistics(tmp_path):
     assert run.model.pretrained_cfg.input_size[0] == 13
     assert run.augment_settings["rot90"] and run.augment_settings["vflip"]  # overhead preset
     dataset = load_dataset(spec)
-    expected, _, _ = band_statistics(dataset.splits["train"], Geometry(32, "bicubic", 1.0, channels=13))
+    # resized as the model resizes (test_resnet: bilinear)
+    geometry = Geometry(32, run.model.pretrained_cfg.interpolation, 1.0, channels=13)
+    expected, _, _ = band_statistics(dataset.splits["train"], geometry)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["pretrained_cfg"]
     np.testing.assert_allclose(saved["mean"], expected, rtol=1e-6)
     assert saved["mean"][7] > 5 * saved["mean"][0]  # not ImageNet's statistics
     out = subprocess.run(
-        [sys.executable, "-m", "vision_ft.cli", "stats", "--data", spec, "--img-size", "32"],
+        [sys.executable, "-m", "vision_ft.cli", "stats", "--data", spec, "--img-size", "32",
+         "--model", run.cfg.model],
         capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"}, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
