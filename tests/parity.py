@@ -159,3 +159,24 @@ def register_shortened(monkeypatch, name: str, **config_changes) -> None:
     config = dataclasses.replace(entry.build.args[0], **config_changes)
     shortened = dataclasses.replace(entry, build=partial(entry.build.func, config))
     monkeypatch.setitem(registry._REGISTRY, entry.name, shortened)
+
+
+def assert_pretrained_cfg_matches_timm(name: str, *, every_tag: bool = True) -> None:
+    """The registry's default cfg for ``name`` holds timm's values, and its tags are timm's
+    (``every_tag=False``: a subset, for families whose port leaves some of timm's checkpoints out)."""
+    import timm
+
+    from vision_ft.models.registry import get_model_entry
+
+    entry = get_model_entry(name)
+    cfg, ref = entry.default_cfg, timm.models.get_pretrained_cfg(name)
+    assert cfg.tag == ref.tag and cfg.hf_hub_id == f"timm/{name}.{ref.tag}"
+    assert cfg.input_size == ref.input_size and cfg.interpolation == ref.interpolation
+    assert cfg.crop_pct == ref.crop_pct and cfg.num_classes == ref.num_classes
+    assert cfg.mean == tuple(ref.mean) and cfg.std == tuple(ref.std)
+    assert (cfg.first_conv, cfg.classifier, cfg.license) == (ref.first_conv, ref.classifier, ref.license)
+    timm_tags = tuple(n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*"))
+    if every_tag:
+        assert entry.tags == timm_tags
+    else:
+        assert set(entry.tags) <= set(timm_tags)

@@ -9,6 +9,7 @@ import vision_ft
 from tests.parity import (
     assert_models_match,
     assert_parity,
+    assert_pretrained_cfg_matches_timm,
     assert_structure_matches,
     perturbed_timm_model,
     register_shortened,
@@ -66,15 +67,8 @@ def test_odd_input_size_matches_timm(tmp_path):
 def test_model_names_and_pretrained_cfgs():
     assert set(vision_ft.list_models("convnext_*")) == set(NAMES)
     for name in NAMES:
-        ref = get_pretrained_cfg(name)
-        ours = vision_ft.models.registry.get_model_entry(name)
-        cfg = ours.default_cfg
-        assert cfg.tag == ref.tag and cfg.hf_hub_id == f"timm/{name}.{ref.tag}"
-        assert cfg.crop_pct == ref.crop_pct and cfg.interpolation == ref.interpolation == "bicubic"
-        assert cfg.input_size == ref.input_size and cfg.num_classes == ref.num_classes
-        assert cfg.mean == ref.mean and cfg.std == ref.std
-        assert (cfg.first_conv, cfg.classifier, cfg.license) == (ref.first_conv, ref.classifier, ref.license)
-        assert list(ours.tags) == [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name}.*")]
+        assert_pretrained_cfg_matches_timm(name)
+        assert get_pretrained_cfg(name).interpolation == "bicubic"
 
 
 @pytest.mark.parametrize("in_chans", [1, 4])

@@ -9,12 +9,12 @@ import vision_ft
 from tests.parity import (
     assert_models_match,
     assert_parity,
+    assert_pretrained_cfg_matches_timm,
     perturbed_timm_model,
     relative_error,
     save_checkpoint,
 )
 from vision_ft.models.efficientnet import CONFIGS, checkpoint_filter
-from vision_ft.models.registry import get_model_entry
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.weights.mapping import WeightLoadError
 from vision_ft.weights.sources import offline_package_checkpoint
@@ -77,16 +77,7 @@ def _meta_timm(name, **kwargs):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_pretrained_cfg_matches_timm(name):
-    entry = get_model_entry(name)
-    cfg, ref = entry.default_cfg, timm.models.get_pretrained_cfg(name)
-    assert cfg.tag == ref.tag
-    assert cfg.hf_hub_id == f"timm/{name}.{ref.tag}"
-    assert cfg.input_size == ref.input_size
-    assert cfg.interpolation == ref.interpolation
-    assert cfg.crop_pct == pytest.approx(ref.crop_pct)
-    assert cfg.mean == pytest.approx(ref.mean) and cfg.std == pytest.approx(ref.std)
-    assert (cfg.first_conv, cfg.classifier, cfg.license) == (ref.first_conv, ref.classifier, ref.license)
-    assert entry.tags == tuple(n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*"))
+    assert_pretrained_cfg_matches_timm(name)
 
 
 @pytest.mark.parametrize("in_chans", [1, 4])
