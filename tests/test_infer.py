@@ -16,13 +16,16 @@ from vision_ft.data.pipeline import eval_batches
 from vision_ft.infer.embeddings import read_embeddings
 from vision_ft.infer.evaluate import reorder_labels, run_class_order
 from vision_ft.infer.predictor import from_run
+from vision_ft.infer.probe_files import PROBE_FILE
 from vision_ft.train.loop import FitRun
+from vision_ft.train.probe import LinearProbe
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
-    cfg = tiny_config(root, epochs=2, ema_decay=0.5)
+    # shifted test-time views: eval and predict must evaluate as fit did (the run's config.json)
+    cfg = tiny_config(root, epochs=2, ema_decay=0.5, tta_shift=0.1)
     final = FitRun(cfg, progress=False).run()
     return root, cfg, final
 
@@ -125,6 +128,31 @@ def test_linear_probe_and_knn_on_zoo_embeddings(fitted, tmp_path):
     rows = list(csv.DictReader(preds.open()))
     accuracy = np.mean([r["label"] == r["predicted"] for r in rows])
     assert accuracy == pytest.approx(final["test"]["accuracy"], abs=1e-9)
+
+
+def test_probe_on_a_runs_embeddings_predicts_as_it_was_scored(fitted, tmp_path):
+    root, cfg, _ = fitted
+    paths = {}
+    for split in ("train", "val", "test"):
+        paths[split] = tmp_path / f"{split}.npz"
+        result = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--split", split,
+                     "--output", paths[split], "--tta", "flip", "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "probe"
+    result = cli(
+        "probe", "--train", paths["train"], "--val", paths["val"], "--test", paths["test"], "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    preds = tmp_path / "probe_preds.csv"
+    result = cli("predict", "--probe", out, "--input", cfg.data, "--output", preds)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(preds.open()))
+    # predict embeds as the probe's embeddings were made (mirrors only, not the run's shifted views)
+    logits = LinearProbe.load(out / PROBE_FILE).logits(read_embeddings(paths["test"]).embeddings)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    got = np.array([[float(r["p_class 0"]), float(r["p_class 1"])] for r in rows])
+    np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
 def test_bad_input_is_one_line_exit_2(fitted, tmp_path):

@@ -97,12 +97,16 @@ def test_fit_with_frozen_backbone_changes_only_the_head(tmp_path, ema_decay):
         assert np.array_equal(before, stats_after[path]), path
 
 
-def test_mirrored_tta_follows_the_training_flips_unless_set(tmp_path):
-    for name in "abc":
+def test_tta_views_follow_the_training_augmentation_unless_set(tmp_path):
+    def resolved(name, **overrides):
         (tmp_path / name).mkdir()
-    assert FitRun(tiny_config(tmp_path / "a"), progress=False).cfg.tta_flip is True
-    assert FitRun(tiny_config(tmp_path / "b", hflip=False), progress=False).cfg.tta_flip is False
-    assert FitRun(tiny_config(tmp_path / "c", tta_flip=False), progress=False).cfg.tta_flip is False
+        cfg = FitRun(tiny_config(tmp_path / name, **overrides), progress=False).cfg
+        return cfg.tta_flip, cfg.tta_shift
+
+    # the synthetic one-band data gets the medical preset: flips and shifts of up to 10%
+    assert resolved("a") == (True, 0.05)
+    assert resolved("b", hflip=False, translate=0.0) == (False, 0.0)
+    assert resolved("c", tta_flip=False, tta_shift=0.2) == (False, 0.2)
 
 
 def test_train_bn_updates_frozen_statistics(tmp_path):
@@ -278,19 +282,23 @@ def test_default_config_is_the_bundled_breastmnist_recipe():
 
 
 def test_resume_compares_every_setting_that_changes_what_the_run_computes():
-    started = load_config(None, {"model": "resnet18", "eval_crop_pct": None, "tta_flip": True})
+    started = load_config(
+        None, {"model": "resnet18", "eval_crop_pct": None, "tta_flip": True, "tta_shift": 0.05}
+    )
     saved = {**started.to_dict(), "num_classes": 2, "in_chans": 1}  # config.json records more
     # fit --resume takes the run's settings, None included (eval_crop_pct's default is 1.0)
     assert load_config(None, {"resume": True}, base=saved) == dataclasses.replace(started, resume=True)
     assert resume_conflicts(saved, started) == []
     moved = {"output": "elsewhere", "mesh": "data=2", "loader_threads": 1, "eval_batch_size": 8}
     assert resume_conflicts(saved, dataclasses.replace(started, **moved)) == []
-    assert resume_conflicts(saved, dataclasses.replace(started, tta_flip=None)) == []  # resolved at start
-    changed = dataclasses.replace(started, lr=0.5, tta_flip=False, freeze=("stem",))
+    resolved_at_start = dataclasses.replace(started, tta_flip=None, tta_shift=None)
+    assert resume_conflicts(saved, resolved_at_start) == []
+    changed = dataclasses.replace(started, lr=0.5, tta_flip=False, tta_shift=0.1, freeze=("stem",))
     assert resume_conflicts(saved, changed) == [
         "lr (run 0.001, now 0.5)",
         "freeze (run [], now ['stem'])",
         "tta_flip (run True, now False)",
+        "tta_shift (run 0.05, now 0.1)",
     ]
     from_run = dataclasses.replace(started, model="tf_efficientnet_lite0", pretrained="run:earlier")
     assert resume_conflicts({**saved, "pretrained": "run:earlier"}, from_run) == []
@@ -322,7 +330,7 @@ def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
 
 
 def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path):
-    run = FitRun(tiny_config(tmp_path, ema_decay=0.5, tta_flip=False), progress=False)
+    run = FitRun(tiny_config(tmp_path, ema_decay=0.5, tta_flip=False, tta_shift=0.0), progress=False)
     trainer = run._trainer(run.phases[0])
 
     def fc_kernel(tree):

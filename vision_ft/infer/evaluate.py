@@ -28,7 +28,9 @@ def predict_logits(
     With a linear ``probe``, logits are the probe's on the model's embeddings."""
     output = "embedding" if probe is not None else "logits"
     layer = predictor.layer if probe is not None else None
-    forward, n_devices = compiled_forward(predictor, output, tta_flip=predictor.tta_flip, layer=layer)
+    forward, n_devices = compiled_forward(
+        predictor, output, tta_flip=predictor.tta_flip, tta_shift=predictor.tta_shift, layer=layer
+    )
     batch_size = -(-batch_size // n_devices) * n_devices
     ids, labels, outputs, bad = [], [], [], []
     for out, batch in run_split(predictor, examples, forward, batch_size=batch_size):

@@ -26,6 +26,7 @@ from vision_ft.models.factory import create_model
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.run_dir import load_run_model, read_run_config
 from vision_ft.train.step import data_mesh, to_global
+from vision_ft.train.tta import averaged_over_views
 
 OUTPUTS = ("logits", "embedding")
 
@@ -38,6 +39,7 @@ class Predictor:
     data_options: DataOptions
     source: str  # what the weights are, for logs and output metadata
     tta_flip: bool = False  # evaluate as the run (or the probe's embeddings) did
+    tta_shift: float = 0.0
     layer: int | None = None  # embeddings from an intermediate stage (a probe trained on them)
     multi_label: bool = False  # one sigmoid per class (a run fit on ``a|b`` labels)
 
@@ -63,7 +65,7 @@ def from_run(run_dir: str | Path, *, which: str = "best") -> Predictor:
     names = tuple(config["class_names"]) if config.get("class_names") else None
     return Predictor(
         model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")),
-        multi_label=bool(config.get("multi_label")),
+        tta_shift=config.get("tta_shift", 0.0), multi_label=bool(config.get("multi_label")),
     )  # fmt: skip
 
 
@@ -77,7 +79,13 @@ def from_pretrained(
 
 
 def compiled_forward(
-    predictor: Predictor, output: str, *, tta_flip: bool = False, layer: int | None = None, devices=None
+    predictor: Predictor,
+    output: str,
+    *,
+    tta_flip: bool = False,
+    tta_shift: float = 0.0,
+    layer: int | None = None,
+    devices=None,
 ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
     """(fn, devices): ``fn(images)`` returns ``output`` ("logits" or the pooled pre-logit
     "embedding", i.e. ``forward_head(forward_features(x), pre_logits=True)``) for a batch of images
@@ -114,10 +122,7 @@ def compiled_forward(
                 return model.pool_intermediate(model.forward_intermediates(x)[layer])
             return model.forward_head(model.forward_features(x), pre_logits=True)
 
-        out = run(x).astype(jnp.float32)
-        if tta_flip:  # mean over the image and its mirror
-            out = (out + run(x[:, :, ::-1]).astype(jnp.float32)) / 2
-        return out
+        return averaged_over_views(run, x, flip=tta_flip, shift=tta_shift)
 
     # replicated outputs: in a multi-process run every process holds all of them
     options = compiler_options()

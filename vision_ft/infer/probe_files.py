@@ -109,5 +109,6 @@ def load_probe_dir(directory: Path) -> tuple[Predictor, LinearProbe]:
         predictor = from_pretrained(source["zoo_model"], pretrained, in_chans=source["in_chans"])
     predictor.class_names = tuple(probe.class_names)
     predictor.tta_flip = source.get("tta") == "flip"
+    predictor.tta_shift = 0.0  # embed averages mirrors only, whatever the run evaluated with
     predictor.layer = source.get("layer")
     return predictor, probe

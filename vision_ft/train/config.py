@@ -73,9 +73,13 @@ class FitConfig:
     # evaluation: an exponential moving average of the weights (timm's model EMA; 0 disables) is what
     # gets evaluated and kept as best; tta_flip averages logits with the mirrored image (None: where
     # training flips images horizontally). Both chosen by cross-validation on BreastMNIST's train
-    # split (held-out AUC 0.902 against 0.885 without): benchmarks/breastmnist_cv.py
+    # split (held-out AUC 0.902 against 0.885 without): benchmarks/breastmnist_cv.py. tta_shift > 0
+    # also averages over those views moved by that fraction of the side up, down, left and right
+    # (train/tta.py), 5x the evaluation's forward passes; None: half of training's translate (0.05
+    # for BreastMNIST, chosen on the cross-validation's checkpoints: held-out AUC 0.896 against 0.890)
     ema_decay: float = 0.98
     tta_flip: bool | None = None
+    tta_shift: float | None = None
     # run
     precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 parameters)
     mesh: str | None = None  # "data=N,fsdp=M": FSDP over M devices; None: data parallel on all
@@ -111,6 +115,7 @@ class FitConfig:
             (self.color_jitter is None or 0 <= self.color_jitter < 1, "color_jitter must be in [0, 1)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.tta_shift is None or 0 <= self.tta_shift < 0.5, "tta_shift must be in [0, 0.5)"),
             (self.on_bad_image in ("skip", "fail"), "on_bad_image must be 'skip' or 'fail'"),
             (self.modality in MODALITIES, f"modality must be one of {', '.join(MODALITIES)}"),
             (
@@ -195,12 +200,11 @@ def settings_of_run(saved: dict) -> dict:
 
 def resume_conflicts(saved: dict, cfg: FitConfig) -> list[str]:
     """Settings of ``cfg`` that differ from those the run was started with, as ``name (run X, now Y)``.
-    Two are not compared: ``tta_flip`` while unset (the run resolved it at its start) and the model of
-    a fine-tune from another run (``run:DIR`` decides it)."""
+    Not compared: ``tta_flip`` and ``tta_shift`` while unset (the run resolved them at its start)
+    and the model of a fine-tune from another run (``run:DIR`` decides it)."""
     current = cfg.to_dict()
     skip = set(RESUMABLE_CHANGES)
-    if cfg.tta_flip is None:
-        skip.add("tta_flip")
+    skip.update(name for name in ("tta_flip", "tta_shift") if getattr(cfg, name) is None)
     if cfg.pretrained.startswith("run:"):
         skip.add("model")
     return [

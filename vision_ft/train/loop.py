@@ -141,8 +141,11 @@ class FitRun:
                 seed=cfg.seed,
             )
         self._set_input_pipeline()
-        if cfg.tta_flip is None:  # resolved, so that the run's config.json says what eval and predict do
+        # resolved, so that the run's config.json says what eval and predict do
+        if cfg.tta_flip is None:
             cfg = self.cfg = dataclasses.replace(cfg, tta_flip=self.augment_settings["hflip"])
+        if cfg.tta_shift is None:
+            cfg = self.cfg = dataclasses.replace(cfg, tta_shift=self.augment_settings["translate"] / 2)
         train = self.data.splits["train"]
         self.steps_per_epoch = len(train) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -243,6 +246,7 @@ class FitRun:
             label_smoothing=cfg.label_smoothing,
             ema_decay=cfg.ema_decay,
             tta_flip=cfg.tta_flip,
+            tta_shift=cfg.tta_shift,
             multi_label=self.multi_label,
             fsdp_min_size=cfg.fsdp_min_size,
             augment=Augment(

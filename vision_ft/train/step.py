@@ -27,6 +27,7 @@ from vision_ft.models.layers import BatchNorm
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.rules import ParamSetting
 from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
+from vision_ft.train.tta import averaged_over_views
 from vision_ft.weights.mapping import format_path
 
 
@@ -191,6 +192,7 @@ class Trainer:
         seed: int = 0,
         ema_decay: float = 0.0,
         tta_flip: bool = False,
+        tta_shift: float = 0.0,
         multi_label: bool = False,
         fsdp_min_size: int = DEFAULT_MIN_SIZE,
     ):
@@ -293,10 +295,9 @@ class Trainer:
             if images.dtype == jnp.uint8:
                 x = x / 255.0
             x = (x - mean) / std
-            logits = model(x, train=False).astype(jnp.float32)
-            if tta_flip:  # test-time augmentation: average with the mirrored image
-                logits = (logits + model(x[:, :, ::-1], train=False).astype(jnp.float32)) / 2
-            return logits
+            return averaged_over_views(
+                lambda view: model(view, train=False), x, flip=tta_flip, shift=tta_shift
+            )
 
         def ema_update(ema, trainable, stats, step):
             # the decay warms up as in timm's ModelEmaV3, so early averages do not stick to the init
