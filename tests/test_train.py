@@ -291,6 +291,8 @@ def test_resume_compares_every_setting_that_changes_what_the_run_computes():
     assert resume_conflicts(saved, started) == []
     moved = {"output": "elsewhere", "mesh": "data=2", "loader_threads": 1, "eval_batch_size": 8}
     assert resume_conflicts(saved, dataclasses.replace(started, **moved)) == []
+    older = {k: v for k, v in saved.items() if k != "tta_shift"}  # a run from before shifted views
+    assert load_config(None, {"resume": True}, base=older).tta_shift == 0.0
     resolved_at_start = dataclasses.replace(started, tta_flip=None, tta_shift=None)
     assert resume_conflicts(saved, resolved_at_start) == []
     changed = dataclasses.replace(started, lr=0.5, tta_flip=False, tta_shift=0.1, freeze=("stem",))

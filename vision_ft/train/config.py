@@ -195,7 +195,10 @@ RESUMABLE_CHANGES = frozenset(
 
 def settings_of_run(saved: dict) -> dict:
     """The fit settings in a run's ``config.json`` (which also records what the run resolved)."""
-    return {k: v for k, v in saved.items() if k in _FIELDS}
+    settings = {k: v for k, v in saved.items() if k in _FIELDS}
+    if settings and "tta_shift" not in settings:  # written before shifted views existed
+        settings["tta_shift"] = 0.0
+    return settings
 
 
 def resume_conflicts(saved: dict, cfg: FitConfig) -> list[str]:
