@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.sources import load_dataset
-from vision_ft.infer.predictor import compiled_forward, from_run, run_split
+from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
 from vision_ft.train.metrics import classification_metrics
 
 
-def held_out_metrics(run: Path, fold_file: Path, shift: float) -> dict:
-    predictor = from_run(run)
-    split = load_dataset(f"npz:{fold_file}", predictor.data_options).splits["test"]  # the held-out fold
+def held_out_metrics(predictor: Predictor, split: ExampleSplit, shift: float) -> dict:
     forward, _ = compiled_forward(predictor, "logits", tta_flip=True, tta_shift=shift)
     logits, labels = [], []
     for outputs, batch in run_split(predictor, split, forward, batch_size=64):
@@ -45,8 +44,10 @@ def main() -> None:
     results = {}
     for candidate in map(Path, args.runs.split(",")):
         for run in sorted(candidate.glob("fold*")):
+            predictor = from_run(run)  # loaded once: only the views change between shifts
             fold_file = candidate.parent / f"{run.name}.npz"
-            scores = {f"shift {s}": held_out_metrics(run, fold_file, s) for s in shifts}
+            held_out = load_dataset(f"npz:{fold_file}", predictor.data_options).splits["test"]
+            scores = {f"shift {s}": held_out_metrics(predictor, held_out, s) for s in shifts}
             results[str(run)] = scores
             print(run, " ".join(f"{k}: {v['auc']:.3f}/{v['accuracy']:.3f}" for k, v in scores.items()))
     summary = {}
