@@ -22,6 +22,7 @@ from vision_ft.train.optimizer import build_optimizer, keypath_to_str
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import load_run_model
 from vision_ft.train.step import Trainer, data_mesh, freeze_batchnorm
+from vision_ft.train.tta import augmented_views
 from vision_ft.weights.mapping import format_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,35 @@ def test_tta_views_follow_the_training_augmentation_unless_set(tmp_path):
     assert resolved("a") == (True, 0.05)
     assert resolved("b", hflip=False, translate=0.0) == (False, 0.0)
     assert resolved("c", tta_flip=False, tta_shift=0.2) == (False, 0.2)
+
+
+@pytest.mark.parametrize("val_tta_shift", [False, True])
+def test_validation_picks_checkpoints_on_mirrors_only_unless_asked(tmp_path, monkeypatch, val_tta_shift):
+    cfg = tiny_config(tmp_path, epochs=1, val_tta_shift=val_tta_shift)
+    run = FitRun(cfg, progress=False)
+    assert (run.cfg.tta_flip, run.cfg.tta_shift) == (True, 0.05)  # 2 of the 32 pixels
+    trainer = run._trainer(run.phases[0])
+    images = _batch(run, 0)[0]
+    trainer.write_back(run.model, evaluated=True)
+    x = (images - np.asarray(run.model.pretrained_cfg.mean)) / np.asarray(run.model.pretrained_cfg.std)
+    views = augmented_views(x, flip=True, shift=0.05)
+    assert len(views) == 10
+    expected = [np.mean([np.asarray(run.model(v)) for v in subset], axis=0) for subset in (views[:2], views)]
+    unshifted, shifted = (np.asarray(trainer.predict(images, shifted=s)) for s in (False, True))
+    np.testing.assert_allclose(unshifted, expected[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(shifted, expected[1], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(unshifted, shifted, rtol=1e-4, atol=1e-5)
+
+    calls = []
+    original = FitRun.predict_split
+
+    def recording(self, trainer, split, *, shifted=True):
+        calls.append((split, shifted))
+        return original(self, trainer, split, shifted=shifted)
+
+    monkeypatch.setattr(FitRun, "predict_split", recording)
+    run.run()
+    assert calls == [("val", val_tta_shift), ("test", True)]
 
 
 def test_train_bn_updates_frozen_statistics(tmp_path):
@@ -293,6 +323,10 @@ def test_resume_compares_every_setting_that_changes_what_the_run_computes():
     assert resume_conflicts(saved, dataclasses.replace(started, **moved)) == []
     older = {k: v for k, v in saved.items() if k != "tta_shift"}  # a run from before shifted views
     assert load_config(None, {"resume": True}, base=older).tta_shift == 0.0
+    # a run from when validation averaged every view it was tested on
+    older = {k: v for k, v in saved.items() if k != "val_tta_shift"}
+    assert load_config(None, {"resume": True}, base=older).val_tta_shift is True
+    assert not started.val_tta_shift
     resolved_at_start = dataclasses.replace(started, tta_flip=None, tta_shift=None)
     assert resume_conflicts(saved, resolved_at_start) == []
     changed = dataclasses.replace(started, lr=0.5, tta_flip=False, tta_shift=0.1, freeze=("stem",))

@@ -80,6 +80,11 @@ class FitConfig:
     ema_decay: float = 0.98
     tta_flip: bool | None = None
     tta_shift: float | None = None
+    # whether fit's per-epoch validation, which picks the best checkpoint, uses the shifted views
+    # too; off, it averages the image and its mirror only (as timm validates without its TTA), and
+    # the shifted views score the kept checkpoint on test and in eval and predict. The views were
+    # chosen on checkpoints picked this way (benchmarks/README.md), at a fifth of validation's cost
+    val_tta_shift: bool = False
     # run
     precision: str = "fp32"  # "fp32" or "bf16" (bf16 compute, fp32 parameters)
     mesh: str | None = None  # "data=N,fsdp=M": FSDP over M devices; None: data parallel on all
@@ -198,6 +203,8 @@ def settings_of_run(saved: dict) -> dict:
     settings = {k: v for k, v in saved.items() if k in _FIELDS}
     if settings and "tta_shift" not in settings:  # written before shifted views existed
         settings["tta_shift"] = 0.0
+    if settings and "val_tta_shift" not in settings:  # written when validation used every view
+        settings["val_tta_shift"] = True
     return settings
 
 

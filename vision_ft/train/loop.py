@@ -288,8 +288,11 @@ class FitRun:
         return state
 
     # -- evaluation -----------------------------------------------------------------------------
-    def predict_split(self, trainer: Trainer, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Labels, logits and ids of every readable example of ``split``, in order."""
+    def predict_split(
+        self, trainer: Trainer, split: str, *, shifted: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Labels, logits and ids of every readable example of ``split``, in order (``shifted``: see
+        ``Trainer.predict``)."""
         data = self.data.splits[split]
         labels, outputs, ids = [], [], []
         batches = sharded_eval_batches(
@@ -299,7 +302,7 @@ class FitRun:
         for images, batch in batches:
             self._note_bad(data, batch)
             keep = batch["mask"] > 0
-            logits = np.asarray(trainer.predict(images))
+            logits = np.asarray(trainer.predict(images, shifted=shifted))
             labels.append(batch["label"][keep])
             outputs.append(logits[keep])
             ids += [data.example_id(int(r)) for r in batch["row"][keep]]
@@ -323,8 +326,8 @@ class FitRun:
             log.warning("skipping unusable example %s: %s", path, reason)
             self.bad_examples[path] = reason
 
-    def evaluate(self, trainer: Trainer, split: str) -> dict:
-        labels, logits, _ = self.predict_split(trainer, split)
+    def evaluate(self, trainer: Trainer, split: str, *, shifted: bool = True) -> dict:
+        labels, logits, _ = self.predict_split(trainer, split, shifted=shifted)
         return self._metrics(labels, logits)
 
     def _metrics(self, labels: np.ndarray, logits: np.ndarray) -> dict:
@@ -397,7 +400,7 @@ class FitRun:
                 metrics_log.log("train", epoch, step, {"loss": float(np.mean(jax.device_get(epoch_losses)))})
                 epoch_losses = []
                 if has_val:
-                    val = self.evaluate(trainer, "val")
+                    val = self.evaluate(trainer, "val", shifted=cfg.val_tta_shift)
                     metrics_log.log("val", epoch, step, val)
                     score = self._score(val) if cfg.select_metric != "loss" else val["loss"]
                     improved = score > best_score if cfg.select_metric != "loss" else score < best_score

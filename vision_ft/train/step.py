@@ -289,15 +289,13 @@ class Trainer:
             trainable = optax.apply_updates(trainable, updates)
             return trainable, opt_state, new_stats, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-        def eval_step(trainable, stats, frozen, other, images):
+        def eval_step(trainable, stats, frozen, other, images, *, shift):
             model = nnx.merge(graphdef, trainable, frozen, stats, other)
             x = images.astype(jnp.float32)
             if images.dtype == jnp.uint8:
                 x = x / 255.0
             x = (x - mean) / std
-            return averaged_over_views(
-                lambda view: model(view, train=False), x, flip=tta_flip, shift=tta_shift
-            )
+            return averaged_over_views(lambda view: model(view, train=False), x, flip=tta_flip, shift=shift)
 
         def ema_update(ema, trainable, stats, step):
             # the decay warms up as in timm's ModelEmaV3, so early averages do not stick to the init
@@ -319,12 +317,23 @@ class Trainer:
             compiler_options=options,
         )
         # replicated logits: in a multi-process run every process gets all of them for the metrics
-        self._eval_step = jax.jit(
-            eval_step, in_shardings=(t, st, f, ot, data), out_shardings=rep, compiler_options=options
+        self._eval_step, self._unshifted_eval_step = (
+            jax.jit(
+                functools.partial(eval_step, shift=shift),
+                in_shardings=(t, st, f, ot, data),
+                out_shardings=rep,
+                compiler_options=options,
+            )
+            for shift in (tta_shift, 0.0)
         )
+        if not tta_shift:  # the same views: compile once
+            self._unshifted_eval_step = self._eval_step
         self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
         self._run_train_step = meeting_on_first_call("train_step", self._train_step)
-        self._run_eval_step = meeting_on_first_call("eval_step", self._eval_step)
+        self._run_eval_step = {
+            True: meeting_on_first_call("eval_step", self._eval_step),
+            False: meeting_on_first_call("unshifted_eval_step", self._unshifted_eval_step),
+        }
 
     @property
     def num_devices(self) -> int:
@@ -363,10 +372,11 @@ class Trainer:
         used["peak_estimate"] = used["arguments"] + used["outputs"] + used["temporaries"] - used["aliased"]
         return used
 
-    def predict(self, images: np.ndarray) -> jax.Array:
-        """Logits of the evaluated weights: the EMA where enabled, else the trained ones."""
+    def predict(self, images: np.ndarray, *, shifted: bool = True) -> jax.Array:
+        """Logits of the evaluated weights: the EMA where enabled, else the trained ones, averaged
+        over the test-time views (without the shifted ones unless ``shifted``)."""
         trainable, stats = self.ema if self.ema is not None else (self.trainable, self.stats)
-        return self._run_eval_step(
+        return self._run_eval_step[shifted](
             trainable, stats, self.frozen, self.other, to_global(images, self.batch_sharding)
         )
 
