@@ -37,6 +37,8 @@ CANDIDATES: dict[str, dict] = {
     "lr5e-4": {"lr": 5e-4},
     # lite1's step costs about 1.36x lite0's per pixel: at 144 px, 1.1x the 160 px default
     "lite1_144": {"model": "tf_efficientnet_lite1", "img_size": 144},
+    # validation (which picks the checkpoint) on all ten test-time views, as before stop 16
+    "val_all_views": {"val_tta_shift": True},
 }
 
 

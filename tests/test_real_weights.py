@@ -39,7 +39,7 @@ def test_offline_lite0_classifies_photo_like_timm():
     model = vision_ft.create_model("tf_efficientnet_lite0", pretrained=True)
     with Image.open(PHOTO) as img:
         x = eval_transform(img, model.pretrained_cfg)[None]
-    ours = np.asarray(torch.softmax(torch.from_numpy(np.asarray(model(x))), -1))[0]
+    ours = np.asarray(torch.softmax(torch.from_numpy(np.array(model(x))), -1))[0]  # torch needs it writable
     with torch.no_grad():
         theirs = torch.softmax(
             _timm_lite0_with_package_weights()(torch.from_numpy(x).permute(0, 3, 1, 2)), -1
