@@ -316,23 +316,26 @@ class Trainer:
             donate_argnums=(0, 1, 2),
             compiler_options=options,
         )
-        # replicated logits: in a multi-process run every process gets all of them for the metrics
-        self._eval_step, self._unshifted_eval_step = (
-            jax.jit(
+
+        def compiled_eval_step(shift: float):
+            # replicated logits: in a multi-process run every process gets all of them for the metrics
+            return jax.jit(
                 functools.partial(eval_step, shift=shift),
                 in_shardings=(t, st, f, ot, data),
                 out_shardings=rep,
                 compiler_options=options,
             )
-            for shift in (tta_shift, 0.0)
-        )
-        if not tta_shift:  # the same views: compile once
-            self._unshifted_eval_step = self._eval_step
+
+        self._eval_step = compiled_eval_step(tta_shift)
         self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
         self._run_train_step = meeting_on_first_call("train_step", self._train_step)
+        run_eval_step = meeting_on_first_call("eval_step", self._eval_step)
         self._run_eval_step = {
-            True: meeting_on_first_call("eval_step", self._eval_step),
-            False: meeting_on_first_call("unshifted_eval_step", self._unshifted_eval_step),
+            True: run_eval_step,
+            # without shifted views to leave out, validation runs the same compiled step
+            False: meeting_on_first_call("unshifted_eval_step", compiled_eval_step(0.0))
+            if tta_shift
+            else run_eval_step,
         }
 
     @property
