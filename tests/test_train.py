@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import logging
+import re
 from pathlib import Path
 
 import jax
@@ -21,7 +23,7 @@ from vision_ft.train.metrics import binary_auc, classification_metrics
 from vision_ft.train.optimizer import build_optimizer, keypath_to_str
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import load_run_model
-from vision_ft.train.step import Trainer, data_mesh, freeze_batchnorm
+from vision_ft.train.step import Trainer, data_mesh, ema_decay_at, freeze_batchnorm
 from vision_ft.train.tta import augmented_views
 from vision_ft.weights.mapping import format_path
 
@@ -208,6 +210,25 @@ def test_no_recompilation_after_first_step(tmp_path):
     assert trainer._eval_step._cache_size() == 1
 
 
+def test_eval_steps_and_ema_compile_in_the_background(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, ema_decay=0.9)  # with tta_shift, validation and test differ
+    run = FitRun(cfg, progress=False)
+    trainer = run._trainer(run.phases[0])  # starts compiling them
+    assert trainer._background is not None
+    trainer._wait_for_background()
+    images = next(eval_batches(run.data.splits["val"], run.eval_geometry, batch_size=16))["image"]
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for step in range(2):
+            trainer.train_step(*_batch(run, step), step)
+        shifted, unshifted = trainer.predict(images), trainer.predict(images, shifted=False)
+    compiled = {
+        m.group(1) for r in caplog.records if (m := re.search(r"Compiling jit\((\w+)\)", r.getMessage()))
+    }
+    assert "train_step" in compiled
+    assert not compiled & {"eval_step", "ema_update"}, compiled
+    assert not np.allclose(shifted, unshifted)  # two distinct steps were compiled ahead
+
+
 def test_fit_writes_reports(tmp_path):
     cfg = tiny_config(tmp_path)
     final = FitRun(cfg, progress=False).run()
@@ -365,8 +386,24 @@ def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
         FitRun(tiny_config(tmp_path, pretrained=f"run:{tmp_path}", output=str(tmp_path / "x")))
 
 
-def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path):
-    run = FitRun(tiny_config(tmp_path, ema_decay=0.5, tta_flip=False, tta_shift=0.0), progress=False)
+def test_ema_warmups_follow_timm_and_tf():
+    steps = np.array([0, 1, 7, 100, 1000])
+    expected = {
+        "none": [0.0, 0.98, 0.98, 0.98, 0.98],
+        "power": [0.0, 1 - 2 ** (-2 / 3), 1 - 8 ** (-2 / 3), 1 - 101 ** (-2 / 3), 0.98],
+        "count": [0.1, 2 / 11, 8 / 17, 101 / 110, 0.98],
+    }
+    for warmup, values in expected.items():
+        got = [float(ema_decay_at(s, 0.98, warmup)) for s in steps]
+        np.testing.assert_allclose(got, values, rtol=1e-6, err_msg=warmup)
+    with pytest.raises(ValueError, match="ema_warmup"):
+        ema_decay_at(1, 0.98, "linear")
+
+
+@pytest.mark.parametrize("ema_warmup", ["count", "none"])
+def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warmup):
+    cfg = tiny_config(tmp_path, ema_decay=0.5, ema_warmup=ema_warmup, tta_flip=False, tta_shift=0.0)
+    run = FitRun(cfg, progress=False)
     trainer = run._trainer(run.phases[0])
 
     def fc_kernel(tree):
@@ -375,7 +412,7 @@ def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path):
     expected = fc_kernel(trainer.trainable)
     for step in range(3):
         trainer.train_step(*_batch(run, step), step)
-        decay = min(0.5, (1 + step) / (10 + step))
+        decay = min(0.5, (1 + step) / (10 + step)) if ema_warmup == "count" else (0.5 if step else 0.0)
         expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
     np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
     assert not np.allclose(fc_kernel(trainer.ema[0]), fc_kernel(trainer.trainable))

@@ -12,6 +12,7 @@ import yaml
 
 BUNDLED_DATA = "npz:bundled:breastmnist"
 MODALITIES = ("auto", "natural", "overhead", "medical")
+EMA_WARMUPS = ("none", "power", "count")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,11 @@ class FitConfig:
     # (train/tta.py), 5x the evaluation's forward passes; None: half of training's translate (0.05
     # for BreastMNIST, chosen on the cross-validation's checkpoints: held-out AUC 0.896 against 0.890)
     ema_decay: float = 0.98
+    # how the EMA's decay rises to ema_decay over the first updates (train/step.py ema_decay_at):
+    # "none" holds it from the second update on (timm's ModelEmaV3 default), "power" follows timm's
+    # warmup 1 - (1 + step)^(-2/3), "count" TF's min(decay, (1 + step) / (10 + step)), which stays
+    # below 0.98 for 440 steps: in a short fit it, not ema_decay, sets the horizon
+    ema_warmup: str = "count"
     tta_flip: bool | None = None
     tta_shift: float | None = None
     # whether fit's per-epoch validation, which picks the best checkpoint, uses the shifted views
@@ -120,6 +126,7 @@ class FitConfig:
             (self.color_jitter is None or 0 <= self.color_jitter < 1, "color_jitter must be in [0, 1)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.ema_warmup in EMA_WARMUPS, f"ema_warmup must be one of {', '.join(EMA_WARMUPS)}"),
             (self.tta_shift is None or 0 <= self.tta_shift < 0.5, "tta_shift must be in [0, 0.5)"),
             (self.on_bad_image in ("skip", "fail"), "on_bad_image must be 'skip' or 'fail'"),
             (self.modality in MODALITIES, f"modality must be one of {', '.join(MODALITIES)}"),
@@ -205,6 +212,8 @@ def settings_of_run(saved: dict) -> dict:
         settings["tta_shift"] = 0.0
     if settings and "val_tta_shift" not in settings:  # written when validation used every view
         settings["val_tta_shift"] = True
+    if settings and "ema_warmup" not in settings:  # written when TF's warmup was the only one
+        settings["ema_warmup"] = "count"
     return settings
 
 

@@ -237,7 +237,7 @@ class FitRun:
         log.info(
             "phase %s: %d/%d parameter tensors trainable, lr %.2e", phase.name, trainable, len(plan), phase.lr
         )
-        return Trainer(
+        trainer = Trainer(
             self.model,
             plan,
             tx,
@@ -245,6 +245,7 @@ class FitRun:
             class_weights=self.class_weights,
             label_smoothing=cfg.label_smoothing,
             ema_decay=cfg.ema_decay,
+            ema_warmup=cfg.ema_warmup,
             tta_flip=cfg.tta_flip,
             tta_shift=cfg.tta_shift,
             multi_label=self.multi_label,
@@ -260,6 +261,10 @@ class FitRun:
             ),
             seed=cfg.seed,
         )
+        size = self.eval_geometry.img_size
+        eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.data.channels), jnp.float32)
+        trainer.compile_in_background(eval_images)
+        return trainer
 
     def _phase_at(self, step: int) -> Phase:
         return next(p for p in self.phases if p.first_step <= step < p.last_step)

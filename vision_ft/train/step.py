@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -24,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from vision_ft.cpu_runtime import compiler_options
 from vision_ft.models.layers import BatchNorm
+from vision_ft.train.config import EMA_WARMUPS
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.rules import ParamSetting
 from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
@@ -167,6 +169,22 @@ def mix_batch(
     return mixed, targets, weights
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: str) -> jax.Array:
+    """The EMA's decay at its update after train step ``step`` (0-based); ``warmup`` (EMA_WARMUPS)
+    says how it rises to ``decay``. timm's modes copy the weights at the first update, as its
+    ModelEmaV3 does, so the average never keeps the new head's random init."""
+    step = jnp.asarray(step, jnp.float32)
+    if warmup == "count":  # TF's ExponentialMovingAverage(num_updates=step): 0.1 at the first
+        return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    if warmup == "power":  # timm's use_warmup, gamma 1 and power 2/3
+        ramped = jnp.minimum(decay, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
+    elif warmup == "none":
+        ramped = jnp.asarray(decay, jnp.float32)
+    else:
+        raise ValueError(f"ema_warmup must be one of {', '.join(EMA_WARMUPS)}, not {warmup!r}")
+    return jnp.where(step > 0, ramped, 0.0)
+
+
 def multilabel_loss(logits: jax.Array, targets: jax.Array, pos_weight: jax.Array) -> jax.Array:
     """Per-example sigmoid cross-entropy averaged over classes, positives weighted by ``pos_weight``
     (PyTorch's ``BCEWithLogitsLoss(pos_weight=...)``, reduced per example)."""
@@ -191,6 +209,7 @@ class Trainer:
         augment: Augment = Augment(),
         seed: int = 0,
         ema_decay: float = 0.0,
+        ema_warmup: str = "count",
         tta_flip: bool = False,
         tta_shift: float = 0.0,
         multi_label: bool = False,
@@ -298,8 +317,7 @@ class Trainer:
             return averaged_over_views(lambda view: model(view, train=False), x, flip=tta_flip, shift=shift)
 
         def ema_update(ema, trainable, stats, step):
-            # the decay warms up as in timm's ModelEmaV3, so early averages do not stick to the init
-            decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+            decay = ema_decay_at(step, ema_decay, ema_warmup)
             # e + (v - e)(1 - decay): a value that does not change (a frozen BatchNorm statistic)
             # stays bitwise the same, which e * decay + v * (1 - decay) does not guarantee
             return jax.tree.map(
@@ -327,26 +345,62 @@ class Trainer:
             )
 
         self._eval_step = compiled_eval_step(tta_shift)
+        # without shifted views to leave out, validation runs the same compiled step
+        self._eval_steps = {
+            True: self._eval_step,
+            False: compiled_eval_step(0.0) if tta_shift else self._eval_step,
+        }
         self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
         self._run_train_step = meeting_on_first_call("train_step", self._train_step)
         run_eval_step = meeting_on_first_call("eval_step", self._eval_step)
         self._run_eval_step = {
             True: run_eval_step,
-            # without shifted views to leave out, validation runs the same compiled step
-            False: meeting_on_first_call("unshifted_eval_step", compiled_eval_step(0.0))
+            False: meeting_on_first_call("unshifted_eval_step", self._eval_steps[False])
             if tta_shift
             else run_eval_step,
         }
+        self._background: Future | None = None
 
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
+
+    def compile_in_background(self, eval_images: jax.ShapeDtypeStruct) -> None:
+        """Compile the EMA update and the eval steps, for eval batches shaped like ``eval_images``, on
+        another thread while the first train step compiles: XLA compiles each program on one core, so
+        on a small CPU the other cores would sit idle. The steps wait for it on their first call."""
+        if self.abstract or self._background is not None:
+            return
+
+        def abstract(tree):
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+        # taken now: the train step donates these buffers while the thread runs
+        trainable, stats, frozen, other = abstract((self.trainable, self.stats, self.frozen, self.other))
+        images = jax.ShapeDtypeStruct(eval_images.shape, eval_images.dtype, sharding=self.batch_sharding)
+        ema = abstract(self.ema) if self.ema is not None else None
+
+        def compile_all() -> None:
+            if ema is not None:
+                self._ema_update.lower(ema, trainable, stats, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+            for step in {id(f): f for f in self._eval_steps.values()}.values():
+                step.lower(trainable, stats, frozen, other, images).compile()
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-ft-compile")
+        self._background = pool.submit(compile_all)
+        pool.shutdown(wait=False)
+
+    def _wait_for_background(self) -> None:
+        if self._background is not None:
+            background, self._background = self._background, None
+            background.result()  # its compilations are in jit's cache now; a failure surfaces here
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, step: int) -> dict:
         batch = to_global((images, labels, mask), self.batch_sharding)
         self.trainable, self.opt_state, self.stats, metrics = self._run_train_step(
             self.trainable, self.opt_state, self.stats, self.frozen, self.other, *batch, jnp.int32(step)
         )
+        self._wait_for_background()
         if self.ema is not None:
             self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(step))
         return metrics
@@ -378,6 +432,7 @@ class Trainer:
     def predict(self, images: np.ndarray, *, shifted: bool = True) -> jax.Array:
         """Logits of the evaluated weights: the EMA where enabled, else the trained ones, averaged
         over the test-time views (without the shifted ones unless ``shifted``)."""
+        self._wait_for_background()
         trainable, stats = self.ema if self.ema is not None else (self.trainable, self.stats)
         return self._run_eval_step[shifted](
             trainable, stats, self.frozen, self.other, to_global(images, self.batch_sharding)
