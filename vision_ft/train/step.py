@@ -209,7 +209,7 @@ class Trainer:
         augment: Augment = Augment(),
         seed: int = 0,
         ema_decay: float = 0.0,
-        ema_warmup: str = "count",
+        ema_warmup: str = "power",
         tta_flip: bool = False,
         tta_shift: float = 0.0,
         multi_label: bool = False,
