@@ -345,20 +345,19 @@ class Trainer:
             )
 
         self._eval_step = compiled_eval_step(tta_shift)
-        # without shifted views to leave out, validation runs the same compiled step
-        self._eval_steps = {
-            True: self._eval_step,
-            False: compiled_eval_step(0.0) if tta_shift else self._eval_step,
-        }
+        run_eval_step = meeting_on_first_call("eval_step", self._eval_step)
+        if tta_shift:
+            unshifted = compiled_eval_step(0.0)
+            self._eval_steps = (self._eval_step, unshifted)
+            self._run_eval_step = {
+                True: run_eval_step,
+                False: meeting_on_first_call("unshifted_eval_step", unshifted),
+            }
+        else:  # without shifted views to leave out, validation runs the same compiled step
+            self._eval_steps = (self._eval_step,)
+            self._run_eval_step = {True: run_eval_step, False: run_eval_step}
         self._ema_update = jax.jit(ema_update, out_shardings=(t, st), donate_argnums=(0,))
         self._run_train_step = meeting_on_first_call("train_step", self._train_step)
-        run_eval_step = meeting_on_first_call("eval_step", self._eval_step)
-        self._run_eval_step = {
-            True: run_eval_step,
-            False: meeting_on_first_call("unshifted_eval_step", self._eval_steps[False])
-            if tta_shift
-            else run_eval_step,
-        }
         self._background: Future | None = None
 
     @property
@@ -372,18 +371,18 @@ class Trainer:
         if self.abstract or self._background is not None:
             return
 
-        def abstract(tree):
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
         # taken now: the train step donates these buffers while the thread runs
-        trainable, stats, frozen, other = abstract((self.trainable, self.stats, self.frozen, self.other))
+        names = ("trainable", "stats", "frozen", "other")
+        trainable, stats, frozen, other = (
+            _with_shardings(getattr(self, n), self.shardings[n]) for n in names
+        )
         images = jax.ShapeDtypeStruct(eval_images.shape, eval_images.dtype, sharding=self.batch_sharding)
-        ema = abstract(self.ema) if self.ema is not None else None
+        ema = (trainable, stats) if self.ema is not None else None  # the EMA is laid out as they are
 
         def compile_all() -> None:
             if ema is not None:
                 self._ema_update.lower(ema, trainable, stats, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-            for step in {id(f): f for f in self._eval_steps.values()}.values():
+            for step in self._eval_steps:
                 step.lower(trainable, stats, frozen, other, images).compile()
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-ft-compile")
