@@ -29,7 +29,7 @@ from vision_ft.train.config import EMA_WARMUPS
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.rules import ParamSetting
 from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
-from vision_ft.train.tta import averaged_over_views
+from vision_ft.train.tta import averaged_over_views, reflect_padded
 from vision_ft.weights.mapping import format_path
 
 
@@ -117,7 +117,7 @@ def augment_batch(images: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
         x = per_image(turns == 1, quarter, per_image(turns == 2, half, per_image(turns == 3, three, x)))
     pad = int(round(aug.translate * min(h, w)))
     if pad:
-        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        padded = reflect_padded(x, pad)
         offsets = jax.random.randint(k_t, (n, 2), 0, 2 * pad + 1)
         x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
     if aug.color_jitter and c == 3:

@@ -13,6 +13,13 @@ import jax
 import jax.numpy as jnp
 
 
+def reflect_padded(images: jax.Array, pad: int) -> jax.Array:
+    """``images`` (N, H, W, C) reflect-padded by ``pad`` on each spatial side: the canvas that training's
+    random translation and the shifted views both crop from, so that no view shows a border training
+    never saw."""
+    return jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
 def augmented_views(images: jax.Array, *, flip: bool, shift: float) -> list[jax.Array]:
     """``images`` (N, H, W, C) and its augmented views, in a fixed order (the batch first)."""
     h, w = images.shape[1:3]
@@ -22,7 +29,7 @@ def augmented_views(images: jax.Array, *, flip: bool, shift: float) -> list[jax.
         return bases
     views = list(bases)
     for base in bases:
-        padded = jnp.pad(base, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        padded = reflect_padded(base, pad)
         for dy, dx in ((-pad, 0), (pad, 0), (0, -pad), (0, pad)):
             views.append(padded[:, pad + dy : pad + dy + h, pad + dx : pad + dx + w])
     return views
