@@ -1,0 +1,38 @@
+"""The ``vision-ft`` command line: one group, its commands in modules by what they act on."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from vision_ft.cli.data import stats
+from vision_ft.cli.errors import OneLineErrors
+from vision_ft.cli.fit import fit
+from vision_ft.cli.inference import embed, evaluate, predict, probe
+from vision_ft.cli.zoo import classify, models
+from vision_ft.cpu_runtime import keep_freed_host_memory
+
+__all__ = ["main"]
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def main(verbose: bool) -> None:
+    """vision-ft: fine-tune and apply timm backbones in JAX."""
+    # our own handler: jax/absl may have configured the root logger already, so basicConfig
+    # could silently do nothing
+    logger = logging.getLogger("vision_ft")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    keep_freed_host_memory()
+
+
+for command in (models, classify, fit, stats, embed, evaluate, predict, probe):
+    main.add_command(command)

@@ -1,0 +1,3 @@
+from vision_ft.cli import main
+
+main()

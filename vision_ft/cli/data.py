@@ -1,0 +1,49 @@
+"""``stats``: per-band statistics of a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.train.config import FitConfig
+
+
+@click.command()
+@click.option("--data", required=True, help="A --data spec, as for fit.")
+@click.option("--model", default="tf_efficientnet_lite0", help="Model whose input geometry to use.")
+@click.option("--img-size", type=int, default=FitConfig.img_size, help="Input side, as fit's.")
+@click.option("--split", default="train")
+@click.option("--data-dir", help="TFDS data directory.")
+@click.option("--window", help="DICOM window CENTER,WIDTH.")
+@click.option("--output", type=click.Path(path_type=Path), help="Also write the statistics as YAML.")
+@user_errors_exit_2
+def stats(data, model, img_size, split, data_dir, window, output) -> None:
+    """Per-band mean and std of a split, in the scale the model is fed (for non-RGB data).
+
+    Pass them to fit as `mean:` / `std:` in a config; fit computes them itself for data with other
+    than 1 or 3 bands.
+    """
+    import yaml
+
+    from vision_ft.data.pipeline import Geometry
+    from vision_ft.data.sources import DataOptions, load_dataset
+    from vision_ft.data.stats import band_statistics
+    from vision_ft.models.registry import get_model_entry
+    from vision_ft.train.config import load_config
+
+    window_values = load_config(None, {"window": window}).window
+    dataset = load_dataset(data, DataOptions(data_dir=data_dir, window=window_values))
+    if split not in dataset.splits:
+        raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
+    interpolation = get_model_entry(model).default_cfg.interpolation
+    geometry = Geometry(img_size, interpolation, 1.0, channels=dataset.channels)
+    mean, std, used = band_statistics(dataset.splits[split], geometry)
+    text = yaml.safe_dump({"mean": list(mean), "std": list(std)}, default_flow_style=True)
+    click.echo(f"# {used} images of {data} ({split}), {dataset.channels} bands")
+    click.echo(text, nl=False)
+    if output is not None:
+        if output.exists():
+            raise UserError(f"--output {output} exists; not overwriting it")
+        output.write_text(text)

@@ -1,0 +1,64 @@
+"""User-input errors: one ``error:`` line naming the culprit, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from vision_ft.data.errors import DataError
+from vision_ft.infer.embeddings import EmbeddingFileError
+from vision_ft.models.registry import UnknownModelError
+from vision_ft.train.checkpoint import CheckpointMismatchError
+from vision_ft.train.config import ConfigError
+from vision_ft.train.rules import RuleError
+from vision_ft.train.run_dir import RunDirError
+from vision_ft.weights.mapping import WeightLoadError
+from vision_ft.weights.sources import WeightSourceError
+
+# Errors that mean "the user's input is wrong": a message, exit code 2, no traceback.
+USER_ERRORS = (
+    WeightSourceError,
+    WeightLoadError,
+    UnknownModelError,
+    ConfigError,
+    DataError,
+    RuleError,
+    CheckpointMismatchError,
+    EmbeddingFileError,
+    RunDirError,
+)
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def user_errors_exit_2(command):
+    """Turn the user-input errors raised below a command into one-line messages with exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise UserError(e.args[0] if e.args else str(e)) from None
+
+    return wrapper
+
+
+class OneLineErrors(click.Group):
+    """Click's usage errors, too, become one ``error:`` line with exit code 2."""
+
+    def main(self, *args, **kwargs):
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            hint = f" (see {e.ctx.command_path} --help)" if isinstance(e, click.UsageError) and e.ctx else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        sys.exit(result if isinstance(result, int) else 0)

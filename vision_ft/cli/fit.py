@@ -1,0 +1,97 @@
+"""``fit``: fine-tune a backbone, or resume a run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.processes import distributed_options, start_processes
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML file of fit settings.")
+@click.option("--model", help="timm architecture name [tf_efficientnet_lite0].")
+@click.option(
+    "--pretrained",
+    help="true, false, hf-hub:timm/NAME.TAG, a checkpoint file, or run:DIR (an earlier run's best "
+    "weights, new head if the classes differ) [true].",
+)
+@click.option(
+    "--data",
+    help="npz:PATH (MedMNIST layout), folder:DIR, csv:FILE or tfds:NAME[/CONFIG][:SPLIT] "
+    "[bundled BreastMNIST].",
+)
+@click.option("--data-dir", help="TFDS data directory (prepared datasets).")
+@click.option("--val-fraction", type=float, help="Validation share for data without a val split [0.1].")
+@click.option("--test-fraction", type=float, help="Test share for data without a test split [0].")
+@click.option("--window", help="DICOM window CENTER,WIDTH [the file's].")
+@click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), help="Unusable images [skip].")
+@click.option("--workers", type=int, help="Decoding worker processes [0: threads].")
+@click.option("--modality", type=click.Choice(["auto", "natural", "overhead", "medical"]))
+@click.option("--mixup", type=float, help="Mixup Beta alpha [0: off].")
+@click.option("--cutmix", type=float, help="CutMix Beta alpha [0: off].")
+@click.option("--img-size", type=int)
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option(
+    "--freeze", help="Comma-separated regexes or groups (stem, blocks.N[-M], stages.N, head, backbone)."
+)
+@click.option("--layer-decay", type=float, help="Layer-wise LR decay, e.g. 0.75.")
+@click.option("--class-weights", type=click.Choice(["none", "auto"]))
+@click.option("--recipe", type=click.Choice(["standard", "fine_tune"]))
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option(
+    "--mesh", help="Device mesh data=N,fsdp=M: shard weights and optimizer state over M [data only]."
+)
+@click.option("--train-bn/--no-train-bn", default=None, help="Update BatchNorm statistics of frozen layers.")
+@click.option("--seed", type=int)
+@click.option("--output", help="Run directory [runs/fit].")
+@click.option("--checkpoint-dir", help="Where checkpoints go [OUTPUT/checkpoints]; may be gs://BUCKET/PATH.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --output exactly.")
+@click.option("--no-progress", is_flag=True, help="Log instead of drawing a progress bar.")
+@distributed_options
+@user_errors_exit_2
+def fit(
+    config_path: Path | None, no_progress: bool, coordinator, num_processes, process_id, **overrides
+) -> None:
+    """Fine-tune a pretrained backbone (default: tf_efficientnet_lite0 on bundled BreastMNIST)."""
+    from vision_ft.train.config import load_config
+    from vision_ft.train.distributed import check_same_settings, is_primary
+    from vision_ft.train.loop import FitRun, RunDirError
+    from vision_ft.train.preemption import EXIT_PREEMPTED, Preempted
+
+    cfg = load_config(config_path, overrides, base=_resumed_settings(config_path, overrides))
+    start_processes(coordinator, num_processes, process_id)
+    check_same_settings(cfg.to_dict())
+    try:
+        final = FitRun(cfg, progress=not no_progress).run()
+    except (RunDirError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    except Preempted as e:
+        click.echo(f"stopped: {e}", err=True)
+        sys.exit(EXIT_PREEMPTED)
+    test = final.get("test")
+    if not is_primary():
+        return
+    if test:
+        click.echo(
+            f"test AUC {test['auc']:.4f}  accuracy {test['accuracy']:.4f}  balanced accuracy "
+            f"{test['balanced_accuracy']:.4f}  macro-F1 {test['macro_f1']:.4f}  "
+            f"({final['wall_seconds']:.0f} s)"
+        )
+    click.echo(f"run written to {cfg.output}")
+
+
+def _resumed_settings(config_path: Path | None, overrides: dict) -> dict | None:
+    """``fit --resume`` without ``--config`` continues with the settings the run was started with."""
+    from vision_ft.train.config import FitConfig
+    from vision_ft.train.run_dir import read_run_config
+
+    if not overrides.get("resume") or config_path is not None:
+        return None
+    run = Path(overrides.get("output") or FitConfig.output)
+    return read_run_config(run) if (run / "config.json").is_file() else None

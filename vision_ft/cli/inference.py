@@ -1,0 +1,214 @@
+"""``embed``, ``eval``, ``predict`` and ``probe``: applying a zoo model or a fit run to data."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import click
+
+from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.processes import distributed_options, start_processes
+from vision_ft.progress import ProgressBar
+
+
+def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data: str | None, data_dir):
+    """The model and preprocessing for embed/eval/predict: a run directory, or a zoo model."""
+    from vision_ft.data.sources import DataOptions, load_dataset
+    from vision_ft.infer.predictor import from_pretrained, from_run
+
+    if (model is None) == (checkpoint is None):
+        raise UserError("give exactly one of --model or --checkpoint")
+    if checkpoint is not None:
+        predictor = from_run(checkpoint)
+        if data_dir:
+            predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
+        return predictor
+    channels = load_dataset(data, DataOptions(data_dir=data_dir)).channels if data else 3
+    spec = {"true": True, "false": False}.get(pretrained.lower(), pretrained)
+    return from_pretrained(model, spec, in_chans=channels)
+
+
+def _metadata(predictor, **extra) -> dict:
+    cfg = predictor.model.pretrained_cfg
+    return {
+        "source": predictor.source,
+        "model": type(predictor.model).__name__,
+        "input_size": list(cfg.input_size),
+        "interpolation": predictor.geometry.interpolation,
+        "crop_pct": predictor.geometry.eval_crop_pct,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "class_names": list(predictor.class_names) if predictor.class_names else None,
+        **extra,
+    }
+
+
+@click.command()
+@click.option("--model", help="A zoo model (with --pretrained) ...")
+@click.option("--pretrained", default="true", help="... its weights [true].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="... or a fit run directory.")
+@click.option("--data", required=True, help="A --data spec, as for fit.")
+@click.option("--split", default="train", help="train, val, test or all [train].")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help=".npz or .parquet file.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", help="Average with the mirror.")
+@click.option("--layer", type=int, help="Pooled output of this stage/block instead (0-based, -1 last).")
+@click.option("--batch-size", type=int, default=64)
+@click.option("--data-dir", help="TFDS data directory.")
+@click.option("--no-progress", is_flag=True)
+@distributed_options
+@user_errors_exit_2
+def embed(
+    model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, no_progress,
+    coordinator, num_processes, process_id,
+) -> None:  # fmt: skip
+    """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
+    import numpy as np
+
+    from vision_ft.data.sources import load_dataset
+    from vision_ft.infer.embeddings import FORMATS, Embeddings, embed_split, write_embeddings
+
+    if output.exists():
+        raise UserError(f"--output {output} exists; not overwriting it")
+    if output.suffix not in FORMATS:
+        raise UserError(f"--output {output}: use a .npz or .parquet file name")
+    start_processes(coordinator, num_processes, process_id)
+    from vision_ft.train.distributed import is_primary
+
+    no_progress = no_progress or not is_primary()
+    predictor = _predictor(model, pretrained, checkpoint, data, data_dir)
+    dataset = load_dataset(data, predictor.data_options)
+    names = list(dataset.splits) if split == "all" else [split]
+    missing = [n for n in names if n not in dataset.splits]
+    if missing:
+        raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
+    if dataset.channels != predictor.channels:
+        raise UserError(f"{data} has {dataset.channels} bands; the model takes {predictor.channels}")
+    parts, bad = [], []
+    total = sum(len(dataset.splits[n]) for n in names)
+    with ProgressBar("embed", total, enabled=not no_progress) as progress:
+        for name in names:
+            try:
+                part, unreadable = embed_split(
+                    predictor, dataset.splits[name], batch_size=batch_size, tta_flip=tta == "flip",
+                    layer=layer, on_batch=progress.advance,
+                )  # fmt: skip
+            except ValueError as e:  # a --layer the model does not have
+                raise UserError(str(e)) from None
+            parts.append(part)
+            bad += unreadable
+    result = Embeddings(
+        np.concatenate([p.embeddings for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.ids for p in parts]),
+        _metadata(
+            predictor, data=data, split=split, tta=tta, layer=layer,
+            dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
+            checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
+            pretrained=pretrained if model else None, in_chans=predictor.channels,
+        ),
+    )  # fmt: skip
+    if not is_primary():
+        return
+    write_embeddings(output, result)
+    for path in bad:
+        logging.getLogger("vision_ft").warning("skipped unreadable example %s", path)
+    click.echo(f"{len(result)} embeddings of dimension {result.embeddings.shape[1]} written to {output}")
+    if bad:
+        click.echo(f"{len(bad)} unreadable examples skipped")
+
+
+@click.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A fit run directory.")
+@click.option("--data", help="A --data spec [the run's].")
+@click.option("--split", default="test", help="[test]")
+@click.option("--output", type=click.Path(path_type=Path), help="Report directory [RUN/eval-SPLIT].")
+@click.option("--batch-size", type=int, default=64)
+@click.option("--data-dir", help="TFDS data directory.")
+@user_errors_exit_2
+def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
+    """Metrics of a run's best weights on a split, with ROC-AUC CI, operating points and calibration."""
+    from vision_ft.infer.evaluate import evaluate_run
+
+    report = evaluate_run(checkpoint, data=data, split=split, output=output, batch_size=batch_size,
+                          data_dir=data_dir)  # fmt: skip
+    m = report["metrics"]
+    if "map" in m:  # multi-label: intervals are per class, in the report
+        click.echo(
+            f"{report['split']}: {m['count']} images  macro AUC {m['auc']:.4f}  mAP {m['map']:.4f}"
+            f"  exact-match accuracy {m['accuracy']:.4f}  macro F1 {m['macro_f1']:.4f}"
+        )
+    else:
+        ci = report["clinical"]["auc_ci"]
+        click.echo(
+            f"{report['split']}: {m['count']} images  AUC {m['auc']:.4f} "
+            f"(95% CI {ci['low']:.4f}-{ci['high']:.4f})"
+            f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
+            f"  ECE {report['clinical']['ece']:.4f}"
+        )
+    click.echo(f"report written to {report['output']}")
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A fit run directory ...")
+@click.option("--probe", "probe_dir", type=click.Path(path_type=Path), help="... or a probe directory.")
+@click.option("--input", "input_", required=True, help="An image file, a folder, or a --data spec.")
+@click.option("--split", help="Split of a --data spec [test, else val, else train].")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="CSV file to write.")
+@click.option("--top-k", type=int, default=3)
+@click.option("--batch-size", type=int, default=64)
+@user_errors_exit_2
+def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> None:
+    """Class probabilities and top-k for new images, with the run's own preprocessing."""
+    from vision_ft.infer.evaluate import predict_logits
+    from vision_ft.infer.predict import resolve_input, write_predictions
+
+    if (checkpoint is None) == (probe_dir is None):
+        raise UserError("give exactly one of --checkpoint or --probe")
+    if output.exists():
+        raise UserError(f"--output {output} exists; not overwriting it")
+    if checkpoint is not None:
+        from vision_ft.infer.predictor import from_run
+
+        predictor, probe = from_run(checkpoint), None
+    else:
+        from vision_ft.infer.probe_files import load_probe_dir
+
+        try:
+            predictor, probe = load_probe_dir(probe_dir)
+        except ValueError as e:  # an unreadable probe file
+            raise UserError(str(e)) from None
+    examples, labelled = resolve_input(input_, predictor.data_options, split)
+    ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
+    names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
+    write_predictions(
+        output, ids, logits, names, labels=labels if labelled else None, top_k=top_k,
+        multi_label=predictor.multi_label and probe is None,
+    )  # fmt: skip
+    click.echo(f"{len(ids)} predictions written to {output}")
+    for path in bad:
+        click.echo(f"skipped unreadable image {path}", err=True)
+
+
+@click.command()
+@click.option("--train", "train_path", required=True, type=click.Path(path_type=Path))
+@click.option("--val", "val_path", required=True, type=click.Path(path_type=Path))
+@click.option("--test", "test_path", type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to create.")
+@click.option("--select", type=click.Choice(["loss", "auc", "accuracy"]), default="loss")
+@user_errors_exit_2
+def probe(train_path, val_path, test_path, output, select) -> None:
+    """Linear probe (logistic regression, L2 chosen on val) and k-NN on embeddings from `embed`."""
+    from vision_ft.infer.probe_files import run_probe
+
+    try:
+        final = run_probe(train_path, val_path, test_path, output, select=select)
+    except ValueError as e:  # the probe's own checks on the embeddings
+        raise UserError(str(e)) from None
+    for name in ("linear", "knn"):
+        result = final[name]
+        where = result.get("test") or result["best_val"]
+        split = "test" if result.get("test") else "val"
+        click.echo(f"{name}: {split} AUC {where['auc']:.4f}  accuracy {where['accuracy']:.4f}")
+    click.echo(f"probe written to {output}")
