@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import Geometry, prefetch_to_device, sharded_eval_batches, train_batches
+from vision_ft.data.pipeline import Geometry, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
 from vision_ft.data.splitting import write_split_file
@@ -24,12 +23,18 @@ from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
 from vision_ft.train.checkpoint import RunCheckpoints, abstract_like, checkpoint_location
-from vision_ft.train.clinical import clinical_report
 from vision_ft.train.config import ConfigError, FitConfig, resume_conflicts
 from vision_ft.train.distributed import is_primary
+from vision_ft.train.evaluation import (
+    BadExamples,
+    predict_split,
+    public_metrics,
+    selection_score,
+    split_metrics,
+    test_reports,
+)
 from vision_ft.train.groups import layer_ids, param_paths
-from vision_ft.train.metrics import classification_metrics
-from vision_ft.train.multilabel import multilabel_clinical_report, multilabel_metrics, positive_weights
+from vision_ft.train.multilabel import positive_weights
 from vision_ft.train.optimizer import build_optimizer, warmup_cosine
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted, was_preempted
 from vision_ft.train.rules import build_plan
@@ -112,7 +117,7 @@ class FitRun:
         self.multi_label = self.data.multi_label
         if cfg.select_metric == "map" and not self.multi_label:
             raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
-        self.bad_examples: dict[str, str] = dict(self.data.skipped)
+        self.bad_examples = BadExamples(dict(self.data.skipped), cfg.on_bad_image)
         if self.data.index is not None and is_primary():
             write_split_file(self.out / "splits.csv", self.data.index.splits, None)
         if start_run is not None:
@@ -296,53 +301,18 @@ class FitRun:
     def predict_split(
         self, trainer: Trainer, split: str, *, shifted: bool = True
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Labels, logits and ids of every readable example of ``split``, in order (``shifted``: see
-        ``Trainer.predict``)."""
-        data = self.data.splits[split]
-        labels, outputs, ids = [], [], []
-        batches = sharded_eval_batches(
-            data, self.eval_geometry, trainer.batch_sharding, batch_size=self.cfg.eval_batch_size,
-            threads=self.cfg.loader_threads, workers=self.cfg.workers,
+        cfg = self.cfg
+        return predict_split(
+            trainer, self.data.splits[split], self.eval_geometry, self.bad_examples,
+            batch_size=cfg.eval_batch_size, threads=cfg.loader_threads, workers=cfg.workers, shifted=shifted,
         )  # fmt: skip
-        for images, batch in batches:
-            self._note_bad(data, batch)
-            keep = batch["mask"] > 0
-            logits = np.asarray(trainer.predict(images, shifted=shifted))
-            labels.append(batch["label"][keep])
-            outputs.append(logits[keep])
-            ids += [data.example_id(int(r)) for r in batch["row"][keep]]
-        return np.concatenate(labels).astype(np.int64), np.concatenate(outputs), ids
-
-    def _note_bad(self, split, batch: dict) -> None:
-        """Count unreadable examples, or stop on the first with ``on_bad_image: fail``."""
-        for row in batch["row"][batch["bad"] > 0]:
-            path = split.example_id(int(row))
-            if path in self.bad_examples:
-                continue
-            try:  # decode again here for the reason: the pipeline only flags it
-                split.load(int(row))
-                reason = "wrong band count or undecodable pixels"
-            except BadImageError as e:
-                reason = e.reason
-            except Exception as e:  # noqa: BLE001 - the reason is reported, not handled
-                reason = f"{type(e).__name__}: {e}"
-            if self.cfg.on_bad_image == "fail":
-                raise BadImageError(path, f"{reason} (on_bad_image: fail)")
-            log.warning("skipping unusable example %s: %s", path, reason)
-            self.bad_examples[path] = reason
 
     def evaluate(self, trainer: Trainer, split: str, *, shifted: bool = True) -> dict:
         labels, logits, _ = self.predict_split(trainer, split, shifted=shifted)
         return self._metrics(labels, logits)
 
     def _metrics(self, labels: np.ndarray, logits: np.ndarray) -> dict:
-        if self.multi_label:
-            return multilabel_metrics(labels, logits, self.class_weights)
-        return classification_metrics(labels, logits, self.class_weights)
-
-    def _score(self, metrics: dict) -> float:
-        value = metrics[self.cfg.select_metric]
-        return float(value) if np.isfinite(value) else -math.inf
+        return split_metrics(labels, logits, self.class_weights, multi_label=self.multi_label)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -391,7 +361,7 @@ class FitRun:
                 phase, trainer = current, self._trainer(current)
             on_device, batch = next(batches)
             if batch["bad"].any():
-                self._note_bad(train_split, batch)
+                self.bad_examples.note(train_split, batch)
             out = trainer.train_step(*on_device, step)
             epoch_losses.append(out["loss"])
             step += 1
@@ -407,7 +377,7 @@ class FitRun:
                 if has_val:
                     val = self.evaluate(trainer, "val", shifted=cfg.val_tta_shift)
                     metrics_log.log("val", epoch, step, val)
-                    score = self._score(val) if cfg.select_metric != "loss" else val["loss"]
+                    score = selection_score(val, cfg.select_metric)
                     improved = score > best_score if cfg.select_metric != "loss" else score < best_score
                     progress.note(f"epoch {epoch}: val {cfg.select_metric} {val[cfg.select_metric]:.4f}")
                     if improved:
@@ -449,19 +419,6 @@ class FitRun:
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
 
-    def _test_reports(self, labels: np.ndarray, logits: np.ndarray, ids: list[str], test: dict) -> dict:
-        """Plots of the test split, and its clinical report."""
-        names = list(self.data.class_names)
-        if self.multi_label:
-            probs = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))
-            report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
-            return multilabel_clinical_report(labels, probs, ids, names, self.out, prefix="test")
-        probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
-        matrix_png = self.out / "confusion_matrix.png"
-        report.plot_confusion_matrix(test["confusion_matrix"], names, matrix_png, "test")
-        report.plot_roc(labels, probs, names, self.out / "roc.png", "test ROC")
-        return clinical_report(labels, probs, ids, names, self.out, prefix="test")
-
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports
         (from process 0; every process evaluates, since evaluation is a collective)."""
@@ -474,28 +431,29 @@ class FitRun:
         best_val = next(
             (r for r in metrics_log.records if r["split"] == "val" and r["step"] == best_step), None
         )
-        final: dict = {"best_val": _public(best_val) if best_val else None}
+        final: dict = {"best_val": public_metrics(best_val) if best_val else None}
         if "test" in self.data.splits:
             labels, logits, ids = self.predict_split(trainer, "test")
             test = self._metrics(labels, logits)
-            final["test"] = _public(test)
+            final["test"] = public_metrics(test)
             epoch = best_val["epoch"] if best_val else self.cfg.epochs
             metrics_log.log("test", epoch, best_step or self.total_steps, test)
             if primary:
-                final["test_clinical"] = self._test_reports(labels, logits, ids, test)
+                final["test_clinical"] = test_reports(
+                    labels,
+                    logits,
+                    ids,
+                    test,
+                    list(self.data.class_names),
+                    self.out,
+                    multi_label=self.multi_label,
+                )
         if primary:
             report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
-        final["bad_examples"] = {"count": len(self.bad_examples), "examples": dict(self.bad_examples)}
+        bad = self.bad_examples.reasons
+        final["bad_examples"] = {"count": len(bad), "examples": dict(bad)}
         final["wall_seconds"] = round(time.time() - started, 1)
         if primary:
             report.write_json(self.out / "final.json", final)
         return final
-
-
-def _public(metrics: dict) -> dict:
-    keep = (
-        "epoch", "step", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix",
-        "micro_f1", "hamming_accuracy", "map", "per_class",
-    )  # fmt: skip
-    return {k: metrics[k] for k in keep if k in metrics}

@@ -1,0 +1,108 @@
+"""A fit's evaluation of a split: predictions in order, unusable examples, metrics and test reports."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vision_ft.data.errors import BadImageError
+from vision_ft.data.pipeline import Geometry, sharded_eval_batches
+from vision_ft.train import report
+from vision_ft.train.clinical import clinical_report
+from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.multilabel import multilabel_clinical_report, multilabel_metrics
+from vision_ft.train.step import Trainer
+
+log = logging.getLogger("vision_ft.fit")
+
+PUBLIC_METRICS = (
+    "epoch", "step", "loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix",
+    "micro_f1", "hamming_accuracy", "map", "per_class",
+)  # fmt: skip
+
+
+class BadExamples:
+    """The unusable examples met so far, id -> reason; with ``on_bad_image: fail`` the first stops
+    the run instead."""
+
+    def __init__(self, known: dict[str, str], on_bad_image: str):
+        self.reasons = dict(known)
+        self.on_bad_image = on_bad_image
+
+    def note(self, split, batch: dict) -> None:
+        for row in batch["row"][batch["bad"] > 0]:
+            path = split.example_id(int(row))
+            if path in self.reasons:
+                continue
+            try:  # decode again here for the reason: the pipeline only flags it
+                split.load(int(row))
+                reason = "wrong band count or undecodable pixels"
+            except BadImageError as e:
+                reason = e.reason
+            except Exception as e:  # noqa: BLE001 - the reason is reported, not handled
+                reason = f"{type(e).__name__}: {e}"
+            if self.on_bad_image == "fail":
+                raise BadImageError(path, f"{reason} (on_bad_image: fail)")
+            log.warning("skipping unusable example %s: %s", path, reason)
+            self.reasons[path] = reason
+
+
+def predict_split(
+    trainer: Trainer, split, geometry: Geometry, bad: BadExamples, *, batch_size: int, threads: int,
+    workers: int, shifted: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+    """Labels, logits and ids of every readable example of ``split``, in order; the last batch is
+    padded and masked, so the eval step never recompiles (``shifted``: see ``Trainer.predict``)."""
+    labels, outputs, ids = [], [], []
+    batches = sharded_eval_batches(
+        split, geometry, trainer.batch_sharding, batch_size=batch_size, threads=threads, workers=workers
+    )
+    for images, batch in batches:
+        bad.note(split, batch)
+        keep = batch["mask"] > 0
+        logits = np.asarray(trainer.predict(images, shifted=shifted))
+        labels.append(batch["label"][keep])
+        outputs.append(logits[keep])
+        ids += [split.example_id(int(r)) for r in batch["row"][keep]]
+    return np.concatenate(labels).astype(np.int64), np.concatenate(outputs), ids
+
+
+def split_metrics(
+    labels: np.ndarray, logits: np.ndarray, class_weights: np.ndarray, *, multi_label: bool
+) -> dict:
+    if multi_label:
+        return multilabel_metrics(labels, logits, class_weights)
+    return classification_metrics(labels, logits, class_weights)
+
+
+def selection_score(metrics: dict, metric: str) -> float:
+    """The value a checkpoint is kept by; an undefined one (AUC of a one-class split) never wins."""
+    if metric == "loss":
+        return float(metrics["loss"])
+    value = metrics[metric]
+    return float(value) if np.isfinite(value) else -math.inf
+
+
+def test_reports(
+    labels: np.ndarray, logits: np.ndarray, ids: list[str], test: dict, class_names: list[str], out: Path,
+    *, multi_label: bool,
+) -> dict:  # fmt: skip
+    """Plots of the test split in ``out``, and its clinical report."""
+    if multi_label:
+        probs = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))
+        report.plot_roc(labels, probs, class_names, out / "roc.png", "test ROC")
+        return multilabel_clinical_report(labels, probs, ids, class_names, out, prefix="test")
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    report.plot_confusion_matrix(test["confusion_matrix"], class_names, out / "confusion_matrix.png", "test")
+    report.plot_roc(labels, probs, class_names, out / "roc.png", "test ROC")
+    return clinical_report(labels, probs, ids, class_names, out, prefix="test")
+
+
+def public_metrics(metrics: dict) -> dict:
+    """The metrics ``final.json`` reports (not the per-example arrays some carry)."""
+    return {k: metrics[k] for k in PUBLIC_METRICS if k in metrics}
