@@ -127,3 +127,30 @@ def test_real_medmnist_files_load_with_official_splits():
         pneumonia = load_dataset(f"npz:{shared}")
         assert len(pneumonia.splits["val"]) == 524 and len(pneumonia.splits["test"]) == 624
         assert np.bincount(pneumonia.splits["train"].labels).min() > 0
+
+
+@pytest.mark.parametrize("bands", [1, 3])
+def test_colour_jitter_matches_torchvision(bands):
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(bands)
+    images = rng.uniform(0, 1, (4, 8, 8, bands)).astype(np.float32)
+    key, strength = jax.random.key(3), 0.4
+    out = np.asarray(augment_batch(images, key, Augment(hflip=False, color_jitter=strength)))
+    # augment_batch's fifth subkey draws the factors: brightness, contrast, saturation per image
+    factors = np.asarray(
+        jax.random.uniform(jax.random.split(key, 5)[4], (3, 4, 1, 1, 1), minval=0.6, maxval=1.4)
+    ).reshape(3, 4)
+    for i, image in enumerate(torch.from_numpy(images).permute(0, 3, 1, 2)):
+        want = tf.adjust_contrast(tf.adjust_brightness(image, factors[0, i]), factors[1, i])
+        if bands == 3:
+            want = tf.adjust_saturation(want, factors[2, i])
+        # torchvision's luma weights are 0.2989/0.587/0.114 against ITU-R 601's 0.299 here
+        np.testing.assert_allclose(out[i], want.permute(1, 2, 0).numpy(), atol=1e-6 if bands == 1 else 2e-4)
+    assert np.abs(out - images).max() > 0.05
+
+
+def test_colour_jitter_leaves_other_band_counts_alone():
+    images = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 4)).astype(np.float32)
+    out = augment_batch(images, jax.random.key(0), Augment(hflip=False, color_jitter=0.4))
+    np.testing.assert_array_equal(np.asarray(out), images)

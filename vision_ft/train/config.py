@@ -68,7 +68,7 @@ class FitConfig:
     vflip: bool | None = None
     rot90: bool | None = None
     translate: float | None = None  # max shift as a fraction of the image side
-    color_jitter: float | None = None  # RGB only
+    color_jitter: float | None = None  # 1 or 3 bands (saturation on RGB only)
     mixup: float = 0.0
     cutmix: float = 0.0
     # evaluation: an exponential moving average of the weights (timm's model EMA; 0 disables) is what

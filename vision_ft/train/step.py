@@ -41,7 +41,7 @@ class Augment:
     vflip: bool = False
     rot90: bool = False  # for orientation-free imagery: satellite tiles, histology
     translate: float = 0.0  # max shift as a fraction of the side, reflect-padded
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; applied to RGB only
+    color_jitter: float = 0.0  # brightness/contrast(/saturation) strength; 1- and 3-band images
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 disables
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 disables
 
@@ -120,24 +120,26 @@ def augment_batch(images: jax.Array, key: jax.Array, aug: Augment) -> jax.Array:
         padded = reflect_padded(x, pad)
         offsets = jax.random.randint(k_t, (n, 2), 0, 2 * pad + 1)
         x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
-    if aug.color_jitter and c == 3:
+    if aug.color_jitter and c in (1, 3):
         x = _color_jitter(x, k_c, aug.color_jitter)
     return x
 
 
 def _color_jitter(x: jax.Array, key: jax.Array, strength: float) -> jax.Array:
-    """torchvision-style brightness, contrast and saturation factors in [1 - s, 1 + s], in that order."""
-    n = x.shape[0]
+    """torchvision-style brightness, contrast and saturation factors in [1 - s, 1 + s], in that order;
+    one-band images get brightness and contrast (torchvision's saturation leaves gray images as they are)."""
+    n, rgb = x.shape[0], x.shape[-1] == 3
+
+    def luma(img: jax.Array) -> jax.Array:
+        return img @ jnp.asarray([0.299, 0.587, 0.114], img.dtype) if rgb else img[..., 0]
+
     factors = jax.random.uniform(key, (3, n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
     x = jnp.clip(x * factors[0], 0, 1)
-    gray = x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype)
-    x = jnp.clip(
-        (x - gray.mean(axis=(1, 2), keepdims=True)[..., None]) * factors[1]
-        + gray.mean(axis=(1, 2), keepdims=True)[..., None],
-        0,
-        1,
-    )
-    gray = (x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype))[..., None]
+    mean = luma(x).mean(axis=(1, 2), keepdims=True)[..., None]
+    x = jnp.clip((x - mean) * factors[1] + mean, 0, 1)
+    if not rgb:
+        return x
+    gray = luma(x)[..., None]
     return jnp.clip((x - gray) * factors[2] + gray, 0, 1)
 
 
