@@ -14,7 +14,7 @@ from vision_ft.cli import main
 from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import eval_batches
 from vision_ft.infer.embeddings import read_embeddings
-from vision_ft.infer.evaluate import reorder_labels, run_class_order
+from vision_ft.infer.evaluate import evaluate_run, reorder_labels, run_class_order
 from vision_ft.infer.predictor import from_run
 from vision_ft.infer.probe_files import PROBE_FILE
 from vision_ft.train.loop import FitRun
@@ -47,6 +47,20 @@ def test_eval_reproduces_fit_test_metrics_and_writes_a_clinical_report(fitted):
     assert (root / "run" / "eval-test" / "test_reliability.png").read_bytes()[:4] == b"\x89PNG"
     again = cli("eval", "--checkpoint", root / "run")  # a second report never overwrites the first
     assert again.exit_code == 0 and (root / "run" / "eval-test-2" / "eval.json").exists()
+
+
+def test_a_run_without_validation_is_evaluated_on_its_averaged_weights(tmp_path):
+    # no val split, so no best checkpoint: eval falls back to the latest, and must use the EMA of the
+    # weights there, as fit's own test evaluation did (not the raw trained weights)
+    cfg = tiny_config(tmp_path, epochs=1, ema_decay=0.5)
+    with np.load(cfg.data.removeprefix("npz:")) as full:
+        no_val = {k: full[k] for k in full.files if not k.startswith("val_")}
+    np.savez(tmp_path / "data.npz", **no_val)
+    final = FitRun(cfg, progress=False).run()
+    assert final["best_step"] is None and final["best_val"] is None
+    report = evaluate_run(tmp_path / "run")
+    for key in ("accuracy", "auc", "loss"):
+        assert report["metrics"][key] == pytest.approx(final["test"][key], rel=1e-5, abs=1e-6), key
 
 
 def test_embeddings_are_the_pre_logits_and_bit_identical_run_to_run(fitted, tmp_path):

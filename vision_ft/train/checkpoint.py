@@ -28,9 +28,27 @@ def _key_str(key) -> str:
     return str(key)
 
 
+def _path_str(path) -> str:
+    return ".".join(_key_str(k) for k in path)
+
+
 def _shapes(tree) -> dict[str, tuple]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(_key_str(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+    return {_path_str(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+
+def with_averaged_weights(weights: dict, ema) -> dict:
+    """``weights`` ({"params", "stats", ...}) with every array the EMA ``(trainable, stats)`` averages
+    replaced by its average: what fit evaluates and keeps as best. Frozen parameters stay as they are.
+    Matched by path, since the EMA holds only the trainable subset of the parameters."""
+    averaged = {
+        _path_str(path): leaf for part in ema for path, leaf in jax.tree_util.tree_flatten_with_path(part)[0]
+    }
+
+    def pick(path, leaf):
+        return averaged.get(_path_str(path), leaf)
+
+    return {**weights, **{k: jax.tree_util.tree_map_with_path(pick, weights[k]) for k in ("params", "stats")}}
 
 
 def check_compatible(saved_metadata, abstract, where: str) -> None:
@@ -127,8 +145,9 @@ class RunCheckpoints:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.directory / 'latest'}")
         return step, self._restore(self.latest, step, abstract)
 
-    def restore_latest_weights(self, abstract):
-        """Only the top-level entries of ``abstract`` (the weights) from the latest full state."""
+    def restore_latest_weights(self, abstract, *, averaged: bool = True):
+        """Only the top-level entries of ``abstract`` (the weights) from the latest full state; with
+        ``averaged``, the EMA's weights where the run keeps one, as the best checkpoint holds them."""
         step = self.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory / 'latest'}")
@@ -138,7 +157,10 @@ class RunCheckpoints:
         everything = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
         everything.update(abstract)
         restored = self.latest.restore(step, args=ocp.args.StandardRestore(everything))
-        return step, {k: restored[k] for k in abstract}
+        weights = {k: restored[k] for k in abstract}
+        if averaged and "ema" in restored:
+            weights = with_averaged_weights(weights, restored["ema"])
+        return step, weights
 
     def restore_best(self, abstract):
         step = self.best_step()
