@@ -45,6 +45,9 @@ CANDIDATES: dict[str, dict] = {
     # timm's EMA: a constant 0.98 after the first update (its default), or its power-2/3 warmup
     "ema_none": {"ema_warmup": "none"},
     "ema_power": {"ema_warmup": "power"},
+    # round 7: twice the steps per epoch; brightness/contrast jitter on the one band
+    "bs16": {"batch_size": 16},
+    "jitter": {"color_jitter": 0.2},
 }
 
 
