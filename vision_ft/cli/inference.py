@@ -17,6 +17,7 @@ def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data
     """The model and preprocessing for embed/eval/predict: a run directory, or a zoo model."""
     from vision_ft.data.sources import DataOptions, load_dataset
     from vision_ft.infer.predictor import from_pretrained, from_run
+    from vision_ft.weights.sources import pretrained_from_text
 
     if (model is None) == (checkpoint is None):
         raise UserError("give exactly one of --model or --checkpoint")
@@ -26,8 +27,7 @@ def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data
             predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
         return predictor
     channels = load_dataset(data, DataOptions(data_dir=data_dir)).channels if data else 3
-    spec = {"true": True, "false": False}.get(pretrained.lower(), pretrained)
-    return from_pretrained(model, spec, in_chans=channels)
+    return from_pretrained(model, pretrained_from_text(pretrained), in_chans=channels)
 
 
 def _metadata(predictor, **extra) -> dict:

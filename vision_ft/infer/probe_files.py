@@ -15,6 +15,7 @@ from vision_ft.infer.predictor import Predictor, from_pretrained, from_run
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.probe import LinearProbe, fit_knn, fit_linear_probe, knn_probabilities
 from vision_ft.train.report import write_json
+from vision_ft.weights.sources import pretrained_from_text
 
 PROBE_FILE, SOURCE_FILE = "probe.npz", "probe.json"
 
@@ -103,9 +104,7 @@ def load_probe_dir(directory: Path) -> tuple[Predictor, LinearProbe]:
     if source.get("checkpoint"):
         predictor = from_run(source["checkpoint"])
     else:
-        pretrained = {"true": True, "false": False}.get(
-            str(source["pretrained"]).lower(), source["pretrained"]
-        )
+        pretrained = pretrained_from_text(str(source["pretrained"]))
         predictor = from_pretrained(source["zoo_model"], pretrained, in_chans=source["in_chans"])
     predictor.class_names = tuple(probe.class_names)
     predictor.tta_flip = source.get("tta") == "flip"

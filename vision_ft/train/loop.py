@@ -41,6 +41,7 @@ from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
 from vision_ft.train.sharding import MeshError, make_mesh
 from vision_ft.train.step import Augment, Trainer, freeze_batchnorm, to_global
+from vision_ft.weights.sources import pretrained_from_text
 
 log = logging.getLogger("vision_ft.fit")
 
@@ -81,10 +82,6 @@ def class_weights_for(cfg: FitConfig, labels: np.ndarray, num_classes: int) -> n
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)
-
-
-def _resolve_pretrained(spec: str) -> bool | str:
-    return {"true": True, "false": False}.get(spec.lower(), spec)
 
 
 class FitRun:
@@ -137,7 +134,7 @@ class FitRun:
         else:
             self.model = create_model(
                 cfg.model,
-                pretrained=_resolve_pretrained(cfg.pretrained),
+                pretrained=pretrained_from_text(cfg.pretrained),
                 num_classes=self.num_classes,
                 in_chans=self.data.channels,
                 img_size=cfg.img_size,

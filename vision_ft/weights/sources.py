@@ -125,6 +125,12 @@ def from_hub(repo_id: str) -> WeightSource:
     )
 
 
+def pretrained_from_text(text: str) -> bool | str:
+    """A ``--pretrained`` value as typed (or stored in a run's files) -> create_model's ``pretrained``:
+    "true"/"false" in any case become booleans, anything else (a file, hf-hub:...) stays as it is."""
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def resolve_source(pretrained: bool | str | Path, model_name: str, hub_id: str | None) -> WeightSource | None:
     """Turn create_model's ``pretrained`` argument into loaded tensors and a description."""
     if pretrained is False or pretrained is None:
