@@ -114,7 +114,7 @@ class FitRun:
         self.multi_label = self.data.multi_label
         if cfg.select_metric == "map" and not self.multi_label:
             raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
-        self.bad_examples = BadExamples(dict(self.data.skipped), cfg.on_bad_image)
+        self.bad_examples = BadExamples(self.data.skipped, cfg.on_bad_image)
         if self.data.index is not None and is_primary():
             write_split_file(self.out / "splits.csv", self.data.index.splits, None)
         if start_run is not None:
