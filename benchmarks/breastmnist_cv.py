@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,16 @@ def main() -> None:
     parser.add_argument("--base-config", default=str(repo / "configs" / "breastmnist.yaml"))
     parser.add_argument("--out", default="runs/cv")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument(
+        "--compile-cache",
+        action="store_true",
+        help="let fit load compiled steps from earlier runs (off: wall times are a first run's)",
+    )
     args = parser.parse_args()
+    env = dict(os.environ)
+    if not args.compile_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env["VISION_FT_COMPILE_CACHE"] = "off"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = dict(np.load(args.data))
@@ -108,7 +118,7 @@ def main() -> None:
             if not final_path.exists():  # finished folds are kept: the script can be rerun
                 cmd = [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--config",
                        str(config_path), "--data", f"npz:{fold_file}", "--output", str(run)]  # fmt: skip
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
             final = json.loads(final_path.read_text())
             scores.append({"auc": final["test"]["auc"], "accuracy": final["test"]["accuracy"],
                            "wall_seconds": final["wall_seconds"]})  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +35,23 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument(
+        "--compile-cache",
+        action="store_true",
+        help="let fit load compiled steps from earlier runs (off: wall times are a first run's)",
+    )
     args = parser.parse_args()
+    env = dict(os.environ)
+    if not args.compile_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env["VISION_FT_COMPILE_CACHE"] = "off"
     results = {}
     for name in args.runs.split(","):
         out = Path(args.out) / name
         extra = [a.format(shared=args.shared) for a in RUNS[name]]
         cmd = [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--output", str(out), *extra]
         print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=env)
         final = json.loads((out / "final.json").read_text())
         results[name] = {
             "test_auc": final["test"]["auc"],

@@ -12,6 +12,7 @@ from vision_ft.cli.errors import OneLineErrors
 from vision_ft.cli.fit import fit
 from vision_ft.cli.inference import embed, evaluate, predict, probe
 from vision_ft.cli.zoo import classify, models
+from vision_ft.compile_cache import use_persistent_compile_cache
 from vision_ft.cpu_runtime import keep_freed_host_memory
 
 __all__ = ["main"]
@@ -32,6 +33,7 @@ def main(verbose: bool) -> None:
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
     keep_freed_host_memory()
+    use_persistent_compile_cache()
 
 
 for command in (models, classify, fit, stats, embed, evaluate, predict, probe):

@@ -1,0 +1,80 @@
+"""The command line's persistent compilation cache: where it goes, when it is off, and that a
+second run loads fit's compiled steps from it instead of compiling them again."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+
+from tests.train_fixtures import write_synthetic_npz
+from vision_ft.compile_cache import chosen_cache_dir, host_fingerprint, use_persistent_compile_cache
+
+REPO = Path(__file__).resolve().parents[1]
+
+AVX2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+def test_the_fingerprint_follows_the_cpu_model_and_flags_not_their_order():
+    assert host_fingerprint(AVX2) == host_fingerprint(AVX2.replace("avx avx2", "avx2 avx"))
+    assert host_fingerprint(AVX2) != host_fingerprint(AVX2.replace("fma", "fma avx512f"))
+    assert host_fingerprint(AVX2) != host_fingerprint(AVX2.replace("AMD EPYC", "Intel Xeon"))
+    # only the first processor counts: a second, different block must not change the hash
+    assert host_fingerprint(AVX2) == host_fingerprint(AVX2 + "\nflags\t: sse2\n")
+
+
+def test_the_environment_variable_chooses_the_directory(tmp_path):
+    default = chosen_cache_dir({"XDG_CACHE_HOME": str(tmp_path)})
+    assert default == tmp_path / "vision-ft" / "xla" / host_fingerprint()
+    assert chosen_cache_dir({"VISION_FT_COMPILE_CACHE": str(tmp_path / "mine")}) == tmp_path / "mine"
+    for off in ("off", "OFF", "0", "false", "none"):
+        assert chosen_cache_dir({"VISION_FT_COMPILE_CACHE": off}) is None
+
+
+def test_a_cache_directory_the_user_gave_jax_is_kept():
+    # conftest sets JAX_COMPILATION_CACHE_DIR for the test session, as a user may
+    before = jax.config.jax_compilation_cache_dir
+    assert before
+    assert use_persistent_compile_cache() is None
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_off_leaves_compilations_uncached(monkeypatch):
+    monkeypatch.setenv("VISION_FT_COMPILE_CACHE", "off")
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)  # as in a process without JAX's variable
+    try:
+        assert use_persistent_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def _fit(data: Path, output: Path, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "test_resnet"]
+    cmd += ["--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32", "--epochs", "1"]
+    cmd += ["--batch-size", "16", "--output", str(output)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+
+
+def test_a_second_fit_loads_its_compiled_steps_from_the_default_cache(tmp_path):
+    data = write_synthetic_npz(tmp_path / "data.npz", sizes=(32, 16, 16))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    env |= {"PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "home_cache"), "JAX_LOG_COMPILES": "1"}
+    env.pop("VISION_FT_COMPILE_CACHE", None)
+    cache = tmp_path / "home_cache" / "vision-ft" / "xla" / host_fingerprint()
+
+    first = _fit(data, tmp_path / "run1", env)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_train_step-") for name in entries), entries
+    assert "cache hit for 'jit_train_step'" not in first.stderr
+
+    second = _fit(data, tmp_path / "run2", env)
+    assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
+    # the cached executable computes what the fresh compilation did
+    results = [json.loads((tmp_path / run / "final.json").read_text()) for run in ("run1", "run2")]
+    assert results[0]["test"] == results[1]["test"]
+    assert results[0]["best_val"] == results[1]["best_val"]

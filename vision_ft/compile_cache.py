@@ -1,0 +1,83 @@
+"""A persistent XLA compilation cache for the command line, one directory per kind of host CPU.
+
+Compiling fit's train, eval and EMA steps costs more than the first epochs of a small fine-tune: on
+a 2-core VM, a one-epoch BreastMNIST fit took 199 s with an empty cache and 127 s with a filled one.
+CPU executables are compiled for the instruction set of the host that built them (AVX-512 or not),
+so the default directory is named after the CPU's model and flags: a home directory shared by a
+cluster's mixed machines never hands one kind's code to another.
+
+``VISION_FT_COMPILE_CACHE`` chooses: unset for the default directory, a path for another, or
+``off``. A ``JAX_COMPILATION_CACHE_DIR`` the user set takes precedence over all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+
+ENV_VAR = "VISION_FT_COMPILE_CACHE"
+_OFF = {"off", "0", "false", "no", "none"}
+# least recently used entries go beyond this; fit's steps for one model and shape take 2-10 MB
+MAX_CACHE_BYTES = 2 * 2**30
+
+log = logging.getLogger(__name__)
+
+
+def host_fingerprint(cpuinfo: str | None = None) -> str:
+    """A short hash of the machine architecture and the first CPU's model name and feature flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    wanted = ("model name", "flags", "features", "cpu model")  # x86 / ARM and others
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in wanted and key not in fields:
+            fields[key] = " ".join(sorted(value.split()))
+    lines = [platform.machine(), platform.processor()] + [f"{k}={fields[k]}" for k in sorted(fields)]
+    text = "\n".join(lines)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    base = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vision-ft" / "xla" / host_fingerprint()
+
+
+def chosen_cache_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The directory ``VISION_FT_COMPILE_CACHE`` asks for; None when it is turned off."""
+    environ = os.environ if environ is None else environ
+    setting = environ.get(ENV_VAR, "").strip()
+    if setting.lower() in _OFF:
+        return None
+    return Path(setting).expanduser() if setting else default_cache_dir(environ)
+
+
+def use_persistent_compile_cache() -> Path | None:
+    """Point JAX's compilation cache at :func:`chosen_cache_dir`; call before the first compilation.
+    Returns the directory, or None when nothing was set (off, the user's own setting, or a
+    directory that cannot be created: compiling then simply is not cached)."""
+    if jax.config.jax_compilation_cache_dir:  # the user's own (JAX_COMPILATION_CACHE_DIR): JAX uses it
+        return None
+    directory = chosen_cache_dir()
+    if directory is None:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.debug("compilation cache off: %s", e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    if jax.config.jax_compilation_cache_max_size < 0:
+        jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
+    return directory
