@@ -448,3 +448,15 @@ def test_checkpoint_saved_on_8_devices_resumes_on_2(tmp_path):
     two = FitRun(resumed_cfg, devices=jax.devices()[:2], progress=False).run()
     for key in ("loss", "accuracy", "auc"):
         assert two["test"][key] == pytest.approx(eight["test"][key], rel=1e-4, abs=1e-5), key
+
+
+def test_select_metric_loss_keeps_the_lowest_validation_loss(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=3, select_metric="loss")
+    final = FitRun(cfg, progress=False).run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [line for line in lines if line["split"] == "val"]
+    losses = [line["loss"] for line in val]
+    assert len(losses) == 3 and len(set(losses)) == 3
+    lowest = val[int(np.argmin(losses))]
+    assert final["best_val"]["epoch"] == lowest["epoch"]
+    assert final["best_val"]["loss"] == pytest.approx(lowest["loss"], rel=1e-6)

@@ -80,6 +80,20 @@ def split_metrics(
     return classification_metrics(labels, logits, class_weights)
 
 
+def selection_mode(metric: str) -> str:
+    """ "min" for the loss, "max" for every other metric a checkpoint can be kept by."""
+    return "min" if metric == "loss" else "max"
+
+
+def worst_selection_score(metric: str) -> float:
+    """What any first evaluation improves on."""
+    return math.inf if selection_mode(metric) == "min" else -math.inf
+
+
+def improves_selection(score: float, best: float, metric: str) -> bool:
+    return score < best if selection_mode(metric) == "min" else score > best
+
+
 def selection_score(metrics: dict, metric: str) -> float:
     """The value a checkpoint is kept by; an undefined one (AUC of a one-class split) never wins."""
     if metric == "loss":

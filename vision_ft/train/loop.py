@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,14 @@ from vision_ft.train.config import ConfigError, FitConfig, resume_conflicts
 from vision_ft.train.distributed import is_primary
 from vision_ft.train.evaluation import (
     BadExamples,
+    improves_selection,
     predict_split,
     public_metrics,
+    selection_mode,
     selection_score,
     split_metrics,
     test_reports,
+    worst_selection_score,
 )
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.multilabel import positive_weights
@@ -156,9 +158,7 @@ class FitRun:
         num_layers = max(layer_ids(param_paths(self.model), self.model.group_matcher()).values()) + 1
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers)
         self.class_weights = class_weights_for(cfg, train.labels, self.num_classes)
-        self.checkpoints = RunCheckpoints(
-            self.checkpoint_dir, best_mode="min" if cfg.select_metric == "loss" else "max"
-        )
+        self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
 
     def _set_input_pipeline(self) -> None:
         """Geometry, augmentation and normalization from the model, the modality and the config."""
@@ -328,7 +328,7 @@ class FitRun:
                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
                 },
             )
-        step, best_score = 0, -math.inf if cfg.select_metric != "loss" else math.inf
+        step, best_score = 0, worst_selection_score(cfg.select_metric)
         trainer = self._trainer(self.phases[0])
         if cfg.resume:
             step, best_score, trainer = self._resume(trainer)
@@ -375,9 +375,8 @@ class FitRun:
                     val = self.evaluate(trainer, "val", shifted=cfg.val_tta_shift)
                     metrics_log.log("val", epoch, step, val)
                     score = selection_score(val, cfg.select_metric)
-                    improved = score > best_score if cfg.select_metric != "loss" else score < best_score
                     progress.note(f"epoch {epoch}: val {cfg.select_metric} {val[cfg.select_metric]:.4f}")
-                    if improved:
+                    if improves_selection(score, best_score, cfg.select_metric):
                         best_score = score
                         self.checkpoints.save_best(step, self._weights(trainer, step), score)
             preempted = step < self.total_steps and watch.requested()
