@@ -69,6 +69,7 @@ def test_a_second_fit_loads_its_compiled_steps_from_the_default_cache(tmp_path):
     first = _fit(data, tmp_path / "run1", env)
     entries = sorted(p.name for p in cache.iterdir())
     assert any(name.startswith("jit_train_step-") for name in entries), entries
+    assert any(name.endswith("-atime") for name in entries)  # the default directory is size-bounded (LRU)
     assert "cache hit for 'jit_train_step'" not in first.stderr
 
     second = _fit(data, tmp_path / "run2", env)

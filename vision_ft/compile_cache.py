@@ -78,6 +78,8 @@ def use_persistent_compile_cache() -> Path | None:
         log.debug("compilation cache off: %s", e)
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    if jax.config.jax_compilation_cache_max_size < 0:
+    # Only our own directory is bounded: JAX's eviction needs an access-time file beside every
+    # entry, and a directory JAX filled without a bound has none, which makes every write fail.
+    if directory == default_cache_dir() and jax.config.jax_compilation_cache_max_size < 0:
         jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return directory
