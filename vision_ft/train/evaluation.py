@@ -81,7 +81,7 @@ def split_metrics(
 
 
 def selection_mode(metric: str) -> str:
-    """ "min" for the loss, "max" for every other metric a checkpoint can be kept by."""
+    """Which way a checkpoint's metric is better: "min" for the loss, "max" for every other."""
     return "min" if metric == "loss" else "max"
 
 
