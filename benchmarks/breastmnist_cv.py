@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from vision_ft.compile_cache import environ_without_cache
+
 # What each candidate changes from the shipped configs/breastmnist.yaml (the other settings stay).
 CANDIDATES: dict[str, dict] = {
     "base": {},
@@ -91,10 +93,7 @@ def main() -> None:
         help="let fit load compiled steps from earlier runs (off: wall times are a first run's)",
     )
     args = parser.parse_args()
-    env = dict(os.environ)
-    if not args.compile_cache:
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        env["VISION_FT_COMPILE_CACHE"] = "off"
+    env = dict(os.environ) if args.compile_cache else environ_without_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = dict(np.load(args.data))

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vision_ft.compile_cache import environ_without_cache
+
 RUNS = {
     "default": [],
     "scratch": ["--pretrained", "false"],
@@ -41,10 +43,7 @@ def main() -> None:
         help="let fit load compiled steps from earlier runs (off: wall times are a first run's)",
     )
     args = parser.parse_args()
-    env = dict(os.environ)
-    if not args.compile_cache:
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        env["VISION_FT_COMPILE_CACHE"] = "off"
+    env = dict(os.environ) if args.compile_cache else environ_without_cache()
     results = {}
     for name in args.runs.split(","):
         out = Path(args.out) / name

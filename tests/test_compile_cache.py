@@ -10,7 +10,12 @@ from pathlib import Path
 import jax
 
 from tests.train_fixtures import write_synthetic_npz
-from vision_ft.compile_cache import chosen_cache_dir, host_fingerprint, use_persistent_compile_cache
+from vision_ft.compile_cache import (
+    chosen_cache_dir,
+    environ_without_cache,
+    host_fingerprint,
+    use_persistent_compile_cache,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +36,14 @@ def test_the_environment_variable_chooses_the_directory(tmp_path):
     assert chosen_cache_dir({"VISION_FT_COMPILE_CACHE": str(tmp_path / "mine")}) == tmp_path / "mine"
     for off in ("off", "OFF", "0", "false", "none"):
         assert chosen_cache_dir({"VISION_FT_COMPILE_CACHE": off}) is None
+
+
+def test_benchmark_children_run_without_any_cache():
+    env = environ_without_cache(
+        {"JAX_COMPILATION_CACHE_DIR": "/x", "VISION_FT_COMPILE_CACHE": "/y", "HOME": "/h"}
+    )
+    assert env == {"VISION_FT_COMPILE_CACHE": "off", "HOME": "/h"}
+    assert chosen_cache_dir(env) is None
 
 
 def test_a_cache_directory_the_user_gave_jax_is_kept():

@@ -83,3 +83,12 @@ def use_persistent_compile_cache() -> Path | None:
     if directory == default_cache_dir() and jax.config.jax_compilation_cache_max_size < 0:
         jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return directory
+
+
+def environ_without_cache(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A child process's environment in which nothing loads or stores compiled programs, for
+    first-run timings: ours turned off, and JAX's own directory dropped."""
+    env = dict(os.environ if environ is None else environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env[ENV_VAR] = "off"
+    return env
