@@ -11,6 +11,7 @@ import jax
 
 from tests.train_fixtures import write_synthetic_npz
 from vision_ft.compile_cache import (
+    MAX_CACHE_BYTES,
     chosen_cache_dir,
     environ_without_cache,
     host_fingerprint,
@@ -63,6 +64,23 @@ def test_off_leaves_compilations_uncached(monkeypatch):
         assert jax.config.jax_compilation_cache_dir is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_only_the_default_directory_gets_a_size_bound(monkeypatch, tmp_path):
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        for setting, bounded in (("", True), (str(tmp_path / "mine"), False)):
+            monkeypatch.setenv("VISION_FT_COMPILE_CACHE", setting)
+            jax.config.update("jax_compilation_cache_dir", None)
+            jax.config.update("jax_compilation_cache_max_size", -1)
+            directory = use_persistent_compile_cache()
+            assert directory == chosen_cache_dir() and directory.is_dir()
+            assert jax.config.jax_compilation_cache_dir == str(directory)
+            assert jax.config.jax_compilation_cache_max_size == (MAX_CACHE_BYTES if bounded else -1)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_compilation_cache_max_size", before[1])
 
 
 def _fit(data: Path, output: Path, env: dict) -> subprocess.CompletedProcess:

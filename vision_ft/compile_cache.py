@@ -80,7 +80,8 @@ def use_persistent_compile_cache() -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     # Only our own directory is bounded: JAX's eviction needs an access-time file beside every
     # entry, and a directory JAX filled without a bound has none, which makes every write fail.
-    if directory == default_cache_dir() and jax.config.jax_compilation_cache_max_size < 0:
+    is_default = not os.environ.get(ENV_VAR, "").strip()
+    if is_default and jax.config.jax_compilation_cache_max_size < 0:
         jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
     return directory
 
