@@ -51,6 +51,10 @@ CANDIDATES: dict[str, dict] = {
     # round 7: twice the steps per epoch; brightness/contrast jitter on the one band
     "bs16": {"batch_size": 16},
     "jitter": {"color_jitter": 0.2},
+    # round 8: regularisation that costs no time (stochastic depth, label smoothing, weight decay)
+    "dp02": {"drop_path_rate": 0.2},
+    "ls0": {"label_smoothing": 0.0},
+    "wd01": {"weight_decay": 0.1},
 }
 
 
