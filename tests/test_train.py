@@ -251,6 +251,7 @@ def test_fit_writes_reports(tmp_path):
     assert saved["test"] == json.loads(json.dumps(final["test"]))
     # the synthetic task is learnable: the model must beat chance clearly
     assert saved["test"]["auc"] > 0.8
+    assert json.loads((out / "config.json").read_text())["vision_ft_version"] == vision_ft.__version__
     with pytest.raises(RunDirError, match="already holds a run"):
         FitRun(cfg, progress=False)
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vision_ft import __version__
 from vision_ft.data.pipeline import Geometry, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
@@ -326,6 +327,8 @@ class FitRun:
                     "multi_label": self.multi_label,
                     "in_chans": self.data.channels,
                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
+                    # so that a run directory says which release's semantics wrote it
+                    "vision_ft_version": __version__,
                 },
             )
         step, best_score = 0, worst_selection_score(cfg.select_metric)
