@@ -83,10 +83,10 @@ def test_only_the_default_directory_gets_a_size_bound(monkeypatch, tmp_path):
         jax.config.update("jax_compilation_cache_max_size", before[1])
 
 
-def _fit(data: Path, output: Path, env: dict) -> subprocess.CompletedProcess:
+def _fit(data: Path, output: Path, env: dict, *options: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "test_resnet"]
     cmd += ["--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32", "--epochs", "1"]
-    cmd += ["--batch-size", "16", "--output", str(output)]
+    cmd += ["--batch-size", "16", "--output", str(output), *options]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
 
 
@@ -110,3 +110,13 @@ def test_a_second_fit_loads_its_compiled_steps_from_the_default_cache(tmp_path):
     results = [json.loads((tmp_path / run / "final.json").read_text()) for run in ("run1", "run2")]
     assert results[0]["test"] == results[1]["test"]
     assert results[0]["best_val"] == results[1]["best_val"]
+
+    # the schedule is an argument of the step, not compiled into it: another peak rate and length
+    # (so another warmup and cosine) reuse the compiled step
+    third = _fit(data, tmp_path / "run3", env, "--epochs", "2", "--lr", "3e-3")
+    assert "Persistent compilation cache hit for 'jit_train_step'" in third.stderr
+    # the one new program computes the new schedule's table of rates
+    programs_before = {name.rsplit("-", 1)[0] for name in entries}
+    new_programs = {p.name.rsplit("-", 1)[0] for p in cache.iterdir()} - programs_before
+    assert [name.split("-")[0] for name in new_programs] == ["jit_learning_rate_table"], new_programs
+    assert json.loads((tmp_path / "run3" / "final.json").read_text())["test"] != results[0]["test"]

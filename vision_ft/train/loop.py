@@ -38,7 +38,7 @@ from vision_ft.train.evaluation import (
 )
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.train.multilabel import positive_weights
-from vision_ft.train.optimizer import build_optimizer, warmup_cosine
+from vision_ft.train.optimizer import build_optimizer, learning_rate_by_step, warmup_cosine
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted, was_preempted
 from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
@@ -231,7 +231,6 @@ class FitRun:
         )
         tx = build_optimizer(
             plan,
-            schedule,
             weight_decay=cfg.weight_decay,
             clip_norm=cfg.clip_norm,
             accumulate_steps=cfg.accumulate_steps,
@@ -263,6 +262,9 @@ class FitRun:
                 cutmix=cfg.cutmix,
             ),
             seed=cfg.seed,
+            learning_rate=learning_rate_by_step(
+                schedule, num_steps=steps, first_step=phase.first_step, accumulate_steps=cfg.accumulate_steps
+            ),
         )
         size = self.eval_geometry.img_size
         eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.data.channels), jnp.float32)

@@ -2,14 +2,19 @@
 
 Frozen parameters never reach the optimizer (the train step splits them off before taking
 gradients), so they carry no optimizer state. Each distinct (LR multiplier, weight decay) pair is
-one label of ``optax.multi_transform``, sharing one warmup-cosine schedule scaled by the multiplier.
+one label of ``optax.multi_transform``. The schedule stays outside the optimizer: the train step
+takes each step's learning rate as an argument and scales the updates by it, so neither the peak
+rate, the warmup nor the run's length is compiled into the step, and a run with another ``--lr`` or
+``--epochs`` loads the compiled step from the persistent cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vision_ft.train.rules import ParamSetting
@@ -42,23 +47,41 @@ def warmup_cosine(
     )
 
 
+def learning_rate_by_step(
+    schedule: optax.Schedule, *, num_steps: int, first_step: int = 0, accumulate_steps: int = 1
+) -> Callable[[int], float]:
+    """The learning rate of each global train step from ``first_step`` on, read from a table made
+    once: ``schedule`` counts optimizer updates, and with gradient accumulation ``accumulate_steps``
+    micro-steps make one update. On the host, so the loop never waits for the device to learn it."""
+    num_updates = max(-(-num_steps // accumulate_steps), 1)
+
+    def learning_rate_table() -> jax.Array:
+        return jax.vmap(schedule)(jnp.arange(num_updates))
+
+    # one small program (its own entry in the persistent cache) instead of one per step
+    table = np.asarray(jax.jit(learning_rate_table)(), np.float32)
+
+    def at(step: int) -> float:
+        return float(table[min((step - first_step) // accumulate_steps, num_updates - 1)])
+
+    return at
+
+
 def build_optimizer(
     plan: Mapping[str, ParamSetting],
-    schedule: optax.Schedule,
     *,
     weight_decay: float = 0.05,
     clip_norm: float | None = 1.0,
     accumulate_steps: int = 1,
 ) -> optax.GradientTransformation:
     """AdamW with per-group LR multipliers and decay masks, global-norm clipping first, and
-    optional gradient accumulation (``optax.MultiSteps``) around everything."""
+    optional gradient accumulation (``optax.MultiSteps``) around everything. Its updates are for a
+    learning rate of 1 (times the group's multiplier): the train step scales them by the step's
+    rate, as optax's own ``scale_by_learning_rate`` would at the end of the chain."""
     groups = {group_label(s): s for s in plan.values() if s.trainable}
 
     def make(setting: ParamSetting) -> optax.GradientTransformation:
-        return optax.adamw(
-            lambda step: schedule(step) * setting.lr_scale,
-            weight_decay=weight_decay if setting.weight_decay else 0.0,
-        )
+        return optax.adamw(setting.lr_scale, weight_decay=weight_decay if setting.weight_decay else 0.0)
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(lambda kp, _: group_label(plan[keypath_to_str(kp)]), params)

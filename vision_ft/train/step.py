@@ -11,7 +11,7 @@ mesh; the model state is replicated, or with an ``fsdp`` mesh axis sharded over 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -210,6 +210,7 @@ class Trainer:
         label_smoothing: float = 0.0,
         augment: Augment = Augment(),
         seed: int = 0,
+        learning_rate: float | Callable[[int], float] = 1.0,
         ema_decay: float = 0.0,
         ema_warmup: str = "power",
         tta_flip: bool = False,
@@ -222,6 +223,10 @@ class Trainer:
         def is_trainable(path, value) -> bool:
             return isinstance(value, nnx.Param) and format_path(path) in trainable_paths
 
+        # a factor on tx's updates (1 where tx has its own rate), or that factor as a function of
+        # the step: evaluated on the host and passed to the compiled step, which so stays the same
+        # for every schedule (see vision_ft.train.optimizer)
+        self.learning_rate = learning_rate if callable(learning_rate) else (lambda step: learning_rate)
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         # a (data, fsdp) mesh splits the batch over both axes; a 1-D data mesh over its one axis
@@ -299,7 +304,7 @@ class Trainer:
             loss = jnp.sum(per_example * weights) / jnp.maximum(weights.sum(), 1e-6)
             return loss, nnx.state(model, nnx.BatchStat)
 
-        def train_step(trainable, opt_state, stats, frozen, other, images, labels, mask, step):
+        def train_step(trainable, opt_state, stats, frozen, other, images, labels, mask, step, learning_rate):
             aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
             if has_dropout:
                 other = reseed(trainable, frozen, stats, other, drop_key)
@@ -307,6 +312,7 @@ class Trainer:
                 trainable, frozen, stats, other, images, labels, mask, aug_key
             )
             updates, opt_state = tx.update(grads, opt_state, trainable)
+            updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
             trainable = optax.apply_updates(trainable, updates)
             return trainable, opt_state, new_stats, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -331,7 +337,7 @@ class Trainer:
         options = compiler_options()
         self._train_step = jax.jit(
             train_step,
-            in_shardings=(t, o, st, f, ot, data, data, data, rep),
+            in_shardings=(t, o, st, f, ot, data, data, data, rep, rep),
             out_shardings=(t, o, st, rep),
             donate_argnums=(0, 1, 2),
             compiler_options=options,
@@ -399,7 +405,14 @@ class Trainer:
     def train_step(self, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, step: int) -> dict:
         batch = to_global((images, labels, mask), self.batch_sharding)
         self.trainable, self.opt_state, self.stats, metrics = self._run_train_step(
-            self.trainable, self.opt_state, self.stats, self.frozen, self.other, *batch, jnp.int32(step)
+            self.trainable,
+            self.opt_state,
+            self.stats,
+            self.frozen,
+            self.other,
+            *batch,
+            jnp.int32(step),
+            jnp.float32(self.learning_rate(step)),
         )
         self._wait_for_background()
         if self.ema is not None:
@@ -417,7 +430,7 @@ class Trainer:
         lowered = self._train_step.lower(
             self.trainable, self.opt_state, self.stats, self.frozen, self.other,
             abstract(images, jnp.float32), abstract((n, *labels), jnp.int32), abstract((n,), jnp.float32),
-            jnp.int32(0),
+            jnp.int32(0), jnp.float32(0),
         )  # fmt: skip
         m = lowered.compile().memory_analysis()
         used = {
