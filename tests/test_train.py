@@ -506,3 +506,25 @@ def test_select_metric_loss_keeps_the_lowest_validation_loss(tmp_path):
     lowest = val[int(np.argmin(losses))]
     assert final["best_val"]["epoch"] == lowest["epoch"]
     assert final["best_val"]["loss"] == pytest.approx(lowest["loss"], rel=1e-6)
+
+
+def test_resuming_another_release_s_checkpoint_names_both_releases_and_keeps_the_run(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, epochs=1)
+    FitRun(cfg, progress=False).run()
+    config_path = tmp_path / "run" / "config.json"
+    saved = json.loads(config_path.read_text())
+    assert saved["vision_ft_version"] == vision_ft.__version__
+    config_path.write_text(json.dumps({**saved, "vision_ft_version": "0.0.9"}))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    # an optimizer whose state the saved one lacks, as a release that changed its layout would build
+    import vision_ft.train.loop as loop
+
+    def other_layout(*args, **kwargs):
+        return optax.chain(optax.scale_by_schedule(lambda n: 1.0), build_optimizer(*args, **kwargs))
+
+    monkeypatch.setattr(loop, "build_optimizer", other_layout)
+    with pytest.raises(CheckpointMismatchError, match=r"saved by vision-ft 0\.0\.9 and this is "):
+        FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False).run()
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before  # config.json included: a failed resume rewrites nothing

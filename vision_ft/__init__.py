@@ -3,4 +3,4 @@
 from vision_ft.models import PretrainedCfg, create_model, list_models
 
 __all__ = ["PretrainedCfg", "create_model", "list_models"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

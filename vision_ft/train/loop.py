@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +23,12 @@ from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
-from vision_ft.train.checkpoint import RunCheckpoints, abstract_like, checkpoint_location
+from vision_ft.train.checkpoint import (
+    CheckpointMismatchError,
+    RunCheckpoints,
+    abstract_like,
+    checkpoint_location,
+)
 from vision_ft.train.config import ConfigError, FitConfig, resume_conflicts
 from vision_ft.train.distributed import is_primary
 from vision_ft.train.evaluation import (
@@ -319,6 +325,11 @@ class FitRun:
         cfg = self.cfg
         started = time.time()
         primary = is_primary()
+        step, best_score = 0, worst_selection_score(cfg.select_metric)
+        trainer = self._trainer(self.phases[0])
+        if cfg.resume:
+            step, best_score, trainer = self._resume(trainer)
+        # after a resume has restored: one that fails leaves the run's config.json as it was
         if primary:
             report.write_json(
                 self.out / "config.json",
@@ -333,10 +344,6 @@ class FitRun:
                     "vision_ft_version": __version__,
                 },
             )
-        step, best_score = 0, worst_selection_score(cfg.select_metric)
-        trainer = self._trainer(self.phases[0])
-        if cfg.resume:
-            step, best_score, trainer = self._resume(trainer)
         metrics_log = report.MetricsLog(
             self.out, resume_step=step if cfg.resume else None, write=is_primary()
         )
@@ -409,7 +416,16 @@ class FitRun:
         if phase is not self.phases[0]:
             trainer.write_back(self.model)
             trainer = self._trainer(phase)
-        _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
+        try:
+            _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
+        except CheckpointMismatchError as e:
+            saved_by = self._saved_by_release()
+            if saved_by is None or saved_by == __version__:
+                raise
+            raise CheckpointMismatchError(
+                f"{e}; the run was saved by vision-ft {saved_by} and this is {__version__}: resume it "
+                f"with {saved_by}, or fine-tune anew from its weights (--pretrained {RUN_PREFIX}{self.out})"
+            ) from None
         nnx.update(self.model, restored["params"], restored["stats"])
         trainer = self._trainer(phase)
         trainer.opt_state = to_global(restored["opt_state"], trainer.shardings["opt_state"])
@@ -419,6 +435,13 @@ class FitRun:
             )
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
+
+    def _saved_by_release(self) -> str | None:
+        """The vision-ft release that last wrote this run's config.json (None before it was kept)."""
+        try:
+            return json.loads((self.out / "config.json").read_text()).get("vision_ft_version")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports
