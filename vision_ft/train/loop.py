@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -211,9 +210,13 @@ class FitRun:
             )
         if self.cfg.resume and not has_run:
             raise RunDirError(f"--resume: {self.out} holds no run to resume")
+        # the release that last wrote the run (None for a new run, or one saved before it was kept)
+        self.saved_by_release: str | None = None
         if self.cfg.resume and (self.out / "config.json").is_file():
             # before anything in the run directory is written again
-            conflicts = resume_conflicts(read_run_config(self.out), self.cfg)
+            saved = read_run_config(self.out)
+            self.saved_by_release = saved.get("vision_ft_version")
+            conflicts = resume_conflicts(saved, self.cfg)
             if conflicts:
                 raise RunDirError(
                     f"--resume: {self.out} was started with other settings: {'; '.join(conflicts)}. "
@@ -419,7 +422,7 @@ class FitRun:
         try:
             _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
         except CheckpointMismatchError as e:
-            saved_by = self._saved_by_release()
+            saved_by = self.saved_by_release
             if saved_by is None or saved_by == __version__:
                 raise
             raise CheckpointMismatchError(
@@ -435,13 +438,6 @@ class FitRun:
             )
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), trainer
-
-    def _saved_by_release(self) -> str | None:
-        """The vision-ft release that last wrote this run's config.json (None before it was kept)."""
-        try:
-            return json.loads((self.out / "config.json").read_text()).get("vision_ft_version")
-        except (OSError, ValueError, AttributeError):
-            return None
 
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports
