@@ -13,14 +13,14 @@ import pytest
 from flax import nnx
 
 import vision_ft
-from tests.train_fixtures import tiny_config, write_synthetic_npz
-from vision_ft.data.pipeline import eval_batches, train_batches
+from tests.train_fixtures import numpy_state, tiny_config, train_batch, write_synthetic_npz
+from vision_ft.data.pipeline import eval_batches
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from vision_ft.train.config import load_config, resume_conflicts
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
-from vision_ft.train.optimizer import build_optimizer, keypath_to_str, learning_rate_by_step, warmup_cosine
+from vision_ft.train.optimizer import build_optimizer, keypath_to_str
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import load_run_model
 from vision_ft.train.step import Trainer, data_mesh, ema_decay_at, freeze_batchnorm
@@ -77,20 +77,16 @@ def test_frozen_params_have_no_optimizer_state(resnet18):
     assert sorted(x.shape for x in opt_leaves) == sorted([(512, 2), (512, 2), (2,), (2,)])
 
 
-def _numpy_state(model, kind):
-    return {format_path(p): np.array(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, kind))}
-
-
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_fit_with_frozen_backbone_changes_only_the_head(tmp_path, ema_decay):
     """After the run the model holds the best checkpoint: with EMA, the average of the weights."""
     cfg = tiny_config(tmp_path, freeze=("backbone",), epochs=1, ema_decay=ema_decay)
     run = FitRun(cfg, progress=False)
-    params_before = _numpy_state(run.model, nnx.Param)
-    stats_before = _numpy_state(run.model, nnx.BatchStat)
+    params_before = numpy_state(run.model, nnx.Param)
+    stats_before = numpy_state(run.model, nnx.BatchStat)
     run.run()
-    params_after = _numpy_state(run.model, nnx.Param)
-    stats_after = _numpy_state(run.model, nnx.BatchStat)
+    params_after = numpy_state(run.model, nnx.Param)
+    stats_after = numpy_state(run.model, nnx.BatchStat)
     for path, before in params_before.items():
         if path.startswith("fc."):
             assert not np.array_equal(before, params_after[path]), path
@@ -118,7 +114,7 @@ def test_validation_picks_checkpoints_on_mirrors_only_unless_asked(tmp_path, mon
     run = FitRun(cfg, progress=False)
     assert (run.cfg.tta_flip, run.cfg.tta_shift) == (True, 0.05)  # 2 of the 32 pixels
     trainer = run._trainer(run.phases[0])
-    images = _batch(run, 0)[0]
+    images = train_batch(run, 0)[0]
     trainer.write_back(run.model, evaluated=True)
     x = (images - np.asarray(run.model.pretrained_cfg.mean)) / np.asarray(run.model.pretrained_cfg.std)
     views = augmented_views(x, flip=True, shift=0.05)
@@ -144,21 +140,10 @@ def test_validation_picks_checkpoints_on_mirrors_only_unless_asked(tmp_path, mon
 def test_train_bn_updates_frozen_statistics(tmp_path):
     cfg = tiny_config(tmp_path, freeze=("backbone",), epochs=1, train_bn=True)
     run = FitRun(cfg, progress=False)
-    before = _numpy_state(run.model, nnx.BatchStat)
+    before = numpy_state(run.model, nnx.BatchStat)
     run.run()
-    after = _numpy_state(run.model, nnx.BatchStat)
+    after = numpy_state(run.model, nnx.BatchStat)
     assert not np.array_equal(before["bn1.mean"], after["bn1.mean"])
-
-
-def _batch(run, step):
-    """The train batch of ``step``, as (images, labels, mask)."""
-    batch = next(
-        train_batches(
-            run.data.splits["train"], run.train_geometry, batch_size=16, seed=0, start_step=step,
-            total_steps=step + 1,
-        )
-    )  # fmt: skip
-    return batch["image"], batch["label"], batch["mask"]
 
 
 def _run_steps(model, devices, batches):
@@ -169,14 +154,14 @@ def _run_steps(model, devices, batches):
     trainer = Trainer(model, plan, tx, data_mesh(devices), class_weights=np.ones(2))
     losses = [float(trainer.train_step(*batch, step)["loss"]) for step, batch in enumerate(batches)]
     trainer.write_back(model)
-    return losses, _numpy_state(model, nnx.Param), _numpy_state(model, nnx.BatchStat)
+    return losses, numpy_state(model, nnx.Param), numpy_state(model, nnx.BatchStat)
 
 
 def test_one_device_and_eight_devices_agree(tmp_path):
     assert jax.device_count() == 8, "conftest simulates 8 CPU devices"
     cfg = tiny_config(tmp_path)
     run = FitRun(cfg, progress=False)
-    batches = [_batch(run, s) for s in range(3)]
+    batches = [train_batch(run, s) for s in range(3)]
     one = _run_steps(
         vision_ft.create_model("test_resnet", num_classes=2, in_chans=1, drop_path_rate=0.1),
         jax.devices()[:1],
@@ -198,7 +183,7 @@ def test_no_recompilation_after_first_step(tmp_path):
     run = FitRun(cfg, progress=False)
     trainer = run._trainer(run.phases[0])
     for step in range(4):
-        trainer.train_step(*_batch(run, step), step)
+        trainer.train_step(*train_batch(run, step), step)
     assert trainer._train_step._cache_size() == 1
     val = run.data.splits["val"]
     val = type(val)(val.images[:21], val.labels[:21])  # 21 = 16 + a padded batch of 5
@@ -210,51 +195,6 @@ def test_no_recompilation_after_first_step(tmp_path):
     assert trainer._eval_step._cache_size() == 1
 
 
-@pytest.mark.parametrize("accumulate_steps", [1, 2])
-def test_learning_rate_given_to_the_step_trains_as_optax_schedule_inside(tmp_path, accumulate_steps):
-    """The step takes its learning rate as an argument (so no schedule is compiled in); with
-    gradient accumulation, one rate per update of ``accumulate_steps`` micro-steps, as optax counts."""
-    run = FitRun(tiny_config(tmp_path), progress=False)
-    batches = [_batch(run, s) for s in range(6)]
-    schedule = warmup_cosine(0.05, total_steps=3, warmup_steps=1)  # 0, then 0.05, then 0.025
-
-    def trained(tx, learning_rate):
-        model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
-        plan = build_plan(model)
-        trainer = Trainer(model, plan, tx, data_mesh(jax.devices()[:1]), class_weights=np.ones(2),
-                          learning_rate=learning_rate)  # fmt: skip
-        for step, batch in enumerate(batches[: 3 * accumulate_steps]):
-            trainer.train_step(*batch, step)
-        trainer.write_back(model)
-        return _numpy_state(model, nnx.Param)
-
-    def decayed_sgd(learning_rate):
-        # AdamW's order (decay, then the rate) with SGD's updates, which stay proportional to the
-        # gradients: Adam would blow the float noise of near-zero gradients up to full-size steps
-        sgd = optax.sgd(learning_rate, momentum=0.9)
-        return optax.MultiSteps(optax.chain(optax.add_decayed_weights(0.05), sgd), accumulate_steps)
-
-    inside = trained(decayed_sgd(schedule), 1.0)
-    given = trained(
-        decayed_sgd(1.0),
-        learning_rate_by_step(schedule, num_steps=3 * accumulate_steps, accumulate_steps=accumulate_steps),
-    )
-    initial = _numpy_state(vision_ft.create_model("test_resnet", num_classes=2, in_chans=1), nnx.Param)
-    assert any(not np.array_equal(initial[k], given[k]) for k in given)  # it trained
-    # not bitwise: the two programs fuse the update into the gradient's reductions differently, which
-    # moves float rounding; one update's rate off by a step moves weights by orders of magnitude more
-    for path in inside:
-        np.testing.assert_allclose(inside[path], given[path], rtol=1e-5, atol=1e-7, err_msg=path)
-
-
-def test_learning_rate_by_step_counts_updates_from_the_phase_start():
-    rate = learning_rate_by_step(
-        optax.linear_schedule(1.0, 0.0, 4), num_steps=7, first_step=10, accumulate_steps=2
-    )
-    # 7 micro-steps: 3 whole updates of 2 and the start of a fourth
-    assert [rate(s) for s in range(10, 17)] == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25]
-
-
 def test_eval_steps_and_ema_compile_in_the_background(tmp_path, caplog):
     cfg = tiny_config(tmp_path, ema_decay=0.9)  # with tta_shift, validation and test differ
     run = FitRun(cfg, progress=False)
@@ -264,7 +204,7 @@ def test_eval_steps_and_ema_compile_in_the_background(tmp_path, caplog):
     images = next(eval_batches(run.data.splits["val"], run.eval_geometry, batch_size=16))["image"]
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         for step in range(2):
-            trainer.train_step(*_batch(run, step), step)
+            trainer.train_step(*train_batch(run, step), step)
         shifted, unshifted = trainer.predict(images), trainer.predict(images, shifted=False)
     compiled = {
         m.group(1) for r in caplog.records if (m := re.search(r"Compiling jit\((\w+)\)", r.getMessage()))
@@ -419,14 +359,14 @@ def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
     run = FitRun(cfg, progress=False)
     assert run.cfg.model == "test_resnet"  # the architecture comes from the earlier run
     assert run.model.fc.kernel.get_value().shape == (96, 3)
-    before = _numpy_state(earlier, nnx.Param)
-    after = _numpy_state(run.model, nnx.Param)
+    before = numpy_state(earlier, nnx.Param)
+    after = numpy_state(run.model, nnx.Param)
     assert before.keys() == after.keys()
     for path in before:
         if not path.startswith("fc."):
             np.testing.assert_array_equal(after[path], before[path], err_msg=path)
     np.testing.assert_array_equal(
-        _numpy_state(run.model, nnx.BatchStat)["bn1.mean"], _numpy_state(earlier, nnx.BatchStat)["bn1.mean"]
+        numpy_state(run.model, nnx.BatchStat)["bn1.mean"], numpy_state(earlier, nnx.BatchStat)["bn1.mean"]
     )
     with pytest.raises(RunDirError, match="no config.json"):
         FitRun(tiny_config(tmp_path, pretrained=f"run:{tmp_path}", output=str(tmp_path / "x")))
@@ -457,12 +397,12 @@ def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warm
 
     expected = fc_kernel(trainer.trainable)
     for step in range(3):
-        trainer.train_step(*_batch(run, step), step)
+        trainer.train_step(*train_batch(run, step), step)
         decay = min(0.5, (1 + step) / (10 + step)) if ema_warmup == "count" else (0.5 if step else 0.0)
         expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
     np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
     assert not np.allclose(fc_kernel(trainer.ema[0]), fc_kernel(trainer.trainable))
-    images = _batch(run, 5)[0]
+    images = train_batch(run, 5)[0]
     weights = run._weights(trainer, 3)  # the best checkpoint keeps the EMA ...
     np.testing.assert_array_equal(
         np.asarray(weights["params"]["fc"]["kernel"].get_value()), fc_kernel(trainer.ema[0])
@@ -477,9 +417,9 @@ def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warm
 
 def test_bf16_compute_keeps_fp32_parameters(tmp_path):
     run = FitRun(tiny_config(tmp_path, precision="bf16", epochs=1), progress=False)
-    initial = _numpy_state(run.model, nnx.Param)
+    initial = numpy_state(run.model, nnx.Param)
     final = run.run()
-    params = _numpy_state(run.model, nnx.Param)
+    params = numpy_state(run.model, nnx.Param)
     assert not np.array_equal(params["fc.kernel"], initial["fc.kernel"])  # it trained
     assert {v.dtype for v in params.values()} == {np.dtype("float32")}
     x = np.zeros((2, 32, 32, 1), np.float32)

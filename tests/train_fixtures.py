@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
+from vision_ft.data.pipeline import train_batches
 from vision_ft.train.config import load_config
+from vision_ft.weights.mapping import format_path
 
 
 def write_synthetic_npz(
@@ -42,3 +45,19 @@ def tiny_config(tmp_path: Path, **overrides):
     )
     values.update(overrides)
     return load_config(None, values)
+
+
+def numpy_state(model, kind):
+    """A model's variables of one kind (nnx.Param, nnx.BatchStat) as numpy arrays by dotted path."""
+    return {format_path(p): np.array(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, kind))}
+
+
+def train_batch(run, step: int):
+    """The train batch of ``step``, as (images, labels, mask)."""
+    batch = next(
+        train_batches(
+            run.data.splits["train"], run.train_geometry, batch_size=16, seed=0, start_step=step,
+            total_steps=step + 1,
+        )
+    )  # fmt: skip
+    return batch["image"], batch["label"], batch["mask"]

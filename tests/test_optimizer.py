@@ -1,0 +1,59 @@
+"""The optimizer's learning rate, given to the compiled train step from a table of its schedule."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import vision_ft
+from tests.train_fixtures import numpy_state, tiny_config, train_batch
+from vision_ft.train.loop import FitRun
+from vision_ft.train.optimizer import learning_rate_by_step, warmup_cosine
+from vision_ft.train.rules import build_plan
+from vision_ft.train.step import Trainer, data_mesh
+
+
+@pytest.mark.parametrize("accumulate_steps", [1, 2])
+def test_learning_rate_given_to_the_step_trains_as_optax_schedule_inside(tmp_path, accumulate_steps):
+    """The step takes its learning rate as an argument (so no schedule is compiled in); with
+    gradient accumulation, one rate per update of ``accumulate_steps`` micro-steps, as optax counts."""
+    run = FitRun(tiny_config(tmp_path), progress=False)
+    batches = [train_batch(run, s) for s in range(6)]
+    schedule = warmup_cosine(0.05, total_steps=3, warmup_steps=1)  # 0, then 0.05, then 0.025
+
+    def trained(tx, learning_rate):
+        model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+        plan = build_plan(model)
+        trainer = Trainer(model, plan, tx, data_mesh(jax.devices()[:1]), class_weights=np.ones(2),
+                          learning_rate=learning_rate)  # fmt: skip
+        for step, batch in enumerate(batches[: 3 * accumulate_steps]):
+            trainer.train_step(*batch, step)
+        trainer.write_back(model)
+        return numpy_state(model, nnx.Param)
+
+    def decayed_sgd(learning_rate):
+        # AdamW's order (decay, then the rate) with SGD's updates, which stay proportional to the
+        # gradients: Adam would blow the float noise of near-zero gradients up to full-size steps
+        sgd = optax.sgd(learning_rate, momentum=0.9)
+        return optax.MultiSteps(optax.chain(optax.add_decayed_weights(0.05), sgd), accumulate_steps)
+
+    inside = trained(decayed_sgd(schedule), 1.0)
+    given = trained(
+        decayed_sgd(1.0),
+        learning_rate_by_step(schedule, num_steps=3 * accumulate_steps, accumulate_steps=accumulate_steps),
+    )
+    initial = numpy_state(vision_ft.create_model("test_resnet", num_classes=2, in_chans=1), nnx.Param)
+    assert any(not np.array_equal(initial[k], given[k]) for k in given)  # it trained
+    # not bitwise: the two programs fuse the update into the gradient's reductions differently, which
+    # moves float rounding; one update's rate off by a step moves weights by orders of magnitude more
+    for path in inside:
+        np.testing.assert_allclose(inside[path], given[path], rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def test_learning_rate_by_step_counts_updates_from_the_phase_start():
+    rate = learning_rate_by_step(
+        optax.linear_schedule(1.0, 0.0, 4), num_steps=7, first_step=10, accumulate_steps=2
+    )
+    # 7 micro-steps: 3 whole updates of 2 and the start of a fourth
+    assert [rate(s) for s in range(10, 17)] == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25]
