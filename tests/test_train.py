@@ -241,6 +241,16 @@ def test_fit_writes_reports(tmp_path):
         FitRun(cfg, progress=False)
 
 
+def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usable(tmp_path):
+    with pytest.raises(RuleError, match="matches no parameter"):
+        FitRun(tiny_config(tmp_path, freeze=("no_such_layer",)), progress=False).run()
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_dir()  # Orbax made its folders, empty
+    with pytest.raises(RunDirError, match="holds no run to resume"):
+        FitRun(tiny_config(tmp_path, resume=True), progress=False)
+    # the corrected command starts afresh in the same directory
+    assert FitRun(tiny_config(tmp_path), progress=False).run()["test"]["auc"] > 0.5
+
+
 def test_fine_tune_recipe_switches_phase(tmp_path):
     cfg = tiny_config(tmp_path, recipe="fine_tune", head_epochs=1, epochs=2)
     run = FitRun(cfg, progress=False)

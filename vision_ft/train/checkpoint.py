@@ -87,6 +87,15 @@ def checkpoint_location(directory: str | Path) -> epath.Path:
     return epath.Path(Path(text).expanduser().absolute())
 
 
+def holds_checkpoint(directory: epath.Path) -> bool:
+    """Whether ``directory`` holds a finished checkpoint, latest or best. The empty folders of a run
+    that stopped before its first save, or a write that never finished, hold nothing to resume."""
+    return any(
+        (directory / kind).exists() and ocp.utils.checkpoint_steps(directory / kind)
+        for kind in ("latest", "best")
+    )
+
+
 def write_replicated_arrays_whole_on_cpu() -> None:
     """Orbax splits the write of a replicated array among its replicas by default, which pays where
     each device has its own link to the host. CPU devices share one memory, and the split costs one

@@ -27,6 +27,7 @@ from vision_ft.train.checkpoint import (
     RunCheckpoints,
     abstract_like,
     checkpoint_location,
+    holds_checkpoint,
 )
 from vision_ft.train.config import ConfigError, FitConfig, resume_conflicts
 from vision_ft.train.distributed import is_primary
@@ -199,7 +200,9 @@ class FitRun:
 
     def _check_output_dir(self) -> None:
         self.checkpoint_dir = checkpoint_location(self.cfg.checkpoint_dir or self.out / "checkpoints")
-        has_run = self.checkpoint_dir.exists() or (self.out / "metrics.jsonl").exists()
+        # not the folders' existence: a fit that failed before its first save (a --freeze group out
+        # of range) left them empty, and then neither a new run nor --resume could use the directory
+        has_run = holds_checkpoint(self.checkpoint_dir) or (self.out / "metrics.jsonl").exists()
         if has_run and was_preempted(self.out) and not self.cfg.resume:
             # rerunning the command of a preempted run continues it
             log.info("resuming the preempted run in %s", self.out)
