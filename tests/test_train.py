@@ -214,6 +214,22 @@ def test_eval_steps_and_ema_compile_in_the_background(tmp_path, caplog):
     assert not np.allclose(shifted, unshifted)  # two distinct steps were compiled ahead
 
 
+def test_fit_tests_its_best_checkpoint_with_the_eval_steps_it_compiled(tmp_path, caplog):
+    # set globally, not with jax.log_compiles(): the eval steps compile on a background thread
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            final = FitRun(tiny_config(tmp_path, ema_decay=0.9), progress=False).run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = [
+        m.group(1) for r in caplog.records if (m := re.search(r"Compiling jit\((\w+)\)", r.getMessage()))
+    ]
+    assert final["best_step"] is not None  # the test split was scored on restored weights
+    # validation's step (image + mirror) and test's (all views), each compiled once
+    assert compiled.count("eval_step") == 2 and compiled.count("train_step") == 1, compiled
+
+
 def test_fit_writes_reports(tmp_path):
     cfg = tiny_config(tmp_path)
     final = FitRun(cfg, progress=False).run()

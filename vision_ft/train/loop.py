@@ -450,7 +450,7 @@ class FitRun:
         if best_step is not None:
             _, restored = self.checkpoints.restore_best(abstract_like(self._weights(trainer, 0)))
             nnx.update(self.model, restored["params"], restored["stats"])
-            trainer = self._trainer(self.phases[-1])
+            trainer.load_weights(self.model)
         best_val = next(
             (r for r in metrics_log.records if r["split"] == "val" and r["step"] == best_step), None
         )

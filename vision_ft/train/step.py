@@ -237,7 +237,7 @@ class Trainer:
         graphdef, trainable, frozen, stats, other = nnx.split(
             model, is_trainable, nnx.Param, nnx.BatchStat, ...
         )
-        self.graphdef = graphdef
+        self.graphdef, self._is_trainable = graphdef, is_trainable
         layout = functools.partial(state_shardings, mesh=mesh, min_size=fsdp_min_size)
         if "fsdp" not in mesh.axis_names:
             layout = lambda tree: jax.tree.map(lambda _: self.replicated, tree)  # noqa: E731
@@ -451,6 +451,17 @@ class Trainer:
         return self._run_eval_step[shifted](
             trainable, stats, self.frozen, self.other, to_global(images, self.batch_sharding)
         )
+
+    def load_weights(self, model: nnx.Module) -> None:
+        """Take ``model``'s parameters and statistics as the trained and the evaluated weights (the
+        EMA too), keeping the compiled steps: a fit evaluates its restored best checkpoint on test
+        without compiling its eval steps again (a second Trainer did: 10-25 s on two cores)."""
+        _, trainable, frozen, stats, _ = nnx.split(model, self._is_trainable, nnx.Param, nnx.BatchStat, ...)
+        sh = self.shardings
+        self.trainable = to_global(trainable, sh["trainable"])
+        self.frozen, self.stats = to_global(frozen, sh["frozen"]), to_global(stats, sh["stats"])
+        if self.ema is not None:
+            self.ema = jax.tree.map(jnp.copy, (self.trainable, self.stats))
 
     def write_back(self, model: nnx.Module, *, evaluated: bool = False) -> None:
         """Copy the trained state into ``model`` (e.g. to save or embed with it); ``evaluated``
