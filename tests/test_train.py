@@ -21,6 +21,7 @@ from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
 from vision_ft.train.optimizer import build_optimizer, keypath_to_str
+from vision_ft.train.preemption import Preempted
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import load_run_model
 from vision_ft.train.step import Trainer, data_mesh, ema_decay_at, freeze_batchnorm
@@ -274,6 +275,33 @@ def test_fine_tune_recipe_switches_phase(tmp_path):
     assert "backbone" in run.phases[0].freeze and run.phases[1].layer_decay < 1
     final = run.run()
     assert final["test"]["auc"] > 0.5
+
+
+def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = dict(recipe="fine_tune", head_epochs=1, epochs=2, ema_decay=0.9)
+    full = FitRun(tiny_config(tmp_path, output=str(tmp_path / "full"), **settings), progress=False).run()
+    stopped = FitRun(tiny_config(tmp_path, **settings), progress=False)
+    stop_at = stopped.phases[1].first_step + 2  # two steps into the unfrozen phase
+
+    class StopsAtOneStep:  # stands in for a SIGTERM arriving then
+        def __init__(self):
+            self.steps = 0
+
+        def requested(self):
+            self.steps += 1
+            return self.steps == stop_at
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("vision_ft.train.loop.PreemptionWatch", StopsAtOneStep)
+    with pytest.raises(Preempted):
+        stopped.run()
+    resumed = FitRun(tiny_config(tmp_path, resume=True, **settings), progress=False).run()
+    assert resumed["best_step"] == full["best_step"]
+    for split in ("best_val", "test"):
+        for key in ("loss", "accuracy", "auc"):
+            assert resumed[split][key] == pytest.approx(full[split][key], rel=1e-6, abs=1e-7), (split, key)
 
 
 def test_checkpoint_restore_checks_keys_and_shapes(tmp_path):

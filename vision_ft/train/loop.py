@@ -332,9 +332,10 @@ class FitRun:
         started = time.time()
         primary = is_primary()
         step, best_score = 0, worst_selection_score(cfg.select_metric)
-        trainer = self._trainer(self.phases[0])
         if cfg.resume:
-            step, best_score, trainer = self._resume(trainer)
+            step, best_score, trainer = self._resume()
+        else:
+            trainer = self._trainer(self.phases[0])
         # after a resume has restored: one that fails leaves the run's config.json as it was
         if primary:
             report.write_json(
@@ -414,14 +415,14 @@ class FitRun:
         self.checkpoints.close()
         return final
 
-    def _resume(self, trainer: Trainer) -> tuple[int, float, Trainer]:
+    def _resume(self) -> tuple[int, float, Trainer]:
+        """The step, best score and trainer of the latest checkpoint; one trainer, for the phase
+        the checkpoint is in, with the restored weights loaded into its compiled steps."""
         latest = self.checkpoints.latest_step()
         if latest is None:
             raise RunDirError(f"--resume: no checkpoint in {self.checkpoint_dir}")
         phase = self._phase_at(latest) if latest < self.total_steps else self.phases[-1]
-        if phase is not self.phases[0]:
-            trainer.write_back(self.model)
-            trainer = self._trainer(phase)
+        trainer = self._trainer(phase)
         try:
             _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
         except CheckpointMismatchError as e:
@@ -433,7 +434,7 @@ class FitRun:
                 f"with {saved_by}, or fine-tune anew from its weights (--pretrained {RUN_PREFIX}{self.out})"
             ) from None
         nnx.update(self.model, restored["params"], restored["stats"])
-        trainer = self._trainer(phase)
+        trainer.load_weights(self.model)
         trainer.opt_state = to_global(restored["opt_state"], trainer.shardings["opt_state"])
         if trainer.ema is not None:
             trainer.ema = to_global(
