@@ -3,7 +3,9 @@
 import dataclasses
 import json
 import logging
+import os
 import re
+import signal
 from pathlib import Path
 
 import jax
@@ -282,21 +284,18 @@ def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(tmp_
     full = FitRun(tiny_config(tmp_path, output=str(tmp_path / "full"), **settings), progress=False).run()
     stopped = FitRun(tiny_config(tmp_path, **settings), progress=False)
     stop_at = stopped.phases[1].first_step + 2  # two steps into the unfrozen phase
+    train_step = Trainer.train_step
 
-    class StopsAtOneStep:  # stands in for a SIGTERM arriving then
-        def __init__(self):
-            self.steps = 0
+    def sigterm_during_step(self, images, labels, mask, step):
+        if step == stop_at - 1:  # as TPU maintenance or a spot VM's notice would
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, images, labels, mask, step)
 
-        def requested(self):
-            self.steps += 1
-            return self.steps == stop_at
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr("vision_ft.train.loop.PreemptionWatch", StopsAtOneStep)
-    with pytest.raises(Preempted):
+    monkeypatch.setattr(Trainer, "train_step", sigterm_during_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match=f"step {stop_at}"):
         stopped.run()
+    assert signal.getsignal(signal.SIGTERM) is handler  # a script or notebook goes on as before
     resumed = FitRun(tiny_config(tmp_path, resume=True, **settings), progress=False).run()
     assert resumed["best_step"] == full["best_step"]
     for split in ("best_val", "test"):

@@ -363,51 +363,55 @@ class FitRun:
             images_per_unit=cfg.batch_size, fields=("loss",),
         )  # fmt: skip
         watch = PreemptionWatch()
-        progress.start_at(step)
-        batches = train_batches(
-            train_split, self.train_geometry, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step,
-            total_steps=self.total_steps, process_index=jax.process_index(),
-            process_count=jax.process_count(), threads=cfg.loader_threads, workers=cfg.workers,
-        )  # fmt: skip
-        batches = prefetch_to_device(batches, trainer.batch_sharding)
-        while step < self.total_steps:
-            current = self._phase_at(step)
-            if current is not phase:
-                trainer.write_back(self.model)
-                phase, trainer = current, self._trainer(current)
-            on_device, batch = next(batches)
-            if batch["bad"].any():
-                self.bad_examples.note(train_split, batch)
-            out = trainer.train_step(*on_device, step)
-            epoch_losses.append(out["loss"])
-            step += 1
-            if progress.enabled and step % 10 == 0:  # reading the loss waits for the step
-                progress.update(step, loss=f"{float(out['loss']):.4f}")
-            else:
-                progress.update(step)
-            end_of_epoch = step % self.steps_per_epoch == 0
-            if end_of_epoch:
-                epoch = step // self.steps_per_epoch
-                metrics_log.log("train", epoch, step, {"loss": float(np.mean(jax.device_get(epoch_losses)))})
-                epoch_losses = []
-                if has_val:
-                    val = self.evaluate(trainer, "val", shifted=cfg.val_tta_shift)
-                    metrics_log.log("val", epoch, step, val)
-                    score = selection_score(val, cfg.select_metric)
-                    progress.note(f"epoch {epoch}: val {cfg.select_metric} {val[cfg.select_metric]:.4f}")
-                    if improves_selection(score, best_score, cfg.select_metric):
-                        best_score = score
-                        self.checkpoints.save_best(step, self._weights(trainer, step), score)
-            preempted = step < self.total_steps and watch.requested()
-            if preempted or end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
-            if preempted:
-                progress.close()
-                metrics_log.close()
-                self.checkpoints.close()
-                mark_preempted(self.out, step)
-                raise Preempted(step, self.out)
-        watch.close()
+        try:
+            progress.start_at(step)
+            batches = train_batches(
+                train_split, self.train_geometry, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step,
+                total_steps=self.total_steps, process_index=jax.process_index(),
+                process_count=jax.process_count(), threads=cfg.loader_threads, workers=cfg.workers,
+            )  # fmt: skip
+            batches = prefetch_to_device(batches, trainer.batch_sharding)
+            while step < self.total_steps:
+                current = self._phase_at(step)
+                if current is not phase:
+                    trainer.write_back(self.model)
+                    phase, trainer = current, self._trainer(current)
+                on_device, batch = next(batches)
+                if batch["bad"].any():
+                    self.bad_examples.note(train_split, batch)
+                out = trainer.train_step(*on_device, step)
+                epoch_losses.append(out["loss"])
+                step += 1
+                if progress.enabled and step % 10 == 0:  # reading the loss waits for the step
+                    progress.update(step, loss=f"{float(out['loss']):.4f}")
+                else:
+                    progress.update(step)
+                end_of_epoch = step % self.steps_per_epoch == 0
+                if end_of_epoch:
+                    epoch = step // self.steps_per_epoch
+                    metrics_log.log(
+                        "train", epoch, step, {"loss": float(np.mean(jax.device_get(epoch_losses)))}
+                    )
+                    epoch_losses = []
+                    if has_val:
+                        val = self.evaluate(trainer, "val", shifted=cfg.val_tta_shift)
+                        metrics_log.log("val", epoch, step, val)
+                        score = selection_score(val, cfg.select_metric)
+                        progress.note(f"epoch {epoch}: val {cfg.select_metric} {val[cfg.select_metric]:.4f}")
+                        if improves_selection(score, best_score, cfg.select_metric):
+                            best_score = score
+                            self.checkpoints.save_best(step, self._weights(trainer, step), score)
+                preempted = step < self.total_steps and watch.requested()
+                if preempted or end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                    self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
+                if preempted:
+                    progress.close()
+                    metrics_log.close()
+                    self.checkpoints.close()
+                    mark_preempted(self.out, step)
+                    raise Preempted(step, self.out)
+        finally:
+            watch.close()  # also when preempted or failing: SIGTERM ends a script or notebook again
         clear_marker(self.out)
         progress.close()
         final = self._finish(trainer, metrics_log, started)
