@@ -85,7 +85,7 @@ def embed(
         raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
     if dataset.channels != predictor.channels:
         raise UserError(f"{data} has {dataset.channels} bands; the model takes {predictor.channels}")
-    parts, bad = [], []
+    parts, bad = [], {}
     total = sum(len(dataset.splits[n]) for n in names)
     with ProgressBar("embed", total, enabled=not no_progress) as progress:
         for name in names:
@@ -97,7 +97,7 @@ def embed(
             except ValueError as e:  # a --layer the model does not have
                 raise UserError(str(e)) from None
             parts.append(part)
-            bad += unreadable
+            bad |= unreadable
     result = Embeddings(
         np.concatenate([p.embeddings for p in parts]),
         np.concatenate([p.labels for p in parts]),
@@ -112,8 +112,8 @@ def embed(
     if not is_primary():
         return
     write_embeddings(output, result)
-    for path in bad:
-        logging.getLogger("vision_ft").warning("skipped unreadable example %s", path)
+    for path, reason in bad.items():
+        logging.getLogger("vision_ft").warning("skipped unreadable example %s: %s", path, reason)
     click.echo(f"{len(result)} embeddings of dimension {result.embeddings.shape[1]} written to {output}")
     if bad:
         click.echo(f"{len(bad)} unreadable examples skipped")
@@ -187,8 +187,8 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> 
         multi_label=predictor.multi_label and probe is None,
     )  # fmt: skip
     click.echo(f"{len(ids)} predictions written to {output}")
-    for path in bad:
-        click.echo(f"skipped unreadable image {path}", err=True)
+    for path, reason in bad.items():
+        click.echo(f"skipped unreadable image {path}: {reason}", err=True)
 
 
 @click.command()

@@ -73,6 +73,25 @@ def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | N
     return to_unit_range(resize_box(image, size, size, geometry.interpolation, box))
 
 
+def unusable_reason(split: ExampleSplit, row: int, geometry: Geometry) -> str:
+    """Why the pipeline flagged example ``row`` as unusable: read and prepared again here, since the
+    pipeline keeps only the flag (e.g. "has 3 bands, expected 1" for a photo given to a grayscale
+    model, "cannot identify image file" for a truncated JPEG)."""
+    try:
+        _prepare(split.load(row), geometry, None)
+    except BadImageError as e:
+        return e.reason
+    except (ValueError, OSError) as e:
+        return str(e) or type(e).__name__
+    return "failed to read once, then read on a second try"
+
+
+def unusable_examples(split: ExampleSplit, batch: dict, geometry: Geometry) -> dict[str, str]:
+    """id -> reason for every example of ``batch`` the pipeline flagged as unusable."""
+    rows = batch["row"][batch["bad"] > 0]
+    return {split.example_id(int(r)): unusable_reason(split, int(r), geometry) for r in rows}
+
+
 class _ReadExample:
     """Position -> example dict; picklable, so grain can run it in worker processes."""
 

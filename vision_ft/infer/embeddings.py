@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_ft.data.pipeline import ExampleSplit
+from vision_ft.data.pipeline import ExampleSplit, unusable_examples
 from vision_ft.infer.predictor import Predictor, compiled_forward, run_split
 
 FORMATS = (".npz", ".parquet")
@@ -39,19 +39,20 @@ def embed_split(
     devices=None,
     threads: int = 4,
     on_batch=None,
-) -> tuple[Embeddings, list[str]]:
-    """Embeddings of every readable example of ``split`` (in order) and the ids of unreadable ones."""
+) -> tuple[Embeddings, dict[str, str]]:
+    """Embeddings of every readable example of ``split`` (in order), and id -> reason of the
+    unreadable ones."""
     forward, n_devices = compiled_forward(
         predictor, "embedding", tta_flip=tta_flip, layer=layer, devices=devices
     )
     batch_size = -(-batch_size // n_devices) * n_devices
-    chunks, labels, ids, bad = [], [], [], []
+    chunks, labels, ids, bad = [], [], [], {}
     for outputs, batch in run_split(predictor, split, forward, batch_size=batch_size, threads=threads):
         keep = batch["mask"] > 0
         chunks.append(outputs)
         labels.append(batch["label"][keep])
         ids.extend(split.example_id(int(r)) for r in batch["row"][keep])
-        bad.extend(split.example_id(int(r)) for r in batch["row"][batch["bad"] > 0])
+        bad |= unusable_examples(split, batch, predictor.input_geometry)
         if on_batch is not None:
             on_batch(int((batch["row"] >= 0).sum()))
     dim = chunks[0].shape[1] if chunks else 0

@@ -9,7 +9,7 @@ import numpy as np
 from scipy.special import expit, softmax
 
 from vision_ft.data.errors import DataError
-from vision_ft.data.pipeline import ExampleSplit
+from vision_ft.data.pipeline import ExampleSplit, unusable_examples
 from vision_ft.data.sources import load_dataset
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
 from vision_ft.train.clinical import clinical_report
@@ -23,24 +23,26 @@ log = logging.getLogger("vision_ft.eval")
 
 def predict_logits(
     predictor: Predictor, examples: ExampleSplit, *, batch_size: int = 64, probe=None
-) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(ids, labels, logits) of the readable examples, in order, and the ids of unreadable ones.
-    With a linear ``probe``, logits are the probe's on the model's embeddings."""
+) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, str]]:
+    """(ids, labels, logits) of the readable examples, in order, and id -> reason of the unreadable
+    ones. With a linear ``probe``, logits are the probe's on the model's embeddings."""
     output = "embedding" if probe is not None else "logits"
     layer = predictor.layer if probe is not None else None
     forward, n_devices = compiled_forward(
         predictor, output, tta_flip=predictor.tta_flip, tta_shift=predictor.tta_shift, layer=layer
     )
     batch_size = -(-batch_size // n_devices) * n_devices
-    ids, labels, outputs, bad = [], [], [], []
+    ids, labels, outputs, bad = [], [], [], {}
     for out, batch in run_split(predictor, examples, forward, batch_size=batch_size):
         keep = batch["mask"] > 0
         ids += [examples.example_id(int(r)) for r in batch["row"][keep]]
-        bad += [examples.example_id(int(r)) for r in batch["row"][batch["bad"] > 0]]
+        bad |= unusable_examples(examples, batch, predictor.input_geometry)
         labels.append(batch["label"][keep])
         outputs.append(out)
     if not outputs or not ids:
-        raise DataError("no readable images to predict")
+        first = next(iter(bad.items()), None)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"no readable images to predict{f': {first[0]}: {first[1]}{more}' if first else ''}")
     logits = np.concatenate(outputs)
     if probe is not None:
         logits = probe.logits(logits)

@@ -47,6 +47,11 @@ class Predictor:
     def channels(self) -> int:
         return self.model.pretrained_cfg.input_size[0]
 
+    @property
+    def input_geometry(self) -> Geometry:
+        """How examples are read for the model: its geometry, with the band count it takes."""
+        return dataclasses.replace(self.geometry, channels=self.channels)
+
 
 def from_run(run_dir: str | Path, *, which: str = "best") -> Predictor:
     config = read_run_config(run_dir)
@@ -150,9 +155,13 @@ def run_split(
 ) -> Iterator[tuple[np.ndarray, dict]]:
     """(outputs of the readable examples, the batch they came from) for every batch of ``split``.
     The last batch is padded to ``batch_size`` so one compiled shape serves the whole split."""
-    geometry = dataclasses.replace(predictor.geometry, channels=predictor.channels)
     batches = sharded_eval_batches(
-        split, geometry, forward.sharding, batch_size=batch_size, threads=threads, workers=workers
+        split,
+        predictor.input_geometry,
+        forward.sharding,
+        batch_size=batch_size,
+        threads=threads,
+        workers=workers,
     )
     for images, batch in batches:
         keep = batch["mask"] > 0

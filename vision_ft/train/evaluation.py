@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import Geometry, sharded_eval_batches
+from vision_ft.data.pipeline import Geometry, sharded_eval_batches, unusable_reason
 from vision_ft.train import report
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.metrics import classification_metrics
@@ -34,18 +34,12 @@ class BadExamples:
         self.reasons = dict(known)
         self.on_bad_image = on_bad_image
 
-    def note(self, split, batch: dict) -> None:
+    def note(self, split, batch: dict, geometry: Geometry) -> None:
         for row in batch["row"][batch["bad"] > 0]:
             path = split.example_id(int(row))
             if path in self.reasons:
                 continue
-            try:  # decode again here for the reason: the pipeline only flags it
-                split.load(int(row))
-                reason = "wrong band count or undecodable pixels"
-            except BadImageError as e:
-                reason = e.reason
-            except Exception as e:  # noqa: BLE001 - the reason is reported, not handled
-                reason = f"{type(e).__name__}: {e}"
+            reason = unusable_reason(split, int(row), geometry)
             if self.on_bad_image == "fail":
                 raise BadImageError(path, f"{reason} (on_bad_image: fail)")
             log.warning("skipping unusable example %s: %s", path, reason)
@@ -63,7 +57,7 @@ def predict_split(
         split, geometry, trainer.batch_sharding, batch_size=batch_size, threads=threads, workers=workers
     )
     for images, batch in batches:
-        bad.note(split, batch)
+        bad.note(split, batch, geometry)
         keep = batch["mask"] > 0
         logits = np.asarray(trainer.predict(images, shifted=shifted))
         labels.append(batch["label"][keep])

@@ -378,7 +378,7 @@ class FitRun:
                     phase, trainer = current, self._trainer(current)
                 on_device, batch = next(batches)
                 if batch["bad"].any():
-                    self.bad_examples.note(train_split, batch)
+                    self.bad_examples.note(train_split, batch, self.train_geometry)
                 out = trainer.train_step(*on_device, step)
                 epoch_losses.append(out["loss"])
                 step += 1
