@@ -40,9 +40,11 @@ def predict_logits(
         labels.append(batch["label"][keep])
         outputs.append(out)
     if not outputs or not ids:
-        first = next(iter(bad.items()), None)
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DataError(f"no readable images to predict{f': {first[0]}: {first[1]}{more}' if first else ''}")
+        culprit = ""
+        if bad:  # name the first, and why: a band count the model does not take, a broken file...
+            path, reason = next(iter(bad.items()))
+            culprit = f": {path}: {reason}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        raise DataError(f"no readable images to predict{culprit}")
     logits = np.concatenate(outputs)
     if probe is not None:
         logits = probe.logits(logits)
