@@ -100,28 +100,18 @@ def test_predict_on_a_folder_and_on_a_spec(fitted, tmp_path):
     for i in range(3):
         Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(folder / f"scan{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(
-        folder / "photo.png"
-    )  # the run's model takes 1 band
+    photo = folder / "photo.png"  # 3 bands; the run's model takes 1
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(photo)
     out = tmp_path / "preds.csv"
     result = cli("predict", "--checkpoint", root / "run", "--input", folder, "--output", out, "--top-k", 2)
     assert result.exit_code == 0, result.output
-    assert f"skipped unreadable image {folder / 'photo.png'}: has 3 bands, expected 1" in result.output
+    assert f"skipped unreadable image {photo}: has 3 bands, expected 1" in result.output
     rows = list(csv.DictReader(out.open()))
     assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["scan0.png", "scan1.png", "scan2.png"]
-    alone = cli(
-        "predict",
-        "--checkpoint",
-        root / "run",
-        "--input",
-        folder / "photo.png",
-        "--output",
-        out.with_suffix(".x.csv"),
-    )
+    alone = cli("predict", "--checkpoint", root / "run", "--input", photo, "--output", tmp_path / "photo.csv")
     errors = [line for line in alone.output.splitlines() if line.startswith("error:")]
-    assert alone.exit_code == 2 and errors == [
-        f"error: no readable images to predict: {folder / 'photo.png'}: has 3 bands, expected 1"
-    ], alone.output
+    assert alone.exit_code == 2, alone.output
+    assert errors == [f"error: no readable images to predict: {photo}: has 3 bands, expected 1"], alone.output
     for r in rows:
         assert float(r["p_class 0"]) + float(r["p_class 1"]) == pytest.approx(1.0, abs=1e-5)
         assert r["top2"].split("|")[0].split(":")[0] == r["predicted"]
