@@ -165,12 +165,12 @@ def test_resuming_another_release_s_checkpoint_names_both_releases_and_keeps_the
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
 
     # an optimizer whose state the saved one lacks, as a release that changed its layout would build
-    import vision_ft.train.loop as loop
+    import vision_ft.train.phases as phases
 
     def other_layout(*args, **kwargs):
         return optax.chain(optax.scale_by_schedule(lambda n: 1.0), build_optimizer(*args, **kwargs))
 
-    monkeypatch.setattr(loop, "build_optimizer", other_layout)
+    monkeypatch.setattr(phases, "build_optimizer", other_layout)
     with pytest.raises(CheckpointMismatchError, match=r"saved by vision-ft 0\.0\.9 and this is "):
         FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False).run()
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}

@@ -8,8 +8,10 @@ from flax import nnx
 
 import vision_ft
 from tests.train_fixtures import numpy_state, tiny_config, train_batch
+from vision_ft.train.config import FitConfig
 from vision_ft.train.loop import FitRun
 from vision_ft.train.optimizer import learning_rate_by_step, warmup_cosine
+from vision_ft.train.phases import num_layers, phase_optimizer, plan_phases
 from vision_ft.train.rules import build_plan
 from vision_ft.train.step import Trainer, data_mesh
 
@@ -57,3 +59,25 @@ def test_learning_rate_by_step_counts_updates_from_the_phase_start():
     )
     # 7 micro-steps: 3 whole updates of 2 and the start of a fourth
     assert [rate(s) for s in range(10, 17)] == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25]
+
+
+def test_fine_tune_trains_the_head_then_everything_at_rates_falling_100x_to_the_stem():
+    """fastai's fine_tune: the new head alone at ``head_lr_mult`` times the LR, then every layer at
+    half the LR, discriminative rates from the head down to 1/100 of it at the stem."""
+    model = vision_ft.create_model("resnet18", num_classes=2)
+    cfg = FitConfig(recipe="fine_tune", epochs=3, head_epochs=1, lr=1e-3, warmup_epochs=0.0, min_lr_ratio=0.0)
+    head, full = plan_phases(cfg, steps_per_epoch=4, layers=num_layers(model))
+    assert (head.first_step, head.last_step, full.first_step, full.last_step) == (0, 4, 4, 12)
+    assert head.lr == pytest.approx(1e-3 * cfg.head_lr_mult) and full.lr == pytest.approx(5e-4)
+
+    head_plan = build_plan(model, freeze=head.freeze, layer_decay=head.layer_decay)
+    assert {p for p, s in head_plan.items() if s.trainable} == {"fc.kernel", "fc.bias"}
+
+    full_plan = build_plan(model, freeze=full.freeze, layer_decay=full.layer_decay)
+    assert all(s.trainable for s in full_plan.values())
+    assert full_plan["fc.kernel"].lr_scale == pytest.approx(1.0)
+    assert full_plan["conv1.kernel"].lr_scale == pytest.approx(0.01)
+    _, rate = phase_optimizer(cfg, full, full_plan, steps_per_epoch=4)
+    # the second phase's cosine starts at its own first step, at its full rate, and falls to 0
+    assert rate(4) == pytest.approx(full.lr) and rate(8) == pytest.approx(full.lr / 2)
+    assert rate(11) < rate(10) < rate(8)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -22,14 +21,9 @@ from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
-from vision_ft.train.checkpoint import (
-    CheckpointMismatchError,
-    RunCheckpoints,
-    abstract_like,
-    checkpoint_location,
-    holds_checkpoint,
-)
-from vision_ft.train.config import ConfigError, FitConfig, resume_conflicts
+from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from vision_ft.train.class_weights import class_weights_for
+from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary
 from vision_ft.train.evaluation import (
     BadExamples,
@@ -42,10 +36,9 @@ from vision_ft.train.evaluation import (
     test_reports,
     worst_selection_score,
 )
-from vision_ft.train.groups import layer_ids, param_paths
-from vision_ft.train.multilabel import positive_weights
-from vision_ft.train.optimizer import build_optimizer, learning_rate_by_step, warmup_cosine
-from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted, was_preempted
+from vision_ft.train.output_dir import claim_output_dir
+from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases
+from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
 from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
 from vision_ft.train.sharding import MeshError, make_mesh
@@ -53,44 +46,6 @@ from vision_ft.train.step import Augment, Trainer, freeze_batchnorm, to_global
 from vision_ft.weights.sources import pretrained_from_text
 
 log = logging.getLogger("vision_ft.fit")
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A stretch of steps with one set of trainable parameters and one optimizer."""
-
-    name: str
-    first_step: int
-    last_step: int  # exclusive
-    freeze: tuple[str, ...]
-    lr: float
-    layer_decay: float | None
-
-
-def plan_phases(cfg: FitConfig, steps_per_epoch: int, num_layers: int) -> list[Phase]:
-    total = cfg.epochs * steps_per_epoch
-    if cfg.recipe == "standard":
-        return [Phase("train", 0, total, cfg.freeze, cfg.lr, cfg.layer_decay)]
-    # fastai's fine_tune: train the new head alone, then everything with discriminative rates that
-    # fall by 100x from the head to the stem (unless layer_decay says otherwise), at half the LR.
-    head_steps = cfg.head_epochs * steps_per_epoch
-    decay = cfg.layer_decay if cfg.layer_decay is not None else 0.01 ** (1 / max(num_layers - 1, 1))
-    return [
-        Phase("head", 0, head_steps, (*cfg.freeze, "backbone"), cfg.lr * cfg.head_lr_mult, None),
-        Phase("full", head_steps, total, cfg.freeze, cfg.lr / 2, decay),
-    ]
-
-
-def class_weights_for(cfg: FitConfig, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Inverse class frequencies (``auto``) or ones; for multi-hot labels, each class's weight of
-    positives (negatives / positives)."""
-    if cfg.class_weights == "none":
-        return np.ones(num_classes, np.float32)
-    if labels.ndim == 2:
-        return positive_weights(labels)
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
-    return weights.astype(np.float32)
 
 
 class FitRun:
@@ -107,8 +62,9 @@ class FitRun:
         n_dev = self.mesh.devices.size
         if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
             raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
-        self._check_output_dir()
-        cfg = self.cfg
+        claimed = claim_output_dir(cfg)
+        cfg = self.cfg = claimed.cfg
+        self.checkpoint_dir, self.saved_by_release = claimed.checkpoint_dir, claimed.saved_by_release
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
         if start_run is not None:
@@ -162,9 +118,8 @@ class FitRun:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        num_layers = max(layer_ids(param_paths(self.model), self.model.group_matcher()).values()) + 1
-        self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers)
-        self.class_weights = class_weights_for(cfg, train.labels, self.num_classes)
+        self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers(self.model))
+        self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
         self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
 
     def _set_input_pipeline(self) -> None:
@@ -198,35 +153,6 @@ class FitRun:
             return mean, std
         return self.model.pretrained_cfg.mean, self.model.pretrained_cfg.std
 
-    def _check_output_dir(self) -> None:
-        self.checkpoint_dir = checkpoint_location(self.cfg.checkpoint_dir or self.out / "checkpoints")
-        # not the folders' existence: a fit that failed before its first save (a --freeze group out
-        # of range) left them empty, and then neither a new run nor --resume could use the directory
-        has_run = holds_checkpoint(self.checkpoint_dir) or (self.out / "metrics.jsonl").exists()
-        if has_run and was_preempted(self.out) and not self.cfg.resume:
-            # rerunning the command of a preempted run continues it
-            log.info("resuming the preempted run in %s", self.out)
-            self.cfg = dataclasses.replace(self.cfg, resume=True)
-        if has_run and not self.cfg.resume:
-            raise RunDirError(
-                f"--output {self.out} already holds a run; pass --resume or choose another directory"
-            )
-        if self.cfg.resume and not has_run:
-            raise RunDirError(f"--resume: {self.out} holds no run to resume")
-        # the release that last wrote the run (None for a new run, or one saved before it was kept)
-        self.saved_by_release: str | None = None
-        if self.cfg.resume and (self.out / "config.json").is_file():
-            # before anything in the run directory is written again
-            saved = read_run_config(self.out)
-            self.saved_by_release = saved.get("vision_ft_version")
-            conflicts = resume_conflicts(saved, self.cfg)
-            if conflicts:
-                raise RunDirError(
-                    f"--resume: {self.out} was started with other settings: {'; '.join(conflicts)}. "
-                    "Resume with the run's own (leave them out), or fit into a new --output"
-                )
-        self.out.mkdir(parents=True, exist_ok=True)
-
     # -- phases ---------------------------------------------------------------------------------
     def _trainer(self, phase: Phase) -> Trainer:
         cfg = self.cfg
@@ -234,19 +160,7 @@ class FitRun:
             self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay
         )
         freeze_batchnorm(self.model, plan, enabled=not cfg.train_bn)
-        steps = phase.last_step - phase.first_step
-        schedule = warmup_cosine(
-            phase.lr,
-            total_steps=max(steps // cfg.accumulate_steps, 1),
-            warmup_steps=int(cfg.warmup_epochs * self.steps_per_epoch) // cfg.accumulate_steps,
-            min_lr_ratio=cfg.min_lr_ratio,
-        )
-        tx = build_optimizer(
-            plan,
-            weight_decay=cfg.weight_decay,
-            clip_norm=cfg.clip_norm,
-            accumulate_steps=cfg.accumulate_steps,
-        )
+        tx, learning_rate = phase_optimizer(cfg, phase, plan, self.steps_per_epoch)
         trainable = sum(s.trainable for s in plan.values())
         log.info(
             "phase %s: %d/%d parameter tensors trainable, lr %.2e", phase.name, trainable, len(plan), phase.lr
@@ -274,9 +188,7 @@ class FitRun:
                 cutmix=cfg.cutmix,
             ),
             seed=cfg.seed,
-            learning_rate=learning_rate_by_step(
-                schedule, num_steps=steps, first_step=phase.first_step, accumulate_steps=cfg.accumulate_steps
-            ),
+            learning_rate=learning_rate,
         )
         size = self.eval_geometry.img_size
         eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.data.channels), jnp.float32)

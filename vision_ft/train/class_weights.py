@@ -1,0 +1,19 @@
+"""Per-class loss weights for imbalanced data (``class_weights: auto``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vision_ft.train.multilabel import positive_weights
+
+
+def class_weights_for(mode: str, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse class frequencies (``auto``) or ones (``none``); for multi-hot labels, each class's
+    weight of positives (negatives / positives)."""
+    if mode == "none":
+        return np.ones(num_classes, np.float32)
+    if labels.ndim == 2:
+        return positive_weights(labels)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)

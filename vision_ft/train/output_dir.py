@@ -1,0 +1,58 @@
+"""Whether ``fit`` may write into its ``--output``: a new run, a resume, or a preempted run's rerun.
+
+Nothing in the directory is written before these checks pass, so a refused command leaves an
+earlier run exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from etils import epath
+
+from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
+from vision_ft.train.config import FitConfig, resume_conflicts
+from vision_ft.train.preemption import was_preempted
+from vision_ft.train.run_dir import RunDirError, read_run_config
+
+log = logging.getLogger("vision_ft.fit")
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    cfg: FitConfig  # with ``resume`` set where the directory holds a preempted run
+    checkpoint_dir: epath.Path
+    saved_by_release: str | None  # the release that last wrote the run; None for a new run
+
+
+def claim_output_dir(cfg: FitConfig) -> OutputDir:
+    """Check ``cfg.output`` against ``cfg.resume`` and create it; raises ``RunDirError`` naming the
+    directory where the two disagree or a resume would change the run's settings."""
+    out = Path(cfg.output)
+    checkpoint_dir = checkpoint_location(cfg.checkpoint_dir or out / "checkpoints")
+    # not the folders' existence: a fit that failed before its first save (a --freeze group out
+    # of range) left them empty, and then neither a new run nor --resume could use the directory
+    has_run = holds_checkpoint(checkpoint_dir) or (out / "metrics.jsonl").exists()
+    if has_run and was_preempted(out) and not cfg.resume:
+        # rerunning the command of a preempted run continues it
+        log.info("resuming the preempted run in %s", out)
+        cfg = dataclasses.replace(cfg, resume=True)
+    if has_run and not cfg.resume:
+        raise RunDirError(f"--output {out} already holds a run; pass --resume or choose another directory")
+    if cfg.resume and not has_run:
+        raise RunDirError(f"--resume: {out} holds no run to resume")
+    saved_by_release = None
+    if cfg.resume and (out / "config.json").is_file():
+        saved = read_run_config(out)
+        saved_by_release = saved.get("vision_ft_version")  # absent in runs saved before it was kept
+        conflicts = resume_conflicts(saved, cfg)
+        if conflicts:
+            raise RunDirError(
+                f"--resume: {out} was started with other settings: {'; '.join(conflicts)}. "
+                "Resume with the run's own (leave them out), or fit into a new --output"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return OutputDir(cfg, checkpoint_dir, saved_by_release)
