@@ -1,6 +1,8 @@
 """Embedding throughput: vision-ft's compiled, sharded embedding step against timm's
 ``forward_head(forward_features(x), pre_logits=True)`` in PyTorch (eager, ``inference_mode``), on the
-same machine, same batch and resolution, fp32. Prints a table; ``--json OUT`` writes the rows.
+same machine (the GPU where there is one), same batch and resolution, fp32. Prints a table, with
+each side's TFLOP/s of model FLOPs and, on a GPU whose peak is known, its MFU; ``--json OUT`` writes
+the rows.
 
     python benchmarks/embed.py --models resnet50,tf_efficientnet_lite0,vit_small_patch16_224 --json OUT
 """
@@ -8,7 +10,8 @@ same machine, same batch and resolution, fp32. Prints a table; ``--json OUT`` wr
 from __future__ import annotations
 
 import numpy as np
-from throughput import compare
+from flops import forward_flops_per_image
+from throughput import blocking, compare, torch_device
 
 
 def jax_step(name: str, batch: int, img_size: int):
@@ -23,6 +26,7 @@ def jax_step(name: str, batch: int, img_size: int):
     predictor = Predictor(model, Geometry(img_size), None, DataOptions(), name)
     forward, _ = compiled_forward(predictor, "embedding")
     images = np.random.default_rng(0).random((batch, img_size, img_size, 3), dtype=np.float32)
+    images = jax.device_put(images, forward.sharding)  # as the torch side's: no copy is timed
     return lambda: jax.block_until_ready(forward(images))
 
 
@@ -31,18 +35,22 @@ def torch_step(name: str, batch: int, img_size: int):
     import torch
 
     kwargs = {"img_size": img_size} if name.startswith("vit") else {}
-    model = timm.create_model(name, **kwargs).eval()
-    images = torch.randn(batch, 3, img_size, img_size)
+    device = torch_device()
+    model = timm.create_model(name, **kwargs).eval().to(device)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
 
     def step():
         with torch.inference_mode():
             model.forward_head(model.forward_features(images), pre_logits=True)
 
-    return step
+    return blocking(step, device)
 
 
 def main() -> None:
-    compare(__doc__, jax_step, torch_step, default_batch=64)
+    def embedding_flops(name: str, img_size: int) -> float:
+        return forward_flops_per_image(name, img_size, num_classes=0)  # pre-logits: no classifier
+
+    compare(__doc__, jax_step, torch_step, default_batch=64, flops_fn=embedding_flops)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,46 @@ def interleaved_rates(
     return rates
 
 
-def compare(description: str, jax_step_fn, torch_step_fn, *, default_batch: int) -> None:
+def torch_device() -> str:
+    """Where the PyTorch side runs: the GPU where there is one, as the JAX side does."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def blocking(step: Callable[[], object], device: str) -> Callable[[], None]:
+    """``step`` made to wait for its GPU work (CUDA kernels are launched asynchronously)."""
+    import torch
+
+    def run() -> None:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def set_matmul_precision(precision: str) -> None:
+    """The same float32 matmul and convolution arithmetic on both sides of a GPU: true fp32, or
+    TF32 tensor cores (JAX's GPU default; PyTorch's for convolutions only). CPUs compute fp32."""
+    import jax
+    import torch
+
+    if jax.default_backend() == "gpu":
+        jax_name = {"fp32": "float32", "tf32": "tensorfloat32"}[precision]
+        jax.config.update("jax_default_matmul_precision", jax_name)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def compare(
+    description: str, jax_step_fn, torch_step_fn, *, default_batch: int, flops_fn: Callable | None = None
+) -> None:
     """Parse the common options, time both sides per model, print the table, write the JSON.
     ``*_step_fn(name, batch, img_size)`` build one blocking step; a row reports each side's best
-    round and their ratio, and prints the ratio of every round beside it."""
+    round and their ratio, and prints the ratio of every round beside it. ``flops_fn(name,
+    img_size)``, the model FLOPs of one image's step, adds each side's TFLOP/s, and its MFU on a GPU
+    whose peak is known (``flops.PEAK_TFLOPS``) or given (``--peak-tflops``)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -45,6 +81,11 @@ def compare(description: str, jax_step_fn, torch_step_fn, *, default_batch: int)
     parser.add_argument("--steps", type=int, default=2, help="steps per side in each round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument(
+        "--matmul-precision", choices=("fp32", "tf32"), default="fp32",
+        help="float32 matmul arithmetic on a GPU, both sides (default fp32); CPUs always compute fp32",
+    )  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU where it is not known")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models.split(",")
@@ -58,6 +99,7 @@ def compare(description: str, jax_step_fn, torch_step_fn, *, default_batch: int)
     from vision_ft.cpu_runtime import keep_freed_host_memory
 
     keep_freed_host_memory()
+    set_matmul_precision(args.matmul_precision)
     rows = []
     for name in models:
         steps = {
@@ -68,6 +110,8 @@ def compare(description: str, jax_step_fn, torch_step_fn, *, default_batch: int)
         per_round = " ".join(f"{a / b:.2f}" for a, b in zip(rates["jax"], rates["torch"], strict=True))
         rows.append(row(name, args.batch, args.img_size, max(rates["jax"]), max(rates["torch"])))
         rows[-1]["ratio_per_round"] = per_round
+        if flops_fn is not None:
+            rows[-1].update(utilization(flops_fn(name, args.img_size), rows[-1], args))
         print(f"{name}: jax {max(rates['jax']):.2f} img/s, torch {max(rates['torch']):.2f} img/s "
               f"(best rounds); ratio per round {per_round}", flush=True)  # fmt: skip
     report(rows, args.json_path)
@@ -78,8 +122,9 @@ def _in_fresh_process(model: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, sys.argv[0], "--in-process", "--models", model, "--json", str(out)]
-        for option in ("batch", "img_size", "warmup", "steps", "rounds"):
-            command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+        for option in ("batch", "img_size", "warmup", "steps", "rounds", "matmul_precision", "peak_tflops"):
+            if getattr(args, option) is not None:
+                command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
         subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
         (result,) = json.loads(out.read_text())
     print(f"{model}: jax {result['jax_img_s']:.2f} img/s, torch {result['torch_img_s']:.2f} img/s "
@@ -94,6 +139,24 @@ def row(model: str, batch: int, img_size: int, jax_rate: float, torch_rate: floa
     )  # fmt: skip
 
 
+def utilization(flops_per_image: float, result: dict, args: argparse.Namespace) -> dict:
+    """Each side's achieved TFLOP/s, and its MFU where the device's peak is known."""
+    import jax
+    from flops import peak_tflops
+
+    figures = {"gflop_per_img": round(flops_per_image / 1e9, 3)}
+    for side in ("jax", "torch"):
+        figures[f"{side}_tflop_s"] = round(result[f"{side}_img_s"] * flops_per_image / 1e12, 5)
+    peak = args.peak_tflops
+    if peak is None and jax.default_backend() == "gpu":
+        peak = peak_tflops(jax.devices()[0].device_kind, args.matmul_precision)
+    if peak:
+        figures["peak_tflops"] = peak
+        for side in ("jax", "torch"):
+            figures[f"{side}_mfu"] = round(figures[f"{side}_tflop_s"] / peak, 4)
+    return figures
+
+
 def report(rows: list[dict], json_path: str | None) -> None:
     import jax
     import torch
@@ -106,6 +169,15 @@ def report(rows: list[dict], json_path: str | None) -> None:
             f"{r['model']:28s} {r['batch']:5d} {r['img_size']:5d} {r['jax_img_s']:10.2f} "
             f"{r['torch_img_s']:12.2f} {r['ratio']:6.3f}"
         )
+    for r in rows:
+        if "gflop_per_img" in r:
+            mfu = (
+                f", MFU jax {r['jax_mfu']:.1%} torch {r['torch_mfu']:.1%} of {r['peak_tflops']} TFLOP/s"
+                if "jax_mfu" in r
+                else ""
+            )
+            print(f"{r['model']}: {r['gflop_per_img']} GFLOP per image; jax {r['jax_tflop_s'] * 1e3:.1f} "
+                  f"GFLOP/s, torch {r['torch_tflop_s'] * 1e3:.1f}{mfu}")  # fmt: skip
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=2)
