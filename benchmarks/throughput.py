@@ -88,6 +88,10 @@ def compare(
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU where it is not known")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # what the `vision-ft` executable does first: both sides then run on the same allocator
+    from vision_ft.allocator import restart_with_tcmalloc
+
+    restart_with_tcmalloc()
     models = args.models.split(",")
     if len(models) > 1 and not args.in_process:
         # A model timed after others in the same process ran slower (ViT-S's JAX step: 2.93 img/s
@@ -161,8 +165,11 @@ def report(rows: list[dict], json_path: str | None) -> None:
     import jax
     import torch
 
+    from vision_ft.allocator import tcmalloc_in_use
+
+    allocator = "tcmalloc" if tcmalloc_in_use() else "system malloc, freed memory kept"
     print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"torch threads {torch.get_num_threads()}, host memory: {allocator}")  # fmt: skip
     print(f"{'model':28s} {'batch':>5s} {'size':>5s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>6s}")
     for r in rows:
         print(

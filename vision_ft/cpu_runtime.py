@@ -15,6 +15,8 @@ import sys
 
 import jax
 
+from vision_ft.allocator import tcmalloc_in_use
+
 # YNNPACK library fusions XLA's CPU backend may use: reductions only, not dots or convolutions (its
 # defaults add both). Eigen's GEMM ran the matmuls of ViT-S at 165-179 GFLOP/s on two cores where
 # YNNPACK's reached 85-162. Train steps, alternated in one process (best of 4): ViT-S 7.38 -> 6.98 s,
@@ -37,9 +39,10 @@ _M_ARENA_MAX = -8
 
 def keep_freed_host_memory() -> bool:
     """Configure glibc's allocator to keep and reuse freed memory; call it before JAX starts its
-    threads (before the first JAX computation). Returns whether it applied (glibc Linux only).
+    threads (before the first JAX computation). Returns whether it applied (glibc Linux only; not
+    where tcmalloc serves the process's memory, ``allocator.py``, as it keeps freed memory itself).
     The process keeps its peak memory for its lifetime; ``malloc_trim(0)`` gives it back."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or tcmalloc_in_use():
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -8,6 +8,7 @@ import sys
 import click
 
 from vision_ft import __version__
+from vision_ft.allocator import OPT_OUT, tcmalloc_in_use
 from vision_ft.cli.data import stats
 from vision_ft.cli.errors import OneLineErrors
 from vision_ft.cli.fit import fit
@@ -34,7 +35,10 @@ def main(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
-    keep_freed_host_memory()
+    if tcmalloc_in_use():
+        logger.debug("host memory: tcmalloc (%s=system to keep the system's allocator)", OPT_OUT)
+    else:
+        keep_freed_host_memory()
     use_persistent_compile_cache()
 
 

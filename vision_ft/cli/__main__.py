@@ -1,3 +1,3 @@
-from vision_ft.cli import main
+from vision_ft.entry import main
 
 main()
