@@ -1,7 +1,12 @@
 """vision-ft: transfer learning for computer vision in JAX with timm backbones in Flax NNX."""
 
+from typing import TYPE_CHECKING
+
 __all__ = ["PretrainedCfg", "create_model", "list_models"]
 __version__ = "0.2.0"
+
+if TYPE_CHECKING:
+    from vision_ft.models import PretrainedCfg, create_model, list_models
 
 
 def __getattr__(name: str):
