@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from flops import forward_flops_per_image
-from throughput import blocking, compare, torch_device
+from throughput import blocking, compare, timm_model, torch_device
 
 
 def jax_step(name: str, batch: int, img_size: int):
@@ -31,12 +31,10 @@ def jax_step(name: str, batch: int, img_size: int):
 
 
 def torch_step(name: str, batch: int, img_size: int):
-    import timm
     import torch
 
-    kwargs = {"img_size": img_size} if name.startswith("vit") else {}
     device = torch_device()
-    model = timm.create_model(name, **kwargs).eval().to(device)
+    model = timm_model(name, img_size).eval().to(device)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
 
     def step():

@@ -33,13 +33,12 @@ def peak_tflops(device_kind: str, precision: str) -> float | None:
 
 def forward_flops_per_image(name: str, img_size: int, *, num_classes: int = 1000) -> float:
     """FLOPs of one image through timm's ``name`` (``num_classes=0``: up to the pooled pre-logits)."""
-    import timm
     import torch
+    from throughput import timm_model
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    kwargs = {"img_size": img_size} if name.startswith("vit") else {}
-    model = timm.create_model(name, num_classes=num_classes, **kwargs).eval()
+    model = timm_model(name, img_size, num_classes=num_classes).eval()
     counter = FlopCounterMode(display=False)
     # attention as its two batched matmuls: the counter has no formula for the fused CPU kernel
     # and would leave them out (0.7 of ViT-S's 9.2 GFLOPs)

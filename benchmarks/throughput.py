@@ -38,6 +38,15 @@ def torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def timm_model(name: str, img_size: int, **kwargs):
+    """timm's ``name`` at ``img_size`` (ViTs take it as an argument; CNNs at any size)."""
+    import timm
+
+    if name.startswith("vit"):
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, **kwargs)
+
+
 def blocking(step: Callable[[], object], device: str) -> Callable[[], None]:
     """``step`` made to wait for its GPU work (CUDA kernels are launched asynchronously)."""
     import torch

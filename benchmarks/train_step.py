@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from flops import train_flops_per_image
-from throughput import blocking, compare, torch_device
+from throughput import blocking, compare, timm_model, torch_device
 
 
 def jax_step(name: str, batch: int, img_size: int):
@@ -51,12 +51,10 @@ def jax_step(name: str, batch: int, img_size: int):
 
 
 def torch_step(name: str, batch: int, img_size: int):
-    import timm
     import torch
 
     device = torch_device()
-    kwargs = {"img_size": img_size} if name.startswith("vit") else {}
-    model = timm.create_model(name, num_classes=1000, **kwargs).train().to(device)
+    model = timm_model(name, img_size, num_classes=1000).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)

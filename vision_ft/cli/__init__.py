@@ -35,10 +35,8 @@ def main(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if tcmalloc_in_use():
+    if not keep_freed_host_memory() and tcmalloc_in_use():  # tcmalloc keeps freed memory itself
         logger.debug("host memory: tcmalloc (%s=system to keep the system's allocator)", OPT_OUT)
-    else:
-        keep_freed_host_memory()
     use_persistent_compile_cache()
 
 
