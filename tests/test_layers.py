@@ -114,7 +114,8 @@ def test_training_batch_norm_matches_flax_values_and_gradients():
 
 @pytest.mark.parametrize("chunk", [4, 2, 1])
 def test_self_attention_matches_einsum_reference_and_its_gradient(chunk):
-    """Whole batch, and attended a few images at a time (what a single CPU device does)."""
+    """Whole batch, and attended a few images at a time (what a single CPU device does at
+    inference; the gradient is always the whole batch's)."""
     from vision_ft.models.attention import self_attention
 
     b, n, heads, d = 4, 7, 3, 4
@@ -146,3 +147,18 @@ def test_attention_chunks_only_on_one_cpu_device():
     assert out.stdout.split() == ["2", "1"]
     with pytest.raises(ValueError, match="multiple of the attention chunk 2"):
         self_attention(jnp.zeros((3, 5, 18)), 2, 1.0, 2)
+
+
+def test_attention_chunks_at_inference_and_trains_on_the_whole_batch():
+    """Training's forward and backward attend the whole batch (faster there on every CPU measured);
+    only the undifferentiated forward goes chunk by chunk."""
+    from vision_ft.models.attention import self_attention
+
+    qkv = jnp.ones((4, 5, 18))
+
+    def loops(fn) -> int:
+        return str(jax.make_jaxpr(fn)(qkv)).count("scan[")
+
+    assert loops(lambda x: self_attention(x, 2, 1.0, 2)) == 1
+    assert loops(jax.grad(lambda x: jnp.sum(self_attention(x, 2, 1.0, 2)))) == 0
+    assert loops(lambda x: jax.vjp(lambda y: self_attention(y, 2, 1.0, 2), x)[0]) == 0

@@ -5,12 +5,16 @@ hundred tokens do not need): the softmax gradient takes its row sums from ``dout
 (``N x D``) instead of ``dp * p`` (``N x N``), and the query, key and value gradients come back
 stacked in the ``qkv`` projection's layout instead of being scattered into it one by one.
 
-On a single CPU device the batch is attended a few images at a time (``lax.map`` over chunks of
-the batch). XLA's CPU backend ran the batched products of one or two images' heads far faster
-than those of a whole batch: ViT-S/16 at 224 px, batch 64, forward, one layer's attention took
-68 ms in chunks of 2 images against 95 ms whole (81 ms in chunks of 1, 102 ms in chunks of 4;
-best of 8 alternated rounds, 2-core AMD EPYC). The whole model gains less: embedding 11.90 against
-11.39 img/s, the train step (batch 32) 4.10 against 4.08 (best of 5 and 4 alternated rounds).
+On a single CPU device inference attends the batch a few images at a time (``lax.map`` over chunks
+of the batch). XLA's CPU backend ran the batched products of one or two images' heads faster than
+those of a whole batch on a 2-core AMD EPYC: ViT-S/16 at 224 px, batch 64, forward, one layer's
+attention took 68 ms in chunks of 2 images against 95 ms whole (81 ms in chunks of 1, 102 ms in
+chunks of 4; best of 8 alternated rounds), and embedding ran at 11.90 against 11.39 img/s. On a
+2-core Intel Xeon (AVX-512) embedding ran alike either way (22.55 against 22.64 img/s, batch 64).
+Training attends the whole batch: the chunks' slices and stitched outputs cost more than they
+saved there. ViT-S's train step (batch 32) took 4.08 s whole against 4.27 s in chunks on the
+Intel VM (4.16 s with only the backward chunked; best of 4 alternated rounds), and 4.10 against
+4.08 s on the AMD one.
 Chunks stay contiguous in the batch, which a batch sharded over several devices would not allow
 without gathering it; there the batch is attended whole.
 """
@@ -87,8 +91,8 @@ def images_per_chunk(batch: int) -> int:
 
 def self_attention(qkv: jax.Array, num_heads: int, scale: float, chunk: int | None = None) -> jax.Array:
     """``softmax(q k^T * scale) v`` per head from ``qkv`` ``(B, N, 3 * C)``; returns ``(B, N, C)``.
-    ``chunk`` images are attended at a time (default: ``images_per_chunk``); ``B`` must be a
-    multiple of it."""
+    Outside differentiation ``chunk`` images are attended at a time (default: ``images_per_chunk``);
+    ``B`` must be a multiple of it. Differentiated, the whole batch is attended at once."""
     chunk = images_per_chunk(qkv.shape[0]) if chunk is None else chunk
     if qkv.shape[0] % chunk:
         raise ValueError(f"batch {qkv.shape[0]} is not a multiple of the attention chunk {chunk}")
@@ -101,13 +105,12 @@ def _self_attention(qkv, num_heads, scale, chunk):
 
 
 def _self_attention_fwd(qkv, num_heads, scale, chunk):
-    out, probs = _by_chunks(lambda x: _attend(x, num_heads, scale), chunk, qkv)
+    out, probs = _attend(qkv, num_heads, scale)
     return out, (qkv, probs, out)
 
 
 def _self_attention_bwd(num_heads, scale, chunk, residuals, grad):
-    grad_fn = functools.partial(_attend_grad, num_heads=num_heads, scale=scale)
-    return (_by_chunks(grad_fn, chunk, *residuals, grad),)
+    return (_attend_grad(*residuals, grad, num_heads=num_heads, scale=scale),)
 
 
 _self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
