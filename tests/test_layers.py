@@ -150,8 +150,8 @@ def test_attention_chunks_only_on_one_cpu_device():
 
 
 def test_attention_chunks_at_inference_and_trains_on_the_whole_batch():
-    """Training's forward and backward attend the whole batch (faster there on every CPU measured);
-    only the undifferentiated forward goes chunk by chunk."""
+    """Training's forward and backward attend the whole batch (faster on the Intel VM, alike on the
+    AMD one); only the undifferentiated forward goes chunk by chunk."""
     from vision_ft.models.attention import self_attention
 
     qkv = jnp.ones((4, 5, 18))

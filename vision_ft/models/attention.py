@@ -13,8 +13,8 @@ chunks of 4; best of 8 alternated rounds), and embedding ran at 11.90 against 11
 2-core Intel Xeon (AVX-512) embedding ran alike either way (22.55 against 22.64 img/s, batch 64).
 Training attends the whole batch: the chunks' slices and stitched outputs cost more than they
 saved there. ViT-S's train step (batch 32) took 4.08 s whole against 4.27 s in chunks on the
-Intel VM (4.16 s with only the backward chunked; best of 4 alternated rounds), and 4.10 against
-4.08 s on the AMD one.
+Intel VM (4.16 s with only the backward chunked; best of 4 alternated rounds); on the AMD one it
+ran alike either way (4.10 img/s in chunks against 4.08 whole).
 Chunks stay contiguous in the batch, which a batch sharded over several devices would not allow
 without gathering it; there the batch is attended whole.
 """
