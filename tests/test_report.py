@@ -48,3 +48,15 @@ def test_tensorboard_scalars_read_back_and_torch_stays_unloaded(tmp_path):
     assert "torch loaded: False" in out.stdout  # torch is for parity tests and benchmarks only
     (event_file,) = (tmp_path / "tensorboard").iterdir()
     assert _scalars(event_file) == {("val/auc", 5): 0.75, ("val/loss", 5): 1.5}
+
+
+def test_learning_curves_of_a_run_without_validation_yet(tmp_path):
+    import warnings
+
+    from vision_ft.train.report import plot_learning_curves
+
+    records = [{"epoch": 0, "step": 4, "split": "train", "loss": 0.7}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a legend with nothing to label
+        plot_learning_curves(records, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -104,10 +104,10 @@ def plot_learning_curves(records: list[dict], path: Path) -> None:
         rows = [r for r in records if r["split"] == "val" and key in r]
         if rows:
             axes[1].plot([r["epoch"] for r in rows], [r[key] for r in rows], "o-", label=f"val {key}")
-    axes[0].set_xlabel("epoch")
-    axes[1].set_xlabel("epoch")
-    axes[0].legend()
-    axes[1].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if ax.lines:  # a run stopped before its first evaluation has no validation curves
+            ax.legend()
     axes[1].set_ylim(0, 1.02)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
