@@ -162,3 +162,51 @@ def test_attention_chunks_at_inference_and_trains_on_the_whole_batch():
     assert loops(lambda x: self_attention(x, 2, 1.0, 2)) == 1
     assert loops(jax.grad(lambda x: jnp.sum(self_attention(x, 2, 1.0, 2)))) == 0
     assert loops(lambda x: jax.vjp(lambda y: self_attention(y, 2, 1.0, 2), x)[0]) == 0
+
+
+def test_next_key_draws_what_flax_streams_call_draws():
+    from vision_ft.models.layers import next_key
+
+    ours, flax_own = nnx.Rngs(dropout=3).dropout.fork(), nnx.Rngs(dropout=3).dropout.fork()
+    for _ in range(3):
+        np.testing.assert_array_equal(jax.random.key_data(next_key(ours)), jax.random.key_data(flax_own()))
+    assert int(ours.count[...]) == int(flax_own.count[...]) == 3
+
+    @jax.jit
+    def draws(key_data, count):  # under jit, as in the train step: the counter is a tracer
+        stream = nnx.Rngs(dropout=0).dropout
+        stream.key.set_value(jax.random.wrap_key_data(key_data))
+        stream.count.set_value(count)
+        return jax.random.key_data(next_key(stream)), stream.count[...]
+
+    data, count = draws(jax.random.key_data(flax_own.key[...]), flax_own.count[...])
+    np.testing.assert_array_equal(data, jax.random.key_data(flax_own()))
+    assert int(count) == 4
+
+
+def test_training_layers_trace_without_asking_tracers_for_their_sharding(monkeypatch):
+    """Each such question costs a walk over the whole jaxpr traced so far (jax builds the error
+    message that answers it): quadratic in the model's size. BatchNorm's running statistics and
+    DropPath's key counter are stored without one."""
+    from jax._src.interpreters import partial_eval
+
+    from vision_ft.models.layers import DropPath, batch_norm
+
+    walks = []
+    original = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg",
+                        lambda self: walks.append(1) or original(self))  # fmt: skip
+    rngs = nnx.Rngs(0)
+    norm, drop = batch_norm(4, rngs=rngs), DropPath(0.5, rngs=rngs)
+    graph, state = nnx.split((norm, drop))
+
+    @jax.jit
+    def step(state, x):
+        norm, drop = nnx.merge(graph, state)
+        y = drop(norm(x, use_running_average=False), train=True)
+        return y, nnx.state((norm, drop))
+
+    _, new_state = step(state, jnp.ones((2, 3, 3, 4)))
+    assert walks == []
+    nnx.update((norm, drop), new_state)
+    assert int(drop.rngs.count[...]) == 1 and not np.allclose(norm.var[...], 1.0)
