@@ -111,7 +111,7 @@ def compare(
     # what `vision-ft` does at start-up; PyTorch, in the same process, gets the same allocator
     from vision_ft.cpu_runtime import keep_freed_host_memory
 
-    keep_freed_host_memory()
+    host_memory = keep_freed_host_memory()
     set_matmul_precision(args.matmul_precision)
     rows = []
     for name in models:
@@ -123,6 +123,7 @@ def compare(
         per_round = " ".join(f"{a / b:.2f}" for a, b in zip(rates["jax"], rates["torch"], strict=True))
         rows.append(row(name, args.batch, args.img_size, max(rates["jax"]), max(rates["torch"])))
         rows[-1]["ratio_per_round"] = per_round
+        rows[-1]["host_memory"] = host_memory
         if flops_fn is not None:
             rows[-1].update(utilization(flops_fn(name, args.img_size), rows[-1], args))
         print(f"{name}: jax {max(rates['jax']):.2f} img/s, torch {max(rates['torch']):.2f} img/s "
@@ -174,9 +175,8 @@ def report(rows: list[dict], json_path: str | None) -> None:
     import jax
     import torch
 
-    from vision_ft.allocator import tcmalloc_in_use
-
-    allocator = "tcmalloc" if tcmalloc_in_use() else "system malloc, freed memory kept"
+    # the timing processes' allocator (each model's child process configured its own)
+    allocator = ", ".join(sorted({r["host_memory"] for r in rows}))
     print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"torch threads {torch.get_num_threads()}, host memory: {allocator}")  # fmt: skip
     print(f"{'model':28s} {'batch':>5s} {'size':>5s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>6s}")

@@ -37,20 +37,26 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-def keep_freed_host_memory() -> bool:
+TCMALLOC, GLIBC_KEPT, UNCHANGED = "tcmalloc", "glibc, freed memory kept", "system allocator, unchanged"
+
+
+def keep_freed_host_memory() -> str:
     """Configure glibc's allocator to keep and reuse freed memory; call it before JAX starts its
-    threads (before the first JAX computation). Returns whether it applied (glibc Linux only; not
-    where tcmalloc serves the process's memory, ``allocator.py``, as it keeps freed memory itself).
+    threads (before the first JAX computation). Returns which allocator now serves the process:
+    ``TCMALLOC`` (``allocator.py``; it keeps freed memory itself, nothing to configure),
+    ``GLIBC_KEPT``, or ``UNCHANGED`` (not glibc on Linux, or glibc refused a setting).
     The process keeps its peak memory for its lifetime; ``malloc_trim(0)`` gives it back."""
-    if not sys.platform.startswith("linux") or tcmalloc_in_use():
-        return False
+    if tcmalloc_in_use():
+        return TCMALLOC
+    if not sys.platform.startswith("linux"):
+        return UNCHANGED
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
+        return UNCHANGED
     settings = (
         (_M_ARENA_MAX, 1),  # thread arenas cannot grow past 64 MB heaps and fall back to mmap
         (_M_MMAP_MAX, 0),
         (_M_TRIM_THRESHOLD, -1),  # -1 becomes SIZE_MAX: never trim the heap's top on free
     )
-    return all(mallopt(param, value) == 1 for param, value in settings)
+    return GLIBC_KEPT if all(mallopt(param, value) == 1 for param, value in settings) else UNCHANGED

@@ -8,7 +8,7 @@ import sys
 import click
 
 from vision_ft import __version__
-from vision_ft.allocator import OPT_OUT, tcmalloc_in_use
+from vision_ft.allocator import OPT_OUT
 from vision_ft.cli.data import stats
 from vision_ft.cli.errors import OneLineErrors
 from vision_ft.cli.fit import fit
@@ -35,8 +35,8 @@ def main(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if not keep_freed_host_memory() and tcmalloc_in_use():  # tcmalloc keeps freed memory itself
-        logger.debug("host memory: tcmalloc (%s=system to keep the system's allocator)", OPT_OUT)
+    allocator = keep_freed_host_memory()
+    logger.debug("host memory: %s (%s=system keeps the system's allocator)", allocator, OPT_OUT)
     use_persistent_compile_cache()
 
 
