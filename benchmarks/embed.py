@@ -1,8 +1,8 @@
 """Embedding throughput: vision-ft's compiled, sharded embedding step against timm's
 ``forward_head(forward_features(x), pre_logits=True)`` in PyTorch (eager, ``inference_mode``), on the
-same machine (the GPU where there is one), same batch and resolution, fp32. Prints a table, with
-each side's TFLOP/s of model FLOPs and, on a GPU whose peak is known, its MFU; ``--json OUT`` writes
-the rows.
+same machine (the GPU where there is one), same batch, resolution and precision (fp32 by default;
+``--precision tf32`` or ``bf16`` on a GPU). Prints a table, with each side's TFLOP/s of model FLOPs
+and, on a GPU whose peak is known, its MFU; ``--json OUT`` writes the rows.
 
     python benchmarks/embed.py --models resnet50,tf_efficientnet_lite0,vit_small_patch16_224 --json OUT
 """
@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 from flops import forward_flops_per_image
-from throughput import blocking, compare, timm_model, torch_device
+from throughput import blocking, compare, timm_model, torch_autocast, torch_device
 
 
-def jax_step(name: str, batch: int, img_size: int):
+def jax_step(name: str, batch: int, img_size: int, precision: str):
     import jax
+    import jax.numpy as jnp
 
     from vision_ft.data.pipeline import Geometry
     from vision_ft.data.sources import DataOptions
     from vision_ft.infer.predictor import Predictor, compiled_forward
     from vision_ft.models.factory import create_model
 
-    model = create_model(name, img_size=img_size)
+    model = create_model(name, img_size=img_size, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
     predictor = Predictor(model, Geometry(img_size), None, DataOptions(), name)
     forward, _ = compiled_forward(predictor, "embedding")
     images = np.random.default_rng(0).random((batch, img_size, img_size, 3), dtype=np.float32)
@@ -30,7 +31,7 @@ def jax_step(name: str, batch: int, img_size: int):
     return lambda: jax.block_until_ready(forward(images))
 
 
-def torch_step(name: str, batch: int, img_size: int):
+def torch_step(name: str, batch: int, img_size: int, precision: str):
     import torch
 
     device = torch_device()
@@ -38,7 +39,7 @@ def torch_step(name: str, batch: int, img_size: int):
     images = torch.randn(batch, 3, img_size, img_size, device=device)
 
     def step():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_autocast(device, precision):
             model.forward_head(model.forward_features(images), pre_logits=True)
 
     return blocking(step, device)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# Both frameworks share one GPU: JAX would otherwise take 75% of its memory at start-up and leave
+# PyTorch's ResNet-50 step (batch 128) too little. No effect on CPUs.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 
 def interleaved_rates(
@@ -59,24 +64,41 @@ def blocking(step: Callable[[], object], device: str) -> Callable[[], None]:
     return run
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 def set_matmul_precision(precision: str) -> None:
-    """The same float32 matmul and convolution arithmetic on both sides of a GPU: true fp32, or
-    TF32 tensor cores (JAX's GPU default; PyTorch's for convolutions only). CPUs compute fp32."""
+    """The same float matmul and convolution arithmetic on both sides of a GPU: true fp32, TF32
+    tensor cores (JAX's GPU default; PyTorch's for convolutions only), or bf16 compute on fp32
+    parameters (the fit's ``--precision bf16``; the step builders make the models bf16, and leave
+    the float32 parts, the loss and optimizer, in fp32). CPUs compute fp32 for fp32 and tf32."""
     import jax
     import torch
 
     if jax.default_backend() == "gpu":
-        jax_name = {"fp32": "float32", "tf32": "tensorfloat32"}[precision]
+        jax_name = {"fp32": "float32", "tf32": "tensorfloat32", "bf16": "float32"}[precision]
         jax.config.update("jax_default_matmul_precision", jax_name)
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def torch_autocast(device: str, precision: str):
+    """PyTorch's bf16 compute for ``precision`` bf16 (autocast, as timm's ``--amp-dtype
+    bfloat16`` trains), else nothing."""
+    import contextlib
+
+    import torch
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
 def compare(
     description: str, jax_step_fn, torch_step_fn, *, default_batch: int, flops_fn: Callable | None = None
 ) -> None:
     """Parse the common options, time both sides per model, print the table, write the JSON.
-    ``*_step_fn(name, batch, img_size)`` build one blocking step; a row reports each side's best
+    ``*_step_fn(name, batch, img_size, precision)`` build one blocking step; a row reports each side's best
     round and their ratio, and prints the ratio of every round beside it. ``flops_fn(name,
     img_size)``, the model FLOPs of one image's step, adds each side's TFLOP/s, and its MFU on a GPU
     whose peak is known (``flops.PEAK_TFLOPS``) or given (``--peak-tflops``)."""
@@ -91,8 +113,9 @@ def compare(
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", dest="json_path")
     parser.add_argument(
-        "--matmul-precision", choices=("fp32", "tf32"), default="fp32",
-        help="float32 matmul arithmetic on a GPU, both sides (default fp32); CPUs always compute fp32",
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="both sides' arithmetic: fp32 (default), tf32 (GPU tensor cores; fp32 on CPUs) or bf16 "
+        "compute on fp32 parameters",
     )  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU where it is not known")
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
@@ -112,18 +135,19 @@ def compare(
     from vision_ft.cpu_runtime import keep_freed_host_memory
 
     host_memory = keep_freed_host_memory()
-    set_matmul_precision(args.matmul_precision)
+    set_matmul_precision(args.precision)
     rows = []
     for name in models:
         steps = {
-            "jax": jax_step_fn(name, args.batch, args.img_size),
-            "torch": torch_step_fn(name, args.batch, args.img_size),
+            "jax": jax_step_fn(name, args.batch, args.img_size, args.precision),
+            "torch": torch_step_fn(name, args.batch, args.img_size, args.precision),
         }
         rates = interleaved_rates(steps, args.batch, args.warmup, args.steps, args.rounds)
         per_round = " ".join(f"{a / b:.2f}" for a, b in zip(rates["jax"], rates["torch"], strict=True))
         rows.append(row(name, args.batch, args.img_size, max(rates["jax"]), max(rates["torch"])))
         rows[-1]["ratio_per_round"] = per_round
         rows[-1]["host_memory"] = host_memory
+        rows[-1]["precision"] = args.precision
         if flops_fn is not None:
             rows[-1].update(utilization(flops_fn(name, args.img_size), rows[-1], args))
         print(f"{name}: jax {max(rates['jax']):.2f} img/s, torch {max(rates['torch']):.2f} img/s "
@@ -136,7 +160,7 @@ def _in_fresh_process(model: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, sys.argv[0], "--in-process", "--models", model, "--json", str(out)]
-        for option in ("batch", "img_size", "warmup", "steps", "rounds", "matmul_precision", "peak_tflops"):
+        for option in ("batch", "img_size", "warmup", "steps", "rounds", "precision", "peak_tflops"):
             if getattr(args, option) is not None:
                 command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
         subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
@@ -163,7 +187,7 @@ def utilization(flops_per_image: float, result: dict, args: argparse.Namespace) 
         figures[f"{side}_tflop_s"] = round(result[f"{side}_img_s"] * flops_per_image / 1e12, 5)
     peak = args.peak_tflops
     if peak is None and jax.default_backend() == "gpu":
-        peak = peak_tflops(jax.devices()[0].device_kind, args.matmul_precision)
+        peak = peak_tflops(jax.devices()[0].device_kind, args.precision)
     if peak:
         figures["peak_tflops"] = peak
         for side in ("jax", "torch"):
@@ -177,7 +201,8 @@ def report(rows: list[dict], json_path: str | None) -> None:
 
     # the timing processes' allocator (each model's child process configured its own)
     allocator = ", ".join(sorted({r["host_memory"] for r in rows}))
-    print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+    precision = ", ".join(sorted({r["precision"] for r in rows}))
+    print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, precision {precision}, "
           f"torch threads {torch.get_num_threads()}, host memory: {allocator}")  # fmt: skip
     print(f"{'model':28s} {'batch':>5s} {'size':>5s} {'jax img/s':>10s} {'torch img/s':>12s} {'ratio':>6s}")
     for r in rows:

@@ -1,6 +1,7 @@
 """Train-step throughput: vision-ft's compiled JAX step against PyTorch timm (eager), same machine.
 
-Same batch, resolution, fp32 and AdamW on both sides; every parameter trainable. Prints a table and
+Same batch, resolution, precision (fp32 by default; ``--precision tf32`` or ``bf16`` on a GPU) and
+AdamW on both sides; every parameter trainable. Prints a table and
 optionally writes ``[{model, batch, img_size, jax_img_s, torch_img_s, ratio}]`` as JSON.
 
     python benchmarks/train_step.py --models resnet50,tf_efficientnet_lite0,vit_small_patch16_224 --json OUT
@@ -10,18 +11,20 @@ from __future__ import annotations
 
 import numpy as np
 from flops import train_flops_per_image
-from throughput import blocking, compare, timm_model, torch_device
+from throughput import blocking, compare, timm_model, torch_autocast, torch_device
 
 
-def jax_step(name: str, batch: int, img_size: int):
+def jax_step(name: str, batch: int, img_size: int, precision: str):
     import jax
+    import jax.numpy as jnp
     import optax
 
     import vision_ft
     from vision_ft.train.rules import build_plan
     from vision_ft.train.step import Augment, Trainer, data_mesh
 
-    model = vision_ft.create_model(name, num_classes=1000, img_size=img_size)
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32  # as `fit --precision bf16` builds it
+    model = vision_ft.create_model(name, num_classes=1000, img_size=img_size, dtype=dtype)
     plan = build_plan(model)
     tx = optax.adamw(1e-4, weight_decay=0.05)
     trainer = Trainer(
@@ -50,7 +53,7 @@ def jax_step(name: str, batch: int, img_size: int):
     return step
 
 
-def torch_step(name: str, batch: int, img_size: int):
+def torch_step(name: str, batch: int, img_size: int, precision: str):
     import torch
 
     device = torch_device()
@@ -62,7 +65,9 @@ def torch_step(name: str, batch: int, img_size: int):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
+        with torch_autocast(device, precision):
+            loss = loss_fn(model(images), labels)
+        loss.backward()
         opt.step()
 
     return blocking(step, device)
