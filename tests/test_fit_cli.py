@@ -170,6 +170,7 @@ def _one_line_exit_2(result, culprit):
         (("--resume",), "no run to resume"),
         (("--mesh", "data=3,fsdp=5"), "--mesh"),
         (("--mesh", "pipeline=2"), "--mesh"),
+        (("--seed", "-1"), "seed"),  # numpy's generators refuse it, at the first epoch
     ],
 )
 def test_fit_bad_options(tmp_path, args, culprit):
@@ -205,6 +206,17 @@ def test_fit_bad_files(tmp_path):
         ),
         "broken.npz",
     )
+
+
+def test_output_naming_a_file_is_refused_and_the_file_kept(tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for output, culprit in ((mine, "is a file"), (mine / "run", "cannot be created")):
+        result = subprocess.run(
+            fit_cmd("--output", str(output)), env=_env(), capture_output=True, text=True, timeout=300
+        )
+        _one_line_exit_2(result, f"--output {output} {culprit}")
+    assert mine.read_text() == "mine"
 
 
 def test_existing_run_is_never_overwritten(tmp_path, config_file):

@@ -180,6 +180,11 @@ def test_bad_input_is_one_line_exit_2(fitted, tmp_path):
     root, cfg, _ = fitted
     np.savez(tmp_path / "junk.npz", something=np.zeros(3))
     (tmp_path / "empty").mkdir()
+    kept = tmp_path / "notes.txt"  # what an --output naming the user's file must leave alone
+    kept.write_text("mine")
+    embeddings = tmp_path / "val.npz"
+    assert cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--split", "val",
+               "--output", embeddings, "--no-progress").exit_code == 0  # fmt: skip
     cases = [
         (("eval", "--checkpoint", tmp_path / "empty"), "no config.json"),
         (("probe", "--train", tmp_path / "junk.npz", "--val", tmp_path / "junk.npz",
@@ -191,11 +196,23 @@ def test_bad_input_is_one_line_exit_2(fitted, tmp_path):
         (("embed", "--model", "resnet18", "--data", cfg.data, "--output", tmp_path / "e.txt"),
          ".npz or .parquet"),
         (("eval", "--checkpoint", root / "run", "--split", "holdout"), "holdout"),
+        # numpy would call any file that is not an archive "pickled data"
+        (("probe", "--train", kept, "--val", embeddings, "--output", tmp_path / "p"), "not an .npz archive"),
+        (("eval", "--checkpoint", root / "run", "--output", kept), f"--output {kept} is a file"),
+        (("eval", "--checkpoint", root / "run", "--output", kept / "report"), "cannot be created"),
+        (("probe", "--train", embeddings, "--val", embeddings, "--output", kept),
+         f"--output {kept} is a file"),
+        (("eval", "--checkpoint", root / "run", "--batch-size", 0), "--batch-size"),
+        (("embed", "--checkpoint", root / "run", "--data", cfg.data, "--batch-size", 0,
+          "--output", tmp_path / "e0.npz"), "--batch-size"),
+        (("predict", "--checkpoint", root / "run", "--input", cfg.data, "--top-k", 0,
+          "--output", tmp_path / "k0.csv"), "--top-k"),
     ]  # fmt: skip
     for args, culprit in cases:
         result = cli(*args)
         lines = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert result.exit_code == 2 and len(lines) == 1 and culprit in lines[0], (args, result.output)
+    assert kept.read_text() == "mine"
 
 
 def test_intermediate_layer_embeddings(fitted, tmp_path):

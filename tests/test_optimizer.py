@@ -8,7 +8,7 @@ from flax import nnx
 
 import vision_ft
 from tests.train_fixtures import numpy_state, tiny_config, train_batch
-from vision_ft.train.config import FitConfig
+from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.loop import FitRun
 from vision_ft.train.optimizer import learning_rate_by_step, warmup_cosine
 from vision_ft.train.phases import num_layers, phase_optimizer, plan_phases
@@ -81,3 +81,26 @@ def test_fine_tune_trains_the_head_then_everything_at_rates_falling_100x_to_the_
     # the second phase's cosine starts at its own first step, at its full rate, and falls to 0
     assert rate(4) == pytest.approx(full.lr) and rate(8) == pytest.approx(full.lr / 2)
     assert rate(11) < rate(10) < rate(8)
+
+
+@pytest.mark.parametrize(
+    "setting, culprit",
+    [
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**32), "seed"),
+        (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+        (dict(warmup_epochs=-1.0), "warmup_epochs"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(clip_norm=-1.0), "clip_norm"),
+        (dict(drop_path_rate=1.0), "drop_path_rate"),
+        (dict(recipe="fine_tune", head_epochs=0), "head_epochs"),
+        (dict(recipe="fine_tune", epochs=2, head_epochs=2), "head_epochs"),
+        (dict(head_lr_mult=0.0), "head_lr_mult"),
+        (dict(eval_batch_size=0), "eval_batch_size"),
+        (dict(save_every_steps=-5), "save_every_steps"),
+    ],
+)
+def test_config_refuses_out_of_range_settings(setting, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        FitConfig(**setting).validate()
+    FitConfig().validate()  # the defaults pass

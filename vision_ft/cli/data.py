@@ -13,7 +13,9 @@ from vision_ft.train.config import FitConfig
 @click.command()
 @click.option("--data", required=True, help="A --data spec, as for fit.")
 @click.option("--model", default="tf_efficientnet_lite0", help="Model whose input geometry to use.")
-@click.option("--img-size", type=int, default=FitConfig.img_size, help="Input side, as fit's.")
+@click.option(
+    "--img-size", type=click.IntRange(min=16), default=FitConfig.img_size, help="Input side, as fit's."
+)
 @click.option("--split", default="train")
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--window", help="DICOM window CENTER,WIDTH.")

@@ -54,7 +54,7 @@ def _metadata(predictor, **extra) -> dict:
 @click.option("--output", required=True, type=click.Path(path_type=Path), help=".npz or .parquet file.")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", help="Average with the mirror.")
 @click.option("--layer", type=int, help="Pooled output of this stage/block instead (0-based, -1 last).")
-@click.option("--batch-size", type=int, default=64)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--no-progress", is_flag=True)
 @distributed_options
@@ -124,7 +124,7 @@ def embed(
 @click.option("--data", help="A --data spec [the run's].")
 @click.option("--split", default="test", help="[test]")
 @click.option("--output", type=click.Path(path_type=Path), help="Report directory [RUN/eval-SPLIT].")
-@click.option("--batch-size", type=int, default=64)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory.")
 @user_errors_exit_2
 def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
@@ -156,8 +156,8 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
 @click.option("--input", "input_", required=True, help="An image file, a folder, or a --data spec.")
 @click.option("--split", help="Split of a --data spec [test, else val, else train].")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="CSV file to write.")
-@click.option("--top-k", type=int, default=3)
-@click.option("--batch-size", type=int, default=64)
+@click.option("--top-k", type=click.IntRange(min=1), default=3)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @user_errors_exit_2
 def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> None:
     """Class probabilities and top-k for new images, with the run's own preprocessing."""

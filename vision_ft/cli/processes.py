@@ -12,8 +12,10 @@ def distributed_options(command):
     for option in reversed(
         [
             click.option("--coordinator", help="host:port of process 0, for a multi-process run."),
-            click.option("--num-processes", type=int, help="Number of processes in the run."),
-            click.option("--process-id", type=int, help="This process's index, 0-based."),
+            click.option(
+                "--num-processes", type=click.IntRange(min=1), help="Number of processes in the run."
+            ),
+            click.option("--process-id", type=click.IntRange(min=0), help="This process's index, 0-based."),
         ]
     ):
         command = option(command)

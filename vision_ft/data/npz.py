@@ -39,6 +39,8 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    if not zipfile.is_zipfile(path):  # else numpy reports any other file as "pickled data"
+        raise DataError(f"data file {path} is not an .npz archive")
     try:
         # allow_pickle=False: an .npz holding object arrays cannot run code on load
         with np.load(path, allow_pickle=False) as archive:

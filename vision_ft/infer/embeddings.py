@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
     path = Path(path)
     if not path.is_file():
         raise EmbeddingFileError(f"embeddings file {path} does not exist")
+    if path.suffix != ".parquet" and not zipfile.is_zipfile(path):  # numpy: "pickled data"
+        raise EmbeddingFileError(f"embeddings file {path} is not an .npz archive")
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq

@@ -12,6 +12,7 @@ from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import ExampleSplit, unusable_examples
 from vision_ft.data.sources import load_dataset
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
+from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.multilabel import as_multi_hot, multilabel_clinical_report, multilabel_metrics
@@ -84,9 +85,8 @@ def evaluate_run(
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
     to_run_classes = run_class_order(spec, dataset.class_names, tuple(predictor.class_names or ()))
     out = Path(output) if output is not None else _free_directory(run_dir, split)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"--output {out} exists and is not empty; not overwriting it")
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_used_directory(out)
+    make_directory(out)
     ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
     if to_run_classes is not None:
         labels = reorder_labels(labels, to_run_classes)

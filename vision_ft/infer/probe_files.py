@@ -12,6 +12,7 @@ import numpy as np
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import Embeddings, read_embeddings
 from vision_ft.infer.predictor import Predictor, from_pretrained, from_run
+from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.probe import LinearProbe, fit_knn, fit_linear_probe, knn_probabilities
 from vision_ft.train.report import write_json
@@ -38,8 +39,7 @@ def run_probe(
 ) -> dict:
     started = time.time()
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise DataError(f"--output {output} exists and is not empty; not overwriting it")
+    refuse_used_directory(output)
     train, val = read_embeddings(train_path), read_embeddings(val_path)
     test = read_embeddings(test_path) if test_path is not None else None
     splits = [e for e in (val, test) if e is not None]
@@ -75,7 +75,7 @@ def run_probe(
     if test is not None:
         linear["test"] = _public(classification_metrics(test.labels, probe.logits(test.embeddings)))
         knn["test"] = knn_metrics(test)
-    output.mkdir(parents=True, exist_ok=True)
+    make_directory(output)
     probe.save(output / PROBE_FILE)
     (output / SOURCE_FILE).write_text(json.dumps(train.metadata, indent=2) + "\n")
     final = {

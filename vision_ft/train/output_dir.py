@@ -13,6 +13,7 @@ from pathlib import Path
 
 from etils import epath
 
+from vision_ft.output_dirs import make_directory
 from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
 from vision_ft.train.preemption import was_preempted
@@ -54,5 +55,5 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
                 f"--resume: {out} was started with other settings: {'; '.join(conflicts)}. "
                 "Resume with the run's own (leave them out), or fit into a new --output"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    make_directory(out)
     return OutputDir(cfg, checkpoint_dir, saved_by_release)
