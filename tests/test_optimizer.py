@@ -8,7 +8,7 @@ from flax import nnx
 
 import vision_ft
 from tests.train_fixtures import numpy_state, tiny_config, train_batch
-from vision_ft.train.config import ConfigError, FitConfig
+from vision_ft.train.config import ConfigError, FitConfig, load_config
 from vision_ft.train.loop import FitRun
 from vision_ft.train.optimizer import learning_rate_by_step, warmup_cosine
 from vision_ft.train.phases import num_layers, phase_optimizer, plan_phases
@@ -104,3 +104,23 @@ def test_config_refuses_out_of_range_settings(setting, culprit):
     with pytest.raises(ConfigError, match=culprit):
         FitConfig(**setting).validate()
     FitConfig().validate()  # the defaults pass
+
+
+@pytest.mark.parametrize(
+    "yaml_text, culprit",
+    [
+        ("freeze: [[1]]", "freeze"),  # was an AttributeError traceback
+        ("freeze: [1]", "freeze"),
+        ("hflip: 5", "hflip"),  # was taken as true
+        ("hflip: [false]", "hflip"),
+        ("img_size: 16.5", "img_size"),
+        ("crop_scale: 0.5", "crop_scale"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, culprit):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text + "\n")
+    with pytest.raises(ConfigError, match=f"bad value for {culprit}"):
+        load_config(path)
+    path.write_text("hflip: no\nfreeze: [head, ' stem ']\n")  # YAML's own booleans and strings
+    assert load_config(path).hflip is False and load_config(path).freeze == ("head", "stem")

@@ -185,7 +185,9 @@ def _coerce(name: str, value):
     try:
         if name == "freeze":
             items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(s.strip() for s in items if str(s).strip())
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError(value)
+            return tuple(s.strip() for s in items if s.strip())
         if name == "lr_rules":
             return tuple((str(p), float(m)) for p, m in value)
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -203,7 +205,9 @@ def _coerce(name: str, value):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if not isinstance(value, bool):  # YAML's true/false/yes/no; not a number or a list
+                raise ValueError(value)
+            return value
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return {int: int, float: float, str: str}.get(hint, lambda v: v)(value)
