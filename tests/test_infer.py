@@ -2,6 +2,9 @@
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -245,3 +248,22 @@ def test_eval_data_classes_are_matched_to_the_run_by_name():
         run_class_order("d", ("benign", "cyst", "normal"), run)
     with pytest.raises(DataError, match="has 2 classes; the run was trained on 3"):
         run_class_order("d", ("benign", "normal"), run)
+
+
+def test_a_damaged_checkpoint_is_one_error_line_and_exit_2(fitted, tmp_path):
+    root, _, _ = fitted
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    chunks = [p for p in (run / "checkpoints" / "best").rglob("d/*") if p.is_file()]
+    assert chunks
+    for chunk in chunks:  # truncated, as a full disk or an interrupted copy leaves them
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    # a subprocess: the command ends the process itself after this error (os._exit)
+    result = subprocess.run(
+        [sys.executable, "-m", "vision_ft.cli", "eval", "--checkpoint", str(run)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr  # was 1, with Orbax's traceback
+    assert len(errors) == 1 and f"{run}/checkpoints/best" in errors[0], result.stderr
+    assert "could not be read (damaged?)" in errors[0]

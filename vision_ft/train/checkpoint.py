@@ -9,6 +9,7 @@ listing the differences instead of loading partially.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -19,6 +20,26 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tree does not match what this run expects."""
+
+
+class CheckpointUnreadableError(CheckpointMismatchError):
+    """A checkpoint whose files cannot be read: damaged, truncated or partly deleted."""
+
+
+@contextlib.contextmanager
+def reading(where: str):
+    """Errors of Orbax and tensorstore while reading ``where`` as one line naming it. (A write that
+    died midway leaves no finished checkpoint to read: this is damage after the fact.)"""
+    try:
+        yield
+    except CheckpointMismatchError:
+        raise
+    except Exception as e:  # noqa: BLE001  Orbax raises a bare Exception caused by tensorstore's
+        cause = e.__cause__ or e
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        raise CheckpointUnreadableError(
+            f"checkpoint {where} could not be read (damaged?): {type(cause).__name__}: {first_line}"
+        ) from None
 
 
 def _key_str(key) -> str:
@@ -145,8 +166,10 @@ class RunCheckpoints:
         return self.best.best_step()
 
     def _restore(self, manager: ocp.CheckpointManager, step: int, abstract):
-        check_compatible(manager.item_metadata(step), abstract, str(manager.directory / str(step)))
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        where = str(manager.directory / str(step))
+        with reading(where):
+            check_compatible(manager.item_metadata(step), abstract, where)
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def restore_latest(self, abstract):
         step = self.latest_step()
@@ -160,12 +183,13 @@ class RunCheckpoints:
         step = self.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory / 'latest'}")
-        metadata = self.latest.item_metadata(step)
         where = str(self.latest.directory / str(step))
-        check_compatible({k: metadata[k] for k in abstract if k in metadata}, abstract, where)
-        everything = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
-        everything.update(abstract)
-        restored = self.latest.restore(step, args=ocp.args.StandardRestore(everything))
+        with reading(where):
+            metadata = self.latest.item_metadata(step)
+            check_compatible({k: metadata[k] for k in abstract if k in metadata}, abstract, where)
+            everything = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
+            everything.update(abstract)
+            restored = self.latest.restore(step, args=ocp.args.StandardRestore(everything))
         weights = {k: restored[k] for k in abstract}
         if averaged and "ema" in restored:
             weights = with_averaged_weights(weights, restored["ema"])
