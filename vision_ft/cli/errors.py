@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 import click
@@ -11,7 +10,7 @@ import click
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import EmbeddingFileError
 from vision_ft.models.registry import UnknownModelError
-from vision_ft.train.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
+from vision_ft.train.checkpoint import CheckpointMismatchError
 from vision_ft.train.config import ConfigError
 from vision_ft.train.rules import RuleError
 from vision_ft.train.run_dir import RunDirError
@@ -44,9 +43,7 @@ def user_errors_exit_2(command):
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as e:
-            error = UserError(e.args[0] if e.args else str(e))
-            error.abandoned_reads = isinstance(e, CheckpointUnreadableError)
-            raise error from None
+            raise UserError(e.args[0] if e.args else str(e)) from None
 
     return wrapper
 
@@ -63,13 +60,5 @@ class OneLineErrors(click.Group):
         except click.ClickException as e:
             hint = f" (see {e.ctx.command_path} --help)" if isinstance(e, click.UsageError) and e.ctx else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)
-            if getattr(e, "abandoned_reads", False):
-                # Orbax leaves its other reads of a damaged checkpoint running; failing or finishing
-                # during a normal exit, each would print a traceback under this line (a coroutine's
-                # exception nobody awaits, a callback into a closed event loop). Nothing else is
-                # pending: a checkpoint is read before a command writes anything.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(2)
             sys.exit(2)
         sys.exit(result if isinstance(result, int) else 0)

@@ -10,6 +10,8 @@ listing the differences instead of loading partially.
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -30,16 +32,50 @@ class CheckpointUnreadableError(CheckpointMismatchError):
 def reading(where: str):
     """Errors of Orbax and tensorstore while reading ``where`` as one line naming it. (A write that
     died midway leaves no finished checkpoint to read: this is damage after the fact.)"""
+    _hush_abandoned_reads()  # before: the first of them can fail before the error reaches here
     try:
         yield
     except CheckpointMismatchError:
         raise
-    except Exception as e:  # noqa: BLE001  Orbax raises a bare Exception caused by tensorstore's
+    except Exception as e:  # noqa: BLE001  Orbax wraps tensorstore's errors in a bare Exception
         cause = e.__cause__ or e
         first_line = (str(cause).strip().splitlines() or [""])[0]
         raise CheckpointUnreadableError(
             f"checkpoint {where} could not be read (damaged?): {type(cause).__name__}: {first_line}"
         ) from None
+
+
+_ORBAX_READ = "_read_array_index_and_device_put"  # Orbax's coroutine that reads one array
+_ORBAX_READ_ERROR = "Encountered error while reading array index"  # and the error it raises
+
+
+class _AbandonedReadRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _ORBAX_READ_ERROR not in record.getMessage()
+
+
+def _hush_abandoned_reads() -> None:
+    """When one read of a restore fails, Orbax closes its event loop and leaves the other reads
+    running. Each would later print a traceback, long after the one error that names the
+    checkpoint: as garbage ("Exception ignored in <coroutine ...>"), through asyncio's logger
+    ("exception was never retrieved"), or from tensorstore's threads, whose callbacks find the loop
+    closed ("RuntimeError: Event loop is closed", reported as unraisable). Those reports, and only
+    those, are dropped from the first checkpoint read on; a read that succeeds makes none."""
+    previous = sys.unraisablehook
+    if getattr(previous, "hushes_orbax_reads", False):
+        return
+
+    def unraisable_hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        loop_closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+            "Event loop is closed"
+        )
+        if getattr(code, "co_name", "") != _ORBAX_READ and not loop_closed:
+            previous(unraisable)
+
+    unraisable_hook.hushes_orbax_reads = True
+    sys.unraisablehook = unraisable_hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadRecords())
 
 
 def _key_str(key) -> str:
