@@ -25,7 +25,8 @@ class CheckpointMismatchError(ValueError):
 
 
 class CheckpointUnreadableError(CheckpointMismatchError):
-    """A checkpoint whose files cannot be read: damaged, truncated or partly deleted."""
+    """A checkpoint whose files cannot be read: damaged, truncated or partly deleted. (A kind of
+    mismatch, so that whatever handles a checkpoint this run cannot use handles it too.)"""
 
 
 @contextlib.contextmanager
@@ -75,7 +76,9 @@ def _hush_abandoned_reads() -> None:
 
     unraisable_hook.hushes_orbax_reads = True
     sys.unraisablehook = unraisable_hook
-    logging.getLogger("asyncio").addFilter(_AbandonedReadRecords())
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadRecords) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadRecords())
 
 
 def _key_str(key) -> str:
