@@ -59,3 +59,40 @@ def test_unreadable_image_is_one_line_exit_2(tmp_path):
     bad.write_bytes(b"\xff\xd8 this is not really a jpeg")
     out = run_cli("classify", str(bad))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "broken.jpg" in out.stderr
+
+
+def test_out_of_memory_is_one_line_exit_2():
+    import click
+    import jax
+    import numpy as np
+    from click.testing import CliRunner
+
+    from vision_ft.cli.errors import OneLineErrors, user_errors_exit_2
+
+    @click.group(cls=OneLineErrors)
+    def commands():
+        pass
+
+    @commands.command()
+    @user_errors_exit_2
+    def host():
+        np.empty((10**6, 10**6, 1000))  # 7 PiB: what --img-size 100000 asked of numpy
+
+    @commands.command()
+    @user_errors_exit_2
+    def device():
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9.00GiB.\ndetails")
+
+    @commands.command()
+    @user_errors_exit_2
+    def other():
+        raise jax.errors.JaxRuntimeError("INTERNAL: a bug, not the user's input")
+
+    for name, expected in (("host", "out of host memory: Unable to allocate 7.11 PiB"),
+                           ("device", "out of device memory: RESOURCE_EXHAUSTED")):  # fmt: skip
+        result = CliRunner().invoke(commands, [name])
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {expected}") and "lower --batch-size or --img-size" in lines[0]
+    unrelated = CliRunner().invoke(commands, ["other"])
+    assert unrelated.exit_code == 1 and isinstance(unrelated.exception, jax.errors.JaxRuntimeError)

@@ -232,3 +232,18 @@ def test_existing_run_is_never_overwritten(tmp_path, config_file):
     )
     _one_line_exit_2(result, "already holds a run")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_fit_that_failed_before_its_first_evaluation_leaves_a_reusable_directory(tmp_path):
+    from vision_ft.train.config import FitConfig
+    from vision_ft.train.output_dir import claim_output_dir
+    from vision_ft.train.run_dir import RunDirError
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "latest").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")  # what a fit out of memory at its first batch leaves
+    assert claim_output_dir(FitConfig(output=str(out))).cfg.output == str(out)
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(RunDirError, match="already holds a run"):
+        claim_output_dir(FitConfig(output=str(out)))

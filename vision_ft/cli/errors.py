@@ -6,6 +6,7 @@ import functools
 import sys
 
 import click
+import jax
 
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import EmbeddingFileError
@@ -44,6 +45,13 @@ def user_errors_exit_2(command):
             return command(*args, **kwargs)
         except USER_ERRORS as e:
             raise UserError(e.args[0] if e.args else str(e)) from None
+        except MemoryError as e:  # numpy's "Unable to allocate 37.3 GiB for an array ..."
+            raise UserError(f"out of host memory: {e}; lower --batch-size or --img-size") from None
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            first_line = str(e).strip().splitlines()[0]
+            raise UserError(f"out of device memory: {first_line}; lower --batch-size or --img-size") from None
 
     return wrapper
 

@@ -35,8 +35,10 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
     out = Path(cfg.output)
     checkpoint_dir = checkpoint_location(cfg.checkpoint_dir or out / "checkpoints")
     # not the folders' existence: a fit that failed before its first save (a --freeze group out
-    # of range) left them empty, and then neither a new run nor --resume could use the directory
-    has_run = holds_checkpoint(checkpoint_dir) or (out / "metrics.jsonl").exists()
+    # of range) left them empty, and then neither a new run nor --resume could use the directory;
+    # nor an empty metrics.jsonl: one that failed before its first evaluation (out of memory) left it
+    metrics = out / "metrics.jsonl"
+    has_run = holds_checkpoint(checkpoint_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
     if has_run and was_preempted(out) and not cfg.resume:
         # rerunning the command of a preempted run continues it
         log.info("resuming the preempted run in %s", out)
