@@ -11,7 +11,7 @@ import jax
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import EmbeddingFileError
 from vision_ft.models.registry import UnknownModelError
-from vision_ft.train.checkpoint import CheckpointMismatchError
+from vision_ft.train.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
 from vision_ft.train.config import ConfigError
 from vision_ft.train.rules import RuleError
 from vision_ft.train.run_dir import RunDirError
@@ -27,6 +27,7 @@ USER_ERRORS = (
     DataError,
     RuleError,
     CheckpointMismatchError,
+    CheckpointUnreadableError,
     EmbeddingFileError,
     RunDirError,
 )

@@ -24,9 +24,9 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose tree does not match what this run expects."""
 
 
-class CheckpointUnreadableError(CheckpointMismatchError):
-    """A checkpoint whose files cannot be read: damaged, truncated or partly deleted. (A kind of
-    mismatch, so that whatever handles a checkpoint this run cannot use handles it too.)"""
+class CheckpointUnreadableError(ValueError):
+    """A checkpoint whose files cannot be read: damaged, truncated or partly deleted. Its message
+    names the checkpoint's directory, which names the run."""
 
 
 @contextlib.contextmanager

@@ -21,12 +21,7 @@ from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
-from vision_ft.train.checkpoint import (
-    CheckpointMismatchError,
-    CheckpointUnreadableError,
-    RunCheckpoints,
-    abstract_like,
-)
+from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from vision_ft.train.class_weights import class_weights_for
 from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary
@@ -348,7 +343,7 @@ class FitRun:
             _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
         except CheckpointMismatchError as e:
             saved_by = self.saved_by_release
-            if saved_by is None or saved_by == __version__ or isinstance(e, CheckpointUnreadableError):
+            if saved_by is None or saved_by == __version__:
                 raise
             raise CheckpointMismatchError(
                 f"{e}; the run was saved by vision-ft {saved_by} and this is {__version__}: resume it "

@@ -14,7 +14,7 @@ from flax import nnx
 
 from vision_ft.models.factory import create_model
 from vision_ft.models.registry import PretrainedCfg
-from vision_ft.train.checkpoint import CheckpointMismatchError, CheckpointUnreadableError, RunCheckpoints
+from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints
 
 log = logging.getLogger("vision_ft.run")
 
@@ -112,8 +112,6 @@ def _restore(run_dir: Path, config: dict, target: dict, which: str) -> dict:
             # The latest checkpoint holds optimizer state too; restore only the weights from it.
             return checkpoints.restore_latest_weights(target)[1]
         raise RunDirError(f"{run_dir}: the run has no checkpoint yet")
-    except CheckpointUnreadableError as e:
-        raise CheckpointUnreadableError(f"{run_dir}: {e}") from None
     except CheckpointMismatchError as e:
         raise RunDirError(f"{run_dir}: {e}") from None
     finally:
