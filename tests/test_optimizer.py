@@ -115,6 +115,15 @@ def test_config_refuses_out_of_range_settings(setting, culprit):
         ("hflip: [false]", "hflip"),
         ("img_size: 16.5", "img_size"),
         ("crop_scale: 0.5", "crop_scale"),
+        ("crop_scale: [true, 1.0]", "crop_scale"),
+        ("epochs: true", "epochs"),  # YAML's true was taken as 1 epoch
+        ("lr: yes", "lr"),
+        ("model: [resnet50]", "model"),
+        ("lr_rules: [[1, 2]]", "lr_rules"),  # the pattern "1"
+        ("lr_rules: [head]", "lr_rules"),
+        ("lr_rules: [[head, 1.0, 2.0]]", "lr_rules"),
+        ("lr_rules: [[head, true]]", "lr_rules"),
+        ("lr_rules: [[head, fast]]", "lr_rules"),
     ],
 )
 def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, culprit):
@@ -124,3 +133,6 @@ def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, c
         load_config(path)
     path.write_text("hflip: no\nfreeze: [head, ' stem ']\n")  # YAML's own booleans and strings
     assert load_config(path).hflip is False and load_config(path).freeze == ("head", "stem")
+    path.write_text("pretrained: false\nlr_rules: [[head, 10], ['.*', 0.5]]\n")
+    loaded = load_config(path)
+    assert loaded.pretrained == "false" and loaded.lr_rules == (("head", 10.0), (".*", 0.5))

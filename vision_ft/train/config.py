@@ -189,14 +189,14 @@ def _coerce(name: str, value):
                 raise ValueError(value)
             return tuple(s.strip() for s in items if s.strip())
         if name == "lr_rules":
-            return tuple((str(p), float(m)) for p, m in value)
+            return tuple(_lr_rule(rule) for rule in value)
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
                 return None
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         if typing.get_origin(hint) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
-            out = tuple(float(v) for v in items)
+            out = tuple(_number(float, v) for v in items)
             if typing.get_args(hint)[-1] is not Ellipsis and len(out) != len(typing.get_args(hint)):
                 raise ValueError(value)
             return out
@@ -208,11 +208,30 @@ def _coerce(name: str, value):
             if not isinstance(value, bool):  # YAML's true/false/yes/no; not a number or a list
                 raise ValueError(value)
             return value
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return {int: int, float: float, str: str}.get(hint, lambda v: v)(value)
+        if hint in (int, float):
+            return _number(hint, value)
+        if hint is str:
+            if isinstance(value, bool):  # YAML's bare true/false, e.g. pretrained: false
+                return str(value).lower()
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(value)
+            return str(value)
+        return value
     except (TypeError, ValueError):
         raise ConfigError(f"bad value for {name}: {value!r}") from None
+
+
+def _number(kind: type, value) -> int | float:
+    # YAML reads `epochs: true` as a bool, which int() would quietly take as 1
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return kind(value)
+
+
+def _lr_rule(rule) -> tuple[str, float]:
+    if isinstance(rule, str) or len(rule) != 2 or not isinstance(rule[0], str):
+        raise ValueError(rule)  # a pattern must be written as one: [[1, 2]] is not the rule "1"
+    return rule[0], _number(float, rule[1])
 
 
 # Settings a resumed run may change: where things are kept and how the work is spread, none of
