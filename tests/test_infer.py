@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import eval_batches
 from vision_ft.infer.embeddings import read_embeddings
 from vision_ft.infer.evaluate import evaluate_run, reorder_labels, run_class_order
-from vision_ft.infer.predictor import from_run
+from vision_ft.infer.predictor import compiled_forward, from_run
 from vision_ft.infer.probe_files import PROBE_FILE
 from vision_ft.train.loop import FitRun
 from vision_ft.train.probe import LinearProbe
@@ -88,6 +89,41 @@ def test_embeddings_are_the_pre_logits_and_bit_identical_run_to_run(fitted, tmp_
     np.testing.assert_allclose(a.embeddings[:16], direct, rtol=1e-5, atol=1e-6)
     exists = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--output", first)
     assert exists.exit_code == 2 and "not overwriting" in exists.output
+
+
+@pytest.mark.parametrize(
+    "precision, arithmetic",
+    [("fp32", {"HIGHEST"}), ("tf32", {"HIGH"}), ("bf16", {"DEFAULT"})],
+)
+def test_precision_sets_the_arithmetic_of_every_matmul_and_convolution(fitted, precision, arithmetic):
+    # JAX's default on GPUs (TF32) and TPUs (one bf16 pass) would move fp32 outputs away from timm's;
+    # on this CPU every choice computes alike, so the compiled program is what shows the difference
+    root, _, _ = fitted
+    predictor = from_run(root / "run", precision=precision)
+    forward, _ = compiled_forward(predictor, "embedding")
+    size, channels = predictor.geometry.img_size, predictor.channels
+    program = forward.lower(np.zeros((8, size, size, channels), np.float32)).as_text()
+    products = [line for line in program.splitlines() if "dot_general" in line or "convolution" in line]
+    assert len(products) >= 4
+    assert {p for line in products for p in re.findall(r"\b(HIGHEST|HIGH|DEFAULT)\b", line)} == arithmetic
+    parameters = [p for p in program.splitlines() if "stablehlo.convolution" in p]
+    assert all(("bf16>" in p) == (precision == "bf16") for p in parameters)
+
+
+def test_bf16_embeddings_are_close_to_fp32_and_say_how_they_were_made(fitted, tmp_path):
+    root, cfg, _ = fitted
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.npz"
+        result = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--split", "val",
+                     "--output", out, "--precision", precision, "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[precision] = read_embeddings(out)
+    fp32, bf16 = outputs["fp32"].embeddings, outputs["bf16"].embeddings
+    assert bf16.dtype == np.float32 and outputs["bf16"].metadata["precision"] == "bf16"
+    assert not np.array_equal(fp32, bf16)  # bf16 arithmetic happened
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
 
 
 def _val_split(cfg):

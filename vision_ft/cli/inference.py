@@ -10,10 +10,20 @@ import click
 
 from vision_ft.cli.errors import UserError, user_errors_exit_2
 from vision_ft.cli.processes import distributed_options, start_processes
+from vision_ft.infer.precision import PRECISIONS
 from vision_ft.progress import ProgressBar
 
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    help="fp32: full float32 on every backend, as timm on a CPU; tf32 or bf16: faster on GPUs/TPUs [fp32].",
+)
 
-def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data: str | None, data_dir):
+
+def _predictor(
+    model: str | None, pretrained: str, checkpoint: Path | None, data: str | None, data_dir, precision: str
+):
     """The model and preprocessing for embed/eval/predict: a run directory, or a zoo model."""
     from vision_ft.data.sources import DataOptions, load_dataset
     from vision_ft.infer.predictor import from_pretrained, from_run
@@ -22,12 +32,12 @@ def _predictor(model: str | None, pretrained: str, checkpoint: Path | None, data
     if (model is None) == (checkpoint is None):
         raise UserError("give exactly one of --model or --checkpoint")
     if checkpoint is not None:
-        predictor = from_run(checkpoint)
+        predictor = from_run(checkpoint, precision=precision)
         if data_dir:
             predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
         return predictor
     channels = load_dataset(data, DataOptions(data_dir=data_dir)).channels if data else 3
-    return from_pretrained(model, pretrained_from_text(pretrained), in_chans=channels)
+    return from_pretrained(model, pretrained_from_text(pretrained), in_chans=channels, precision=precision)
 
 
 def _metadata(predictor, **extra) -> dict:
@@ -56,12 +66,13 @@ def _metadata(predictor, **extra) -> dict:
 @click.option("--layer", type=int, help="Pooled output of this stage/block instead (0-based, -1 last).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory.")
+@precision_option
 @click.option("--no-progress", is_flag=True)
 @distributed_options
 @user_errors_exit_2
 def embed(
-    model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, no_progress,
-    coordinator, num_processes, process_id,
+    model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, precision,
+    no_progress, coordinator, num_processes, process_id,
 ) -> None:  # fmt: skip
     """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
     import numpy as np
@@ -77,7 +88,7 @@ def embed(
     from vision_ft.train.distributed import is_primary
 
     no_progress = no_progress or not is_primary()
-    predictor = _predictor(model, pretrained, checkpoint, data, data_dir)
+    predictor = _predictor(model, pretrained, checkpoint, data, data_dir, precision)
     dataset = load_dataset(data, predictor.data_options)
     names = list(dataset.splits) if split == "all" else [split]
     missing = [n for n in names if n not in dataset.splits]
@@ -106,7 +117,7 @@ def embed(
             predictor, data=data, split=split, tta=tta, layer=layer,
             dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
-            pretrained=pretrained if model else None, in_chans=predictor.channels,
+            pretrained=pretrained if model else None, in_chans=predictor.channels, precision=precision,
         ),
     )  # fmt: skip
     if not is_primary():
@@ -126,13 +137,14 @@ def embed(
 @click.option("--output", type=click.Path(path_type=Path), help="Report directory [RUN/eval-SPLIT].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory.")
+@precision_option
 @user_errors_exit_2
-def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
+def evaluate(checkpoint, data, split, output, batch_size, data_dir, precision) -> None:
     """Metrics of a run's best weights on a split, with ROC-AUC CI, operating points and calibration."""
     from vision_ft.infer.evaluate import evaluate_run
 
     report = evaluate_run(checkpoint, data=data, split=split, output=output, batch_size=batch_size,
-                          data_dir=data_dir)  # fmt: skip
+                          data_dir=data_dir, precision=precision)  # fmt: skip
     m = report["metrics"]
     if "map" in m:  # multi-label: intervals are per class, in the report
         click.echo(
@@ -158,8 +170,9 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir) -> None:
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="CSV file to write.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
+@precision_option
 @user_errors_exit_2
-def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> None:
+def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, precision) -> None:
     """Class probabilities and top-k for new images, with the run's own preprocessing."""
     from vision_ft.infer.evaluate import predict_logits
     from vision_ft.infer.predict import resolve_input, write_predictions
@@ -171,12 +184,12 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size) -> 
     if checkpoint is not None:
         from vision_ft.infer.predictor import from_run
 
-        predictor, probe = from_run(checkpoint), None
+        predictor, probe = from_run(checkpoint, precision=precision), None
     else:
         from vision_ft.infer.probe_files import load_probe_dir
 
         try:
-            predictor, probe = load_probe_dir(probe_dir)
+            predictor, probe = load_probe_dir(probe_dir, precision=precision)
         except ValueError as e:  # an unreadable probe file
             raise UserError(str(e)) from None
     examples, labelled = resolve_input(input_, predictor.data_options, split)

@@ -69,10 +69,11 @@ def evaluate_run(
     output: str | Path | None = None,
     batch_size: int = 64,
     data_dir: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    predictor = from_run(run_dir)
+    predictor = from_run(run_dir, precision=precision)
     if data_dir:
         import dataclasses
 
@@ -105,6 +106,7 @@ def evaluate_run(
         "checkpoint": str(run_dir),
         "data": spec,
         "split": split,
+        "precision": precision,
         "metrics": metrics,
         "clinical": clinical,
         "bad_examples": {"count": len(bad), "examples": bad},

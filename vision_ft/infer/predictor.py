@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from vision_ft.cpu_runtime import compiler_options
 from vision_ft.data.pipeline import ExampleSplit, Geometry, sharded_eval_batches
 from vision_ft.data.sources import DataOptions
+from vision_ft.infer.precision import MATMUL_PRECISION, PRECISIONS
 from vision_ft.models.factory import create_model
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.run_dir import load_run_model, read_run_config
@@ -42,6 +43,7 @@ class Predictor:
     tta_shift: float = 0.0
     layer: int | None = None  # embeddings from an intermediate stage (a probe trained on them)
     multi_label: bool = False  # one sigmoid per class (a run fit on ``a|b`` labels)
+    precision: str = "fp32"  # one of PRECISIONS; the model's dtype must agree (``model_dtype``)
 
     @property
     def channels(self) -> int:
@@ -53,9 +55,15 @@ class Predictor:
         return dataclasses.replace(self.geometry, channels=self.channels)
 
 
-def from_run(run_dir: str | Path, *, which: str = "best") -> Predictor:
+def model_dtype(precision: str) -> jnp.dtype:
+    if precision not in MATMUL_PRECISION:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32") -> Predictor:
     config = read_run_config(run_dir)
-    model = load_run_model(run_dir, which=which)
+    model = load_run_model(run_dir, which=which, dtype=model_dtype(precision))
     cfg = model.pretrained_cfg
     crop_pct = config.get("eval_crop_pct") or cfg.crop_pct
     geometry = Geometry(config["img_size"], cfg.interpolation, crop_pct, channels=config["in_chans"])
@@ -71,16 +79,24 @@ def from_run(run_dir: str | Path, *, which: str = "best") -> Predictor:
     return Predictor(
         model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")),
         tta_shift=config.get("tta_shift", 0.0), multi_label=bool(config.get("multi_label")),
+        precision=precision,
     )  # fmt: skip
 
 
 def from_pretrained(
-    name: str, pretrained: bool | str, *, in_chans: int = 3, img_size: int | None = None
+    name: str,
+    pretrained: bool | str,
+    *,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    precision: str = "fp32",
 ) -> Predictor:
-    model = create_model(name, pretrained=pretrained, in_chans=in_chans, img_size=img_size)
+    model = create_model(
+        name, pretrained=pretrained, in_chans=in_chans, img_size=img_size, dtype=model_dtype(precision)
+    )
     cfg = model.pretrained_cfg
     geometry = Geometry(cfg.input_size[1], cfg.interpolation, cfg.crop_pct, channels=in_chans)
-    return Predictor(model, geometry, None, DataOptions(), f"{name} ({pretrained})")
+    return Predictor(model, geometry, None, DataOptions(), f"{name} ({pretrained})", precision=precision)
 
 
 def compiled_forward(
@@ -95,8 +111,9 @@ def compiled_forward(
     """(fn, devices): ``fn(images)`` returns ``output`` ("logits" or the pooled pre-logit
     "embedding", i.e. ``forward_head(forward_features(x), pre_logits=True)``) for a batch of images
     in [0, 1], normalized on device. With ``layer``, the embedding is instead the pooled output of
-    that stage (CNNs) or block (ViTs) from ``forward_intermediates``. One jit over a functional split
-    of the model; the batch is sharded over every device, the weights replicated."""
+    that stage (CNNs) or block (ViTs) from ``forward_intermediates``, as float32 whatever the
+    predictor's precision. One jit over a functional split of the model; the batch is sharded over
+    every device, the weights replicated."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}")
     if layer is not None:
@@ -115,8 +132,13 @@ def compiled_forward(
     state = to_global(state, replicated)
     cfg = predictor.model.pretrained_cfg
     mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
+    matmul_precision = MATMUL_PRECISION[predictor.precision]
 
     def apply(state, images):
+        with jax.default_matmul_precision(matmul_precision):
+            return normalized_forward(state, images).astype(jnp.float32)
+
+    def normalized_forward(state, images):
         model = nnx.merge(graphdef, state)
         x = (images.astype(jnp.float32) - mean) / std
 
@@ -141,6 +163,7 @@ def compiled_forward(
         return run(state, to_global(images, batched))
 
     forward.sharding = batched  # where process-local batches go (see data/pipeline.py)
+    forward.lower = lambda images: jitted.lower(state, to_global(images, batched))  # for inspection
     return forward, mesh.devices.size
 
 

@@ -94,18 +94,21 @@ def run_probe(
     return final
 
 
-def load_probe_dir(directory: Path) -> tuple[Predictor, LinearProbe]:
-    """The probe and a predictor that embeds images as the probe's training embeddings were made."""
+def load_probe_dir(directory: Path, *, precision: str = "fp32") -> tuple[Predictor, LinearProbe]:
+    """The probe and a predictor that embeds images as the probe's training embeddings were made,
+    computing at ``precision``."""
     directory = Path(directory)
     if not (directory / PROBE_FILE).is_file() or not (directory / SOURCE_FILE).is_file():
         raise DataError(f"--probe {directory}: not a probe directory (needs {PROBE_FILE} and {SOURCE_FILE})")
     probe = LinearProbe.load(directory / PROBE_FILE)
     source = json.loads((directory / SOURCE_FILE).read_text())
     if source.get("checkpoint"):
-        predictor = from_run(source["checkpoint"])
+        predictor = from_run(source["checkpoint"], precision=precision)
     else:
         pretrained = pretrained_from_text(str(source["pretrained"]))
-        predictor = from_pretrained(source["zoo_model"], pretrained, in_chans=source["in_chans"])
+        predictor = from_pretrained(
+            source["zoo_model"], pretrained, in_chans=source["in_chans"], precision=precision
+        )
     predictor.class_names = tuple(probe.class_names)
     predictor.tta_flip = source.get("tta") == "flip"
     predictor.tta_shift = 0.0  # embed averages mirrors only, whatever the run evaluated with
