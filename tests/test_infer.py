@@ -44,6 +44,7 @@ def test_eval_reproduces_fit_test_metrics_and_writes_a_clinical_report(fitted):
     result = cli("eval", "--checkpoint", root / "run")
     assert result.exit_code == 0, result.output
     report = json.loads((root / "run" / "eval-test" / "eval.json").read_text())
+    assert report["precision"] == "fp32"  # full float32 unless --precision says otherwise
     for key in ("accuracy", "auc", "balanced_accuracy", "loss"):
         assert report["metrics"][key] == pytest.approx(final["test"][key], rel=1e-5, abs=1e-6), key
     ci = report["clinical"]["auc_ci"]
