@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a short GPU loan should check, in one run, most wanted first: the train-step benchmark
 # (bf16, then TF32) with MFU against PyTorch timm, the default fit on the GPU, the ports' parity
-# with timm computed on the GPU, and the embedding benchmark. Each part has its own time limit, so
+# with timm computed on the GPU, the embedding benchmark and what embed's full-float32 default
+# changes against TF32. Each part has its own time limit, so
 # a slow one costs only itself; logs and JSON go to $OUT (default gpu-out).
 #
 #   bash scripts/gpu_check.sh                        # on a machine with a GPU, jax[cuda] and timm
@@ -70,3 +71,15 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false part "parity with timm, on the GPU" 90 "$PYT
 cd benchmarks || exit 1
 part "embedding, bf16" 100 "$PYTHON" embed.py --batch $((2 * BATCH)) --img-size "$IMG" --precision bf16 \
     --warmup 3 --steps 10 --rounds 3 --json "$OUT/embed_bf16.json"
+cd .. || exit 1
+# what --precision fp32 buys embed on this GPU: its embeddings against TF32's (equal on a CPU)
+emb_dir=$(mktemp -d)
+compare='import sys, numpy as np
+from vision_ft.infer.embeddings import read_embeddings
+a, b = (read_embeddings(p).embeddings for p in sys.argv[1:3])
+print(f"fp32 vs tf32 embeddings: max abs diff {np.abs(a - b).max():.3g}, "
+      f"max relative diff {(np.abs(a - b).max(1) / np.abs(a).max(1)).max():.3g}, over {len(a)} images")'
+part "embed precision" 120 bash -c "for p in fp32 tf32; do \"$PYTHON\" -m vision_ft.cli embed --no-progress \
+    --model tf_efficientnet_lite0 --data npz:bundled:breastmnist --split val --precision \$p \
+    --output $emb_dir/\$p.npz || exit 1; done; \"$PYTHON\" -c '$compare' $emb_dir/fp32.npz $emb_dir/tf32.npz \
+    | tee $OUT/embed_precision.txt"
