@@ -43,7 +43,12 @@ from vision_ft.cli.processes import distributed_options, start_processes
 @click.option("--layer-decay", type=float, help="Layer-wise LR decay, e.g. 0.75.")
 @click.option("--class-weights", type=click.Choice(["none", "auto"]))
 @click.option("--recipe", type=click.Choice(["standard", "fine_tune"]))
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]))
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    help="fp32: float32 activations, matmuls at the backend's default (TF32 on GPUs, one bf16 pass on TPUs); "
+    "bf16: bf16 compute on float32 weights.",
+)
 @click.option(
     "--mesh", help="Device mesh data=N,fsdp=M: shard weights and optimizer state over M [data only]."
 )
