@@ -107,8 +107,8 @@ def test_precision_sets_the_arithmetic_of_every_matmul_and_convolution(fitted, p
     products = [line for line in program.splitlines() if "dot_general" in line or "convolution" in line]
     assert len(products) >= 4
     assert {p for line in products for p in re.findall(r"\b(HIGHEST|HIGH|DEFAULT)\b", line)} == arithmetic
-    parameters = [p for p in program.splitlines() if "stablehlo.convolution" in p]
-    assert all(("bf16>" in p) == (precision == "bf16") for p in parameters)
+    convolutions = [line for line in products if "stablehlo.convolution" in line]
+    assert convolutions and all(("bf16>" in line) == (precision == "bf16") for line in convolutions)
 
 
 def test_bf16_embeddings_are_close_to_fp32_and_say_how_they_were_made(fitted, tmp_path):
