@@ -1,9 +1,14 @@
 """Checkpoint reading and timm's loading semantics, exercised on ResNet-18 at small inputs."""
 
+import collections
+import io
 import os
+import pickle
+import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from tests.parity import (
     save_checkpoint,
     torch_outputs,
 )
+from vision_ft.weights.adapt import adapt_input_conv
 from vision_ft.weights.mapping import WeightLoadError
 from vision_ft.weights.sources import WeightSourceError
 from vision_ft.weights.torch_pickle import UnsafePickleError, load_torch_state_dict
@@ -46,13 +52,109 @@ def test_pth_reader_matches_torch_load(tmp_path, zip_format):
         "half": torch.randn(5).half(),
         "bf16": torch.randn(5).bfloat16(),
         "steps": torch.tensor(7),
+        "every_third": torch.arange(12.0)[1::3],
+        "permuted": torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1),  # NCHW kernel viewed as NHWC
+        "expanded": torch.tensor([2.5]).expand(3, 2),  # zero strides over a 1-element storage
+        "empty": torch.zeros(0, 3),
     }
     path = tmp_path / "ckpt.pth"
     torch.save(state, path, _use_new_zipfile_serialization=zip_format)
     loaded = load_torch_state_dict(path)
     assert set(loaded) == set(state)
     for key, tensor in state.items():
+        assert loaded[key].shape == tuple(tensor.shape), key
         np.testing.assert_array_equal(loaded[key].astype(np.float32), tensor.float().numpy())
+
+
+class _CraftedStorage:
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.float32)
+
+
+class _CraftedTensor:
+    """Pickles as torch.save pickles a tensor, but with whatever offset, size and stride it is given."""
+
+    def __init__(self, storage: _CraftedStorage, offset, size, stride):
+        self.rebuild_args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.rebuild_args
+
+
+class _CraftedPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _CraftedStorage):
+            return ("storage", torch.FloatStorage, "0", "cpu", obj.values.size)
+        return None
+
+
+def _write_crafted_pth(path: Path, storage: _CraftedStorage, **tensors: _CraftedTensor) -> Path:
+    """Lay out a zip-format .pth as torch.save does, with one storage shared by all ``tensors``."""
+    pickled = io.BytesIO()
+    _CraftedPickler(pickled, protocol=2).dump(collections.OrderedDict(tensors))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled.getvalue())
+        archive.writestr("archive/data/0", storage.values.tobytes())
+        archive.writestr("archive/version", "3\n")
+    return path
+
+
+def test_crafted_pth_with_valid_layouts_loads_as_torch_does(tmp_path):
+    storage = _CraftedStorage(np.arange(1.0, 7.0))
+    path = _write_crafted_pth(
+        tmp_path / "ok.pth",
+        storage,
+        transposed=_CraftedTensor(storage, 1, (2, 2), (1, 2)),
+        broadcast=_CraftedTensor(storage, 5, (3,), (0,)),
+        last_element=_CraftedTensor(storage, 5, (), ()),
+        empty_past_the_end=_CraftedTensor(storage, 6, (0, 4), (4, 1)),
+    )
+    expected = torch.load(path, weights_only=True)
+    loaded = load_torch_state_dict(path)
+    assert set(loaded) == set(expected)
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(loaded[key], tensor.numpy(), err_msg=key)
+    np.testing.assert_array_equal(loaded["transposed"], [[2.0, 4.0], [3.0, 5.0]])
+
+
+@pytest.mark.parametrize(
+    "offset, size, stride, problem",
+    [
+        (0, (64,), (1,), "reaches element 63 but its storage holds 1"),  # used to copy heap memory
+        (0, (400_000_000,), (1,), "reaches element 399999999"),  # used to segfault
+        (0, (1, 2), (1, 1), "reaches element 1"),
+        (1, (1,), (1,), "reaches element 1"),
+        (1, (), (), "reaches element 1"),
+        (-1, (1,), (1,), "negative"),
+        (0, (1,), (-1,), "negative"),
+        (0, (-1,), (1,), "negative"),
+        (0, (1,), (1, 1), "different lengths"),
+        (0, (1.5,), (1,), "must be integers"),
+    ],
+    ids=[
+        "heap_read",
+        "segfault_size",
+        "second_dim_overruns",
+        "offset_overruns",
+        "scalar_overruns",
+        "negative_offset",
+        "negative_stride",
+        "negative_size",
+        "rank_mismatch",
+        "float_size",
+    ],
+)
+def test_pth_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride, problem):
+    storage = _CraftedStorage([1.0])
+    path = _write_crafted_pth(
+        tmp_path / "crafted.pth", storage, **{"conv1.weight": _CraftedTensor(storage, offset, size, stride)}
+    )
+    with pytest.raises(pickle.UnpicklingError, match="tensor 'conv1.weight'") as err:
+        load_torch_state_dict(path)
+    assert problem in str(err.value)
+    with pytest.raises(WeightSourceError, match="could not be read") as err:
+        vision_ft.create_model("resnet18", pretrained=path)
+    assert str(path) in str(err.value) and "conv1.weight" in str(err.value)
 
 
 class _RunsCode:
@@ -167,6 +269,64 @@ def test_bad_sources_give_clear_errors(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-50])
     with pytest.raises(WeightSourceError, match="could not be read"):
         vision_ft.create_model("resnet18", pretrained=truncated)
+
+
+def test_adapt_input_conv_refuses_stems_it_cannot_adapt():
+    rgb = np.ones((8, 3, 3, 3), np.float32)
+    assert adapt_input_conv(3, rgb) is rgb
+    assert adapt_input_conv(5, rgb).shape == (8, 5, 3, 3)
+    with pytest.raises(
+        WeightLoadError, match=r"^file a\.pth: stem\.weight has shape \(8, 4, 3, 3\), a 4-channel"
+    ):
+        adapt_input_conv(3, np.ones((8, 4, 3, 3)), name="stem.weight", source="file a.pth")
+    with pytest.raises(WeightLoadError, match="5-channel stem.* 1 input channels"):
+        adapt_input_conv(1, np.ones((8, 5, 3, 3)), name="stem.weight")
+    for bad_rank in (np.ones(8), np.ones((8, 3)), np.ones((8, 3, 3, 3, 1))):
+        with pytest.raises(
+            WeightLoadError, match=re.escape(f"stem.weight has shape {bad_rank.shape}; expected a 4-D")
+        ):
+            adapt_input_conv(3, bad_rank, name="stem.weight")
+
+
+@pytest.mark.parametrize("stem_shape", [(64, 4, 7, 7), (64,)], ids=["four_band", "rank_1"])
+def test_unadaptable_stem_in_checkpoint_is_a_load_error(tmp_path, resnet18_ckpt, stem_shape):
+    ref, _ = resnet18_ckpt
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    state["conv1.weight"] = torch.zeros(stem_shape)
+    path = tmp_path / "stem.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightLoadError) as err:
+        vision_ft.create_model("resnet18", pretrained=path)
+    message = str(err.value)
+    assert str(path) in message and "conv1.weight" in message and str(stem_shape) in message
+
+
+def test_cli_reports_unloadable_checkpoints_in_one_line(tmp_path):
+    four_band = tmp_path / "four_band.safetensors"
+    save_file({"conv_stem.weight": torch.zeros(32, 4, 3, 3)}, str(four_band))
+    storage = _CraftedStorage([1.0])
+    overreaching = _write_crafted_pth(
+        tmp_path / "overreaching.pth",
+        storage,
+        **{"conv_stem.weight": _CraftedTensor(storage, 0, (64,), (1,))},
+    )
+    for path, fragment in ((four_band, "(32, 4, 3, 3)"), (overreaching, "reaches element 63")):
+        out = subprocess.run(
+            [sys.executable, "-m", "vision_ft.cli", "classify", "--pretrained", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+        )
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1, out.stderr
+        assert (
+            str(path) in error_lines[0]
+            and "conv_stem.weight" in error_lines[0]
+            and fragment in error_lines[0]
+        )
 
 
 def _fake_hub_cache(root: Path, repo_id: str, files: dict[str, Path | str]) -> None:

@@ -140,8 +140,10 @@ def checkpoint_arrays(
         state = entry.filter_state_dict(state, model)
     cfg = entry.default_cfg
     first_conv = f"{cfg.first_conv}.weight"
-    if first_conv in state and state[first_conv].shape[1] != in_chans:
-        state[first_conv] = adapt_input_conv(in_chans, state[first_conv])
+    if first_conv in state:
+        state[first_conv] = adapt_input_conv(
+            in_chans, state[first_conv], name=first_conv, source=source.description
+        )
     keep_init = []
     classifier_weight = state.get(f"{cfg.classifier}.weight")
     if classifier_weight is not None and (num_classes == 0 or classifier_weight.shape[0] != num_classes):

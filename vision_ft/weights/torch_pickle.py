@@ -54,10 +54,11 @@ class _LazyTensor:
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
-    def materialize(self) -> np.ndarray:
+    def materialize(self, key: str) -> np.ndarray:
         flat = self.storage.data
         if flat is None:
-            raise pickle.UnpicklingError(f"storage {self.storage.key} has no data")
+            raise pickle.UnpicklingError(f"tensor {key!r}: storage {self.storage.key} has no data")
+        self._check_layout(key, len(flat))
         if not self.size:
             return np.array(flat[self.offset])
         itemsize = flat.dtype.itemsize
@@ -66,9 +67,31 @@ class _LazyTensor:
         )
         return np.array(view)
 
+    def _check_layout(self, key: str, storage_numel: int) -> None:
+        # as_strided reads wherever offset, size and stride point, so a crafted file could make it
+        # copy heap memory past the storage (or crash); only layouts inside the storage are viewed.
+        layout = f"tensor {key!r} (offset {self.offset!r}, size {self.size!r}, stride {self.stride!r})"
+        numbers = (self.offset, *self.size, *self.stride)
+        if not all(isinstance(n, int) for n in numbers):
+            raise pickle.UnpicklingError(f"{layout}: offset, size and stride must be integers")
+        if len(self.size) != len(self.stride):
+            raise pickle.UnpicklingError(f"{layout}: size and stride have different lengths")
+        # torch.save writes zero strides (expanded tensors) but never negative ones
+        if any(n < 0 for n in numbers):
+            raise pickle.UnpicklingError(f"{layout}: negative offset, size or stride")
+        if 0 in self.size:
+            return  # an empty tensor reads nothing
+        last_index = self.offset + sum((n - 1) * step for n, step in zip(self.size, self.stride, strict=True))
+        if last_index >= storage_numel:
+            raise pickle.UnpicklingError(
+                f"{layout} reaches element {last_index} but its storage holds {storage_numel}"
+            )
+
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
-    return _LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
+    return _LazyTensor(storage, storage_offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, *_unused):
@@ -108,13 +131,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _materialize(obj):
+def _materialize(obj, key: str = ""):
     if isinstance(obj, _LazyTensor):
-        return obj.materialize()
+        return obj.materialize(key)
+    child_prefix = f"{key}." if key else ""
     if isinstance(obj, dict):
-        return type(obj)((k, _materialize(v)) for k, v in obj.items())
+        return type(obj)((k, _materialize(v, f"{child_prefix}{k}")) for k, v in obj.items())
     if isinstance(obj, list | tuple):
-        return type(obj)(_materialize(v) for v in obj)
+        return type(obj)(_materialize(v, f"{child_prefix}{i}") for i, v in enumerate(obj))
     return obj
 
 
