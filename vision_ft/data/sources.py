@@ -80,10 +80,16 @@ def _npz(spec: str, location: str) -> Dataset:
     return Dataset(splits, names, channels, str(path), multi_label=multi_label)
 
 
+# more than any classification dataset has (Google Landmarks v2: 203,094 classes)
+MAX_CLASSES = 1_000_000
+
+
 def _check_labels(where, labels: dict[str, np.ndarray]) -> int:
     if min(int(v.min()) for v in labels.values() if len(v)) < 0:
         raise DataError(f"{where}: labels must be >= 0")
     num_classes = int(max(int(v.max()) for v in labels.values() if len(v))) + 1
+    if num_classes > MAX_CLASSES:  # a stray value, not a class index: a head this wide never fits
+        raise DataError(f"{where}: label {num_classes - 1} is not a class index (at most {MAX_CLASSES - 1})")
     if num_classes < 2:
         raise DataError(f"{where}: need at least two classes, found {num_classes}")
     return num_classes
