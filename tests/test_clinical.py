@@ -18,7 +18,8 @@ from vision_ft.train.clinical import (
     plot_reliability,
     write_misclassified_csv,
 )
-from vision_ft.train.metrics import roc_auc
+from vision_ft.train.evaluation import test_reports as write_test_reports
+from vision_ft.train.metrics import classification_metrics, roc_auc
 
 
 def _scored(n: int, num_classes: int, seed: int, signal: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -331,3 +332,15 @@ def test_clinical_report_rejects_mismatched_class_names(tmp_path):
     labels, probs = _scored(10, 3, seed=0)
     with pytest.raises(ValueError, match="3 columns for 2 class names"):
         clinical_report(labels, probs, [str(i) for i in range(10)], ["a", "b"], tmp_path)
+
+
+def test_the_clinical_report_ranks_saturated_logits_as_the_metrics_do(tmp_path):
+    """Logit gaps of 18-30 all round to probability 1 in float32: the report's AUC was 0.75 there."""
+    logits = np.array([[0.0, 30.0], [0.0, 20.0], [0.0, 18.0], [0.0, -5.0]])
+    labels = np.array([1, 1, 0, 0])
+    test = classification_metrics(labels, logits)
+    assert test["auc"] == 1.0
+    report = write_test_reports(
+        labels, logits, ["a", "b", "c", "d"], test, ["no", "yes"], tmp_path, multi_label=False
+    )
+    assert report["auc_ci"]["auc"] == 1.0

@@ -71,6 +71,17 @@ def test_metrics_match_scikit_learn(seed):
         assert (row["tp"], row["fp"], row["fn"], row["tn"]) == (tp, fp, fn, tn)
 
 
+def test_macro_f1_counts_a_class_predicted_but_never_true_as_zero():
+    targets, logits = _random_case(0)
+    targets[:, 3] = 0
+    logits[:, 3] = -3.0
+    logits[:5, 3] = 2.0  # predicted for five examples
+    preds = (logits >= 0).astype(int)
+    m = multilabel_metrics(targets, logits)
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(targets, preds, average="macro", zero_division=0))
+    assert (m["per_class"][3]["fp"], m["per_class"][3]["tp"]) == (5, 0)
+
+
 def test_average_precision_with_ties_and_without_positives():
     labels = np.array([1, 0, 1, 1, 0, 0])
     scores = np.array([0.9, 0.9, 0.5, 0.5, 0.5, 0.1])

@@ -6,9 +6,8 @@ import logging
 import math
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from scipy.special import expit, softmax
 
 from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import Geometry, sharded_eval_batches, unusable_reason
@@ -101,11 +100,14 @@ def test_reports(
     *, multi_label: bool,
 ) -> dict:  # fmt: skip
     """Plots of the test split in ``out``, and its clinical report."""
+    # in float64, as the metrics compute them: float32 rounds probabilities to 1 once two logits
+    # differ by about 17, which would tie scores the metrics rank apart (another AUC)
+    logits = np.asarray(logits, np.float64)
     if multi_label:
-        probs = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))
+        probs = expit(logits)
         report.plot_roc(labels, probs, class_names, out / "roc.png", "test ROC")
         return multilabel_clinical_report(labels, probs, ids, class_names, out, prefix="test")
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    probs = softmax(logits, axis=-1)
     report.plot_confusion_matrix(test["confusion_matrix"], class_names, out / "confusion_matrix.png", "test")
     report.plot_roc(labels, probs, class_names, out / "roc.png", "test ROC")
     return clinical_report(labels, probs, ids, class_names, out, prefix="test")

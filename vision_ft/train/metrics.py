@@ -66,7 +66,9 @@ def classification_metrics(
         "loss": float((nll * weights).sum() / weights.sum()),
         "accuracy": float(correct.sum() / max(len(labels), 1)),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
-        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        # sklearn's classes: those in the labels or the predictions; a predicted class no example has
+        # scores 0 (it is a mistake), one neither true nor predicted says nothing
+        "macro_f1": float(f1[present | (predicted > 0)].mean()) if len(labels) else float("nan"),
         "auc": roc_auc(labels, softmax(logits, axis=1)),
         "confusion_matrix": cm.tolist(),
         "count": int(len(labels)),

@@ -101,12 +101,14 @@ def multilabel_metrics(targets: np.ndarray, logits: np.ndarray, pos_weight: np.n
     f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(num_classes), where=2 * tp + fp + fn > 0)
     aucs = [binary_auc(targets[:, c], probs[:, c]) for c in range(num_classes)]
     aps = [average_precision(targets[:, c], probs[:, c]) for c in range(num_classes)]
-    present = targets.any(axis=0)
+    scored = targets.any(axis=0) | preds.any(axis=0)
     return {
         "loss": float(binary_cross_entropy(targets, logits, pos_weight).mean()) if n else float("nan"),
         "accuracy": float((preds == targets).all(axis=1).mean()) if n else float("nan"),
         "balanced_accuracy": _safe_mean(list((sensitivity + specificity) / 2)),
-        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        # over the classes true or predicted somewhere: a class predicted where no example has it
+        # scores 0; sklearn also counts a class neither true nor predicted, as 0
+        "macro_f1": float(f1[scored].mean()) if scored.any() else float("nan"),
         "micro_f1": float(2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)),
         "hamming_accuracy": float((preds == targets).mean()) if n else float("nan"),
         "auc": _safe_mean(aucs),
