@@ -90,6 +90,12 @@ def test_embeddings_are_the_pre_logits_and_bit_identical_run_to_run(fitted, tmp_
     np.testing.assert_allclose(a.embeddings[:16], direct, rtol=1e-5, atol=1e-6)
     exists = cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--output", first)
     assert exists.exit_code == 2 and "not overwriting" in exists.output
+    # refused before the split is embedded, not when the result is written
+    (tmp_path / "notes").write_text("a file")
+    for command in (("embed", "--data", cfg.data), ("predict", "--input", cfg.data)):
+        under_a_file = cli(*command, "--checkpoint", root / "run", "--output", tmp_path / "notes" / "x.npz")
+        assert under_a_file.exit_code == 2, under_a_file.output
+        assert "notes is a file, not a directory" in under_a_file.output
 
 
 @pytest.mark.parametrize(

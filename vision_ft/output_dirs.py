@@ -3,6 +3,7 @@ and a one-line error (exit code 2) where the path cannot be one."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vision_ft.data.errors import DataError
@@ -28,3 +29,17 @@ def make_directory(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file on the way, no permission, a read-only file system
         raise OutputDirError(f"--output {path} cannot be created: {e.strerror}") from None
+
+
+def refuse_unwritable_file(path: Path) -> None:
+    """Raise unless ``path`` is a new file whose folder exists or can be made: checked before the
+    work that fills it (an embedding of a whole split), not after."""
+    if path.exists():
+        raise OutputDirError(f"--output {path} exists; not overwriting it")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputDirError(f"--output {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputDirError(f"--output {path}: {ancestor} is not writable")

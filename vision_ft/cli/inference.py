@@ -11,6 +11,7 @@ import click
 from vision_ft.cli.errors import UserError, user_errors_exit_2
 from vision_ft.cli.processes import distributed_options, start_processes
 from vision_ft.infer.precision import PRECISIONS
+from vision_ft.output_dirs import refuse_unwritable_file
 from vision_ft.progress import ProgressBar
 
 precision_option = click.option(
@@ -80,10 +81,9 @@ def embed(
     from vision_ft.data.sources import load_dataset
     from vision_ft.infer.embeddings import FORMATS, Embeddings, embed_split, write_embeddings
 
-    if output.exists():
-        raise UserError(f"--output {output} exists; not overwriting it")
     if output.suffix not in FORMATS:
         raise UserError(f"--output {output}: use a .npz or .parquet file name")
+    refuse_unwritable_file(output)
     start_processes(coordinator, num_processes, process_id)
     from vision_ft.train.distributed import is_primary
 
@@ -179,8 +179,7 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, pre
 
     if (checkpoint is None) == (probe_dir is None):
         raise UserError("give exactly one of --checkpoint or --probe")
-    if output.exists():
-        raise UserError(f"--output {output} exists; not overwriting it")
+    refuse_unwritable_file(output)
     if checkpoint is not None:
         from vision_ft.infer.predictor import from_run
 
