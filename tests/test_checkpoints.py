@@ -33,11 +33,27 @@ def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usabl
     assert FitRun(tiny_config(tmp_path), progress=False).run()["test"]["auc"] > 0.5
 
 
-def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_a_new_run_does_not_write_into_a_directory_of_other_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("the user's own")
+    (out / "notes.txt").write_text("the user's own")
+    with pytest.raises(RunDirError, match=r"--output .*run holds files a fit does not write \(notes.txt\)"):
+        FitRun(tiny_config(tmp_path), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "config.json").read_text() == "the user's own"
+
+
+@pytest.mark.parametrize("steps_into_phase", [0, 2])
+def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(
+    tmp_path, monkeypatch, steps_into_phase
+):
+    """At 0 the latest checkpoint is the head phase's last: its optimizer state and EMA cover only
+    the head, and the resumed run must switch phases as the uninterrupted one did."""
     settings = dict(recipe="fine_tune", head_epochs=1, epochs=2, ema_decay=0.9)
     full = FitRun(tiny_config(tmp_path, output=str(tmp_path / "full"), **settings), progress=False).run()
     stopped = FitRun(tiny_config(tmp_path, **settings), progress=False)
-    stop_at = stopped.phases[1].first_step + 2  # two steps into the unfrozen phase
+    stop_at = stopped.phases[1].first_step + steps_into_phase
     train_step = Trainer.train_step
 
     def sigterm_during_step(self, images, labels, mask, step):
@@ -67,6 +83,19 @@ def test_checkpoint_restore_checks_keys_and_shapes(tmp_path):
         ckpts.restore_latest(
             abstract_like({"a": np.zeros((3, 3), np.float32), "b": state["b"], "c": state["b"]})
         )
+
+
+def test_a_best_checkpoint_saved_again_after_a_kill_before_the_latest_is_kept(tmp_path):
+    state = {"a": np.arange(3, dtype=np.float32)}
+    killed = RunCheckpoints(tmp_path / "ckpt")
+    killed.save_latest(2, state)
+    killed.save_best(5, state, 0.75)  # killed here, before save_latest(5)
+    resumed = RunCheckpoints(tmp_path / "ckpt")  # replays steps 3-5 and reaches the same score
+    resumed.save_best(5, state, 0.75)
+    resumed.save_latest(5, state)
+    assert (resumed.best_step(), resumed.latest_step()) == (5, 5)
+    _, restored = resumed.restore_best(abstract_like(state))
+    np.testing.assert_array_equal(restored["a"], state["a"])
 
 
 def test_saving_replicated_arrays_on_cpu_devices_compiles_nothing(tmp_path):

@@ -3,10 +3,12 @@ bad images skipped and reported, or fatal with a one-line error; per-band statis
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 import yaml
 from PIL import Image
@@ -18,6 +20,7 @@ from vision_ft.data.pipeline import Geometry
 from vision_ft.data.sources import load_dataset
 from vision_ft.data.stats import band_statistics
 from vision_ft.train.loop import FitRun
+from vision_ft.train.run_dir import RunDirError
 
 CLASSES = ("AnnualCrop", "Forest", "River")
 
@@ -51,6 +54,27 @@ def test_jpeg_folder_with_a_corrupted_file(tmp_path):
     rows = (tmp_path / "run" / "splits.csv").read_text().splitlines()
     assert rows[0].startswith("path,label,split") and len(rows) == 1 + 36
     assert final["test"]["confusion_matrix"] and np.sum(final["test"]["confusion_matrix"]) in (8, 9)
+
+
+def test_resume_on_changed_data_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+    root = _eurosat_folder(tmp_path / "eurosat", per_class=6)
+    settings = dict(data=f"folder:{root}", epochs=1, batch_size=8, eval_batch_size=8, val_fraction=0.25)
+    FitRun(tiny_config(tmp_path, **settings), progress=False).run()
+    recorded = (tmp_path / "run" / "splits.csv").read_bytes()
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    (root / "River" / "River_0.jpg").rename(root / "River" / "River_9.jpg")
+    changes = [
+        ("a file renamed", lambda: None, "no longer splits as the run's"),
+        ("an image added", lambda: shutil.copy(root / "Forest" / "Forest_0.jpg", root / "Forest" / "new.jpg"),
+         r"splits into \{'train': \d+.*\} images"),
+        ("a class renamed", lambda: (root / "River").rename(root / "Rivers"), r"has classes \[.*'Rivers'\]"),
+    ]  # fmt: skip
+    for change, make, message in changes:
+        make()
+        with pytest.raises(RunDirError, match=message):
+            FitRun(tiny_config(tmp_path, resume=True, **settings), progress=False)
+        assert (tmp_path / "run" / "splits.csv").read_bytes() == recorded, change
+        assert (tmp_path / "run" / "config.json").read_bytes() == config, change
 
 
 def test_multispectral_geotiffs_get_their_own_band_statistics(tmp_path):

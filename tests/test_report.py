@@ -60,3 +60,19 @@ def test_learning_curves_of_a_run_without_validation_yet(tmp_path):
         warnings.simplefilter("error")  # matplotlib warns on a legend with nothing to label
         plot_learning_curves(records, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_and_a_damaged_log_named(tmp_path):
+    from vision_ft.train.report import MetricsLog
+    from vision_ft.train.run_dir import RunDirError
+
+    path = tmp_path / "metrics.jsonl"
+    whole = '{"epoch": 1, "step": 4, "split": "train", "loss": 0.7}\n'
+    path.write_text(whole + '{"epoch": 1, "step": 4, "split": "val", "au')  # killed mid-append
+    log = MetricsLog(tmp_path, resume_step=4)
+    log.close()
+    assert [r["split"] for r in log.records] == ["train"]
+    assert path.read_text() == whole
+    path.write_text('{"epoch": 1, "st\n' + whole)
+    with pytest.raises(RunDirError, match=r"metrics.jsonl, line 1: not a JSON record"):
+        MetricsLog.read(path)

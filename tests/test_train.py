@@ -21,7 +21,7 @@ from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
 from vision_ft.train.optimizer import build_optimizer, keypath_to_str
 from vision_ft.train.rules import RuleError, build_plan
-from vision_ft.train.step import Trainer, data_mesh, ema_decay_at, freeze_batchnorm
+from vision_ft.train.step import Augment, Trainer, data_mesh, ema_decay_at, freeze_batchnorm
 from vision_ft.train.tta import augmented_views
 from vision_ft.weights.mapping import format_path
 
@@ -155,6 +155,27 @@ def _run_steps(model, devices, batches):
     return losses, numpy_state(model, nnx.Param), numpy_state(model, nnx.BatchStat)
 
 
+def test_an_unusable_example_adds_nothing_to_a_mixed_batch(tmp_path):
+    """A masked example's blank image and label must not reach the loss, through its own slot or
+    through the image it is mixed with."""
+    images, labels, mask = train_batch(FitRun(tiny_config(tmp_path), progress=False), 0)
+    mask = mask.copy()
+    mask[0] = 0.0
+    images = images.copy()
+    images[0] = 0
+
+    def loss_with_label(label):
+        model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+        plan = build_plan(model)
+        trainer = Trainer(
+            model, plan, optax.sgd(0.0), data_mesh(jax.devices()[:1]), class_weights=np.ones(2),
+            augment=Augment(mixup=0.8),
+        )  # fmt: skip
+        return float(trainer.train_step(images, np.r_[label, labels[1:]], mask, 0)["loss"])
+
+    assert loss_with_label(0) == loss_with_label(1)
+
+
 def test_one_device_and_eight_devices_agree(tmp_path):
     assert jax.device_count() == 8, "conftest simulates 8 CPU devices"
     cfg = tiny_config(tmp_path)
@@ -278,6 +299,17 @@ def test_metrics_against_hand_computed_values():
     assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_macro_f1_counts_a_predicted_class_no_example_has_as_sklearn_does():
+    sk = pytest.importorskip("sklearn.metrics")
+    labels, preds = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    m = classification_metrics(labels, np.eye(3)[preds] * 5.0)
+    # class 0: F1 2/3, class 1: 1, class 2 (predicted once, never true): 0
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(labels, preds, average="macro"))
+    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(labels, preds))
+
+
 def test_freeze_batchnorm_marks_only_fully_frozen_layers(resnet18):
     plan = build_plan(resnet18, freeze=["stem"])
     assert freeze_batchnorm(resnet18, plan) == 1 and resnet18.bn1.frozen_stats
@@ -311,9 +343,12 @@ def test_ema_warmups_follow_timm_and_tf():
         ema_decay_at(1, 0.98, "linear")
 
 
-@pytest.mark.parametrize("ema_warmup", ["count", "none"])
-def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warmup):
-    cfg = tiny_config(tmp_path, ema_decay=0.5, ema_warmup=ema_warmup, tta_flip=False, tta_shift=0.0)
+@pytest.mark.parametrize("ema_warmup, accumulate", [("count", 1), ("none", 1), ("count", 2)])
+def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warmup, accumulate):
+    cfg = tiny_config(
+        tmp_path, ema_decay=0.5, ema_warmup=ema_warmup, tta_flip=False, tta_shift=0.0,
+        accumulate_steps=accumulate,
+    )  # fmt: skip
     run = FitRun(cfg, progress=False)
     trainer = run._trainer(run.phases[0])
 
@@ -321,9 +356,12 @@ def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warm
         return np.array({format_path(p): v.get_value() for p, v in nnx.to_flat_state(tree)}["fc.kernel"])
 
     expected = fc_kernel(trainer.trainable)
-    for step in range(3):
+    for step in range(3 * accumulate):
         trainer.train_step(*train_batch(run, step), step)
-        decay = min(0.5, (1 + step) / (10 + step)) if ema_warmup == "count" else (0.5 if step else 0.0)
+        if (step + 1) % accumulate:  # as timm's, the EMA moves once per optimizer update
+            continue
+        update = step // accumulate
+        decay = min(0.5, (1 + update) / (10 + update)) if ema_warmup == "count" else (0.5 if update else 0.0)
         expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
     np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
     assert not np.allclose(fc_kernel(trainer.ema[0]), fc_kernel(trainer.trainable))

@@ -195,6 +195,10 @@ class RunCheckpoints:
         self.latest.wait_until_finished()
 
     def save_best(self, step: int, state, score: float) -> None:
+        if step in self.best.all_steps():
+            # a run killed between this save and the latest's resumes from before it and replays to
+            # the same state; Orbax would refuse the step, and a finished write is already complete
+            return
         self.best.save(step, args=ocp.args.StandardSave(state), metrics={"score": float(score)}, force=True)
         self.best.wait_until_finished()
 

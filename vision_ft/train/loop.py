@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class FitRun:
         claimed = claim_output_dir(cfg)
         cfg = self.cfg = claimed.cfg
         self.checkpoint_dir, self.saved_by_release = claimed.checkpoint_dir, claimed.saved_by_release
+        saved = claimed.saved
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
         if start_run is not None:
@@ -80,8 +82,6 @@ class FitRun:
         if cfg.select_metric == "map" and not self.multi_label:
             raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
         self.bad_examples = BadExamples(self.data.skipped, cfg.on_bad_image)
-        if self.data.index is not None and is_primary():
-            write_split_file(self.out / "splits.csv", self.data.index.splits, None)
         if start_run is not None:
             if earlier["in_chans"] != self.data.channels:
                 raise RunDirError(
@@ -120,7 +120,40 @@ class FitRun:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers(self.model))
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
+        if saved is not None:
+            self._check_same_data(saved)
+        if self.data.index is not None and is_primary():
+            # last, once every check has passed: a refused command leaves the directory as it was
+            write_split_file(self.out / "splits.csv", self.data.index.splits, None)
         self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
+
+    def _check_same_data(self, saved: dict) -> None:
+        """Raise ``RunDirError`` where a resume reads other data than the run was started on (a
+        folder that gained images, renamed classes): its split, order and labels would change."""
+        names = saved.get("class_names")
+        if names is not None and list(names) != list(self.data.class_names):
+            raise RunDirError(
+                f"--resume: {self.cfg.data} has classes {list(self.data.class_names)}, the run in {self.out} "
+                f"was started on {list(names)}"
+            )
+        sizes = {name: len(split) for name, split in self.data.splits.items()}
+        if saved.get("split_sizes") not in (None, sizes):
+            raise RunDirError(
+                f"--resume: {self.cfg.data} splits into {sizes} images, the run in {self.out} was started on "
+                f"{saved['split_sizes']}; resume with the same data, or fit into a new --output"
+            )
+        recorded = self.out / "splits.csv"
+        if self.data.index is None or not recorded.is_file():
+            return
+        with tempfile.TemporaryDirectory() as scratch:  # the file's paths are absolute, as the run's
+            current = Path(scratch) / "splits.csv"
+            write_split_file(current, self.data.index.splits, None)
+            same = current.read_bytes() == recorded.read_bytes()
+        if not same:
+            raise RunDirError(
+                f"--resume: {self.cfg.data} no longer splits as the run's {recorded} records (images added, "
+                "removed or moved); resume with the same data, or fit into a new --output"
+            )
 
     def _set_input_pipeline(self) -> None:
         """Geometry, augmentation and normalization from the model, the modality and the config."""
@@ -174,6 +207,8 @@ class FitRun:
             label_smoothing=cfg.label_smoothing,
             ema_decay=cfg.ema_decay,
             ema_warmup=cfg.ema_warmup,
+            accumulate_steps=cfg.accumulate_steps,
+            first_step=phase.first_step,
             tta_flip=cfg.tta_flip,
             tta_shift=cfg.tta_shift,
             multi_label=self.multi_label,
@@ -243,11 +278,11 @@ class FitRun:
         cfg = self.cfg
         started = time.time()
         primary = is_primary()
-        step, best_score = 0, worst_selection_score(cfg.select_metric)
+        step, best_score, phase = 0, worst_selection_score(cfg.select_metric), self.phases[0]
         if cfg.resume:
-            step, best_score, trainer = self._resume()
+            step, best_score, phase, trainer = self._resume()
         else:
-            trainer = self._trainer(self.phases[0])
+            trainer = self._trainer(phase)
         # after a resume has restored: one that fails leaves the run's config.json as it was
         if primary:
             report.write_json(
@@ -256,6 +291,7 @@ class FitRun:
                     **cfg.to_dict(),
                     "num_classes": self.num_classes,
                     "class_names": list(self.data.class_names),
+                    "split_sizes": {name: len(split) for name, split in self.data.splits.items()},
                     "multi_label": self.multi_label,
                     "in_chans": self.data.channels,
                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
@@ -268,7 +304,6 @@ class FitRun:
         )
         has_val = "val" in self.data.splits
         train_split = self.data.splits["train"]
-        phase = self._phase_at(step) if step < self.total_steps else self.phases[-1]
         epoch_losses: list[float] = []
         progress = ProgressBar(
             "fit", self.total_steps, enabled=self.progress and is_primary(),
@@ -331,13 +366,15 @@ class FitRun:
         self.checkpoints.close()
         return final
 
-    def _resume(self) -> tuple[int, float, Trainer]:
-        """The step, best score and trainer of the latest checkpoint; one trainer, for the phase
-        the checkpoint is in, with the restored weights loaded into its compiled steps."""
+    def _resume(self) -> tuple[int, float, Phase, Trainer]:
+        """The step, best score, phase and trainer of the latest checkpoint: the trainer of the phase
+        that saved it, with the restored weights loaded into its compiled steps."""
         latest = self.checkpoints.latest_step()
         if latest is None:
             raise RunDirError(f"--resume: no checkpoint in {self.checkpoint_dir}")
-        phase = self._phase_at(latest) if latest < self.total_steps else self.phases[-1]
+        # a checkpoint saved at the end of a phase's last step holds that phase's optimizer state and
+        # EMA; the loop then switches to the next phase as an uninterrupted run does
+        phase = self._phase_at(max(latest - 1, 0))
         trainer = self._trainer(phase)
         try:
             _, restored = self.checkpoints.restore_latest(abstract_like(self._state(trainer, 0, 0.0)))
@@ -357,7 +394,7 @@ class FitRun:
                 restored["ema"], (trainer.shardings["trainable"], trainer.shardings["stats"])
             )
         log.info("resumed from step %d", int(restored["step"]))
-        return int(restored["step"]), float(restored["best_score"]), trainer
+        return int(restored["step"]), float(restored["best_score"]), phase, trainer
 
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports

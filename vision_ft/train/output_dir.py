@@ -16,16 +16,26 @@ from etils import epath
 from vision_ft.output_dirs import make_directory
 from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
-from vision_ft.train.preemption import was_preempted
+from vision_ft.train.preemption import MARKER, was_preempted
 from vision_ft.train.run_dir import RunDirError, read_run_config
 
 log = logging.getLogger("vision_ft.fit")
+
+
+# What fit writes at the top of --output. A new run may reuse a directory that holds only these (a
+# run that failed before its first checkpoint), never one holding anything else: that is the user's.
+RUN_ENTRIES = frozenset({
+    "config.json", "metrics.jsonl", "metrics.jsonl.tmp", "config.json.tmp", "final.json", "final.json.tmp",
+    "splits.csv", "checkpoints", "tensorboard", "learning_curves.png", "confusion_matrix.png", "roc.png",
+    "test_reliability.png", "test_misclassified.csv", "test_mistakes.csv", MARKER,
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
 class OutputDir:
     cfg: FitConfig  # with ``resume`` set where the directory holds a preempted run
     checkpoint_dir: epath.Path
+    saved: dict | None  # the run's config.json where it resumes one
     saved_by_release: str | None  # the release that last wrote the run; None for a new run
 
 
@@ -47,7 +57,9 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
         raise RunDirError(f"--output {out} already holds a run; pass --resume or choose another directory")
     if cfg.resume and not has_run:
         raise RunDirError(f"--resume: {out} holds no run to resume")
-    saved_by_release = None
+    if not cfg.resume:
+        refuse_foreign_entries(out)
+    saved, saved_by_release = None, None
     if cfg.resume and (out / "config.json").is_file():
         saved = read_run_config(out)
         saved_by_release = saved.get("vision_ft_version")  # absent in runs saved before it was kept
@@ -58,4 +70,17 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
                 "Resume with the run's own (leave them out), or fit into a new --output"
             )
     make_directory(out)
-    return OutputDir(cfg, checkpoint_dir, saved_by_release)
+    return OutputDir(cfg, checkpoint_dir, saved, saved_by_release)
+
+
+def refuse_foreign_entries(out: Path) -> None:
+    """Raise ``RunDirError`` where ``out`` holds anything a fit does not write."""
+    if not out.is_dir():
+        return  # absent, or a file that make_directory names
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in RUN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunDirError(
+            f"--output {out} holds files a fit does not write ({shown}); not writing into it: choose an "
+            "empty or new directory"
+        )

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_ft.train.metrics import roc_curve
+from vision_ft.train.run_dir import RunDirError
 
 SCALARS = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc")
 
@@ -58,8 +59,10 @@ class MetricsLog:
         # on resume, forget what was logged after the checkpoint: those steps run again
         self.records = [r for r in records if r["step"] <= (resume_step or 0)]
         self.writer = None
-        if write:
-            self.path.write_text("".join(json_text(r) + "\n" for r in self.records))
+        if write:  # replaced whole: a kill while it is written leaves the old log
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json_text(r) + "\n" for r in self.records))
+            tmp.replace(self.path)
             writer_class = summary_writer_class()
             self.writer = writer_class(str(directory / "tensorboard"), purge_step=resume_step)
 
@@ -67,7 +70,21 @@ class MetricsLog:
     def read(path: Path) -> list[dict]:
         if not path.exists():
             return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            # a process killed while appending leaves its last record cut short; that evaluation came
+            # after the latest checkpoint, which is saved once the record is complete, so it runs again
+            lines.pop()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                damaged = f"{path}, line {number}: not a JSON record; the metrics log is damaged"
+                raise RunDirError(damaged) from None
         # undefined metrics were written as null; in memory they are NaN again, as when computed
         return [{k: float("nan") if v is None else v for k, v in r.items()} for r in records]
 

@@ -172,9 +172,10 @@ def mix_batch(
 
 
 def ema_decay_at(step: jax.Array, decay: float, warmup: str) -> jax.Array:
-    """The EMA's decay at its update after train step ``step`` (0-based); ``warmup`` (EMA_WARMUPS)
-    says how it rises to ``decay``. timm's modes copy the weights at the first update, as its
-    ModelEmaV3 does, so the average never keeps the new head's random init."""
+    """The EMA's decay at its update after optimizer update ``step`` (0-based; the train step where
+    gradients do not accumulate); ``warmup`` (EMA_WARMUPS) says how it rises to ``decay``. timm's
+    modes copy the weights at the first update, as its ModelEmaV3 does, so the average never keeps
+    the new head's random init."""
     step = jnp.asarray(step, jnp.float32)
     if warmup == "count":  # TF's ExponentialMovingAverage(num_updates=step): 0.1 at the first
         return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
@@ -213,6 +214,8 @@ class Trainer:
         learning_rate: float | Callable[[int], float] = 1.0,
         ema_decay: float = 0.0,
         ema_warmup: str = "power",
+        accumulate_steps: int = 1,
+        first_step: int = 0,
         tta_flip: bool = False,
         tta_shift: float = 0.0,
         multi_label: bool = False,
@@ -264,6 +267,9 @@ class Trainer:
         # timm's model EMA: an average of the trained weights and BatchNorm statistics, evaluated and
         # kept as the best checkpoint instead of the raw weights
         self.ema_decay = ema_decay
+        # tx applies an update every ``accumulate_steps`` train steps from ``first_step`` (its
+        # MultiSteps starts counting there); the EMA follows the updates, not the micro-steps, as timm's
+        self.accumulate_steps, self.first_step = accumulate_steps, first_step
         self.ema = (
             jax.tree.map(jnp.copy, (self.trainable, self.stats))
             if ema_decay > 0 and not self.abstract
@@ -296,6 +302,8 @@ class Trainer:
                 weights = self.class_weights[labels] * mask
             if augment.mixup > 0 or augment.cutmix > 0:
                 x, targets, weights = mix_batch(x, targets, weights, mix_key, augment)
+                # an image mixed with an unusable one (mask 0, a blank) is not an example either
+                weights = weights * mask * mask[::-1]
             logits = model((x - mean) / std, train=True).astype(jnp.float32)
             if multi_label:
                 per_example = multilabel_loss(logits, targets, self.class_weights)
@@ -415,8 +423,10 @@ class Trainer:
             jnp.float32(self.learning_rate(step)),
         )
         self._wait_for_background()
-        if self.ema is not None:
-            self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(step))
+        if self.ema is not None and (step + 1 - self.first_step) % self.accumulate_steps == 0:
+            # the decay's warmup counts optimizer updates: the train step itself without accumulation
+            updates_before = step // self.accumulate_steps
+            self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(updates_before))
         return metrics
 
     def step_memory(self, images: tuple[int, ...], labels: tuple[int, ...] = ()) -> dict:
