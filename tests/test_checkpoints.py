@@ -33,6 +33,16 @@ def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usabl
     assert FitRun(tiny_config(tmp_path), progress=False).run()["test"]["auc"] > 0.5
 
 
+def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    FitRun(tiny_config(tmp_path, epochs=1, checkpoint_dir="ckpt"), progress=False).run()
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["checkpoint_dir"]
+    assert recorded == str(tmp_path / "ckpt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # eval or predict started from another directory
+    assert load_run_model(tmp_path / "run") is not None
+
+
 def test_a_new_run_does_not_write_into_a_directory_of_other_files(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

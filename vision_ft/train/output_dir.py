@@ -44,6 +44,10 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
     directory where the two disagree or a resume would change the run's settings."""
     out = Path(cfg.output)
     checkpoint_dir = checkpoint_location(cfg.checkpoint_dir or out / "checkpoints")
+    if cfg.checkpoint_dir:
+        # config.json records where the checkpoints are: eval, predict and run:DIR read it from
+        # whatever directory they start in, where a relative path would name another place
+        cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
     # not the folders' existence: a fit that failed before its first save (a --freeze group out
     # of range) left them empty, and then neither a new run nor --resume could use the directory;
     # nor an empty metrics.jsonl: one that failed before its first evaluation (out of memory) left it
