@@ -256,8 +256,10 @@ def test_csv_integer_labels_sort_numerically(tmp_path):
         (["path,label", "gone.png,x", "gone2.png,y"], "no usable rows.*file does not exist"),
         (["path,label,split", "a.png,x,train", "a.png,y,"], "row 3 has an empty split"),
         (["path,label,split", "a.png,x,train", "a.png,y,holdout"], "row 3 has split 'holdout'"),
-        (["path,label,split", "a.png,x,val", "a.png,y,test"], "no usable train rows"),
-        (["path,label", "a.png,x", "a.png,x"], "need at least two classes"),
+        (["path,label,split", "a.png,x,val", "b.png,y,test"], "no usable train rows"),
+        (["path,label", "a.png,x", "b.png,x"], "need at least two classes"),
+        # one file twice would be split apart: the same image in train and test
+        (["path,label", "a.png,x", "b.png,y", "./a.png,y"], r"rows 2 and 4 both name .*a.png"),
     ],
 )
 def test_csv_unusable(tmp_path, lines, message):

@@ -1,13 +1,16 @@
 """The grain input pipeline: determinism, exact mid-epoch resume, host sharding, padding, bad images."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from vision_ft.data.errors import DataError
 from vision_ft.data.files import FileSplit
 from vision_ft.data.npz import ArraySplit
-from vision_ft.data.pipeline import Geometry, eval_batches, train_batches
+from vision_ft.data.pipeline import Geometry, eval_batches, train_batches, unusable_reason
 from vision_ft.data.records import Record
 from vision_ft.data.stats import band_statistics
 from vision_ft.train.step import Augment, augment_batch, mix_batch
@@ -81,15 +84,38 @@ def test_unreadable_files_are_flagged_not_fatal(tmp_path):
         paths.append(path)
     paths[2].write_bytes(paths[2].read_bytes()[:30])  # truncated
     paths[4].write_bytes(b"")  # zero bytes
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(paths[5])  # one band, three expected
+    # a greyscale photo among colour ones is read as RGB, as timm reads it, not dropped
+    Image.fromarray(np.full((10, 10), 100, np.uint8)).save(paths[5])
     split = FileSplit([Record(str(p), i % 2) for i, p in enumerate(paths)])
     (batch,) = eval_batches(split, GEOMETRY, batch_size=6)
-    np.testing.assert_array_equal(batch["bad"], [0, 0, 1, 0, 1, 1])
-    np.testing.assert_array_equal(batch["mask"], [1, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(batch["bad"], [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(batch["mask"], [1, 1, 0, 1, 0, 1])
     np.testing.assert_allclose(batch["image"][3], 60 / 255, atol=1e-6)
+    np.testing.assert_allclose(batch["image"][5], 100 / 255, atol=1e-6)
     mean, std, used = band_statistics(split, GEOMETRY)
-    assert used == 3
-    np.testing.assert_allclose(mean, [(0 + 20 + 60) / 3 / 255] * 3, rtol=1e-6)
+    assert used == 4
+    np.testing.assert_allclose(mean, [(0 + 20 + 60 + 100) / 4 / 255] * 3, rtol=1e-6)
+    # a colour image in a greyscale dataset becomes its luma; other band counts stay unusable
+    colour = np.zeros((2, 10, 10, 3), np.uint8)
+    colour[..., 0] = 200
+    (grey,) = eval_batches(
+        ArraySplit(colour, np.zeros(2)), dataclasses.replace(GEOMETRY, channels=1), batch_size=2
+    )
+    np.testing.assert_allclose(grey["image"], round(0.299 * 200) / 255, atol=1e-6)
+    two_bands = ArraySplit(np.zeros((2, 10, 10, 2), np.uint8), np.zeros(2))
+    (batch,) = eval_batches(two_bands, GEOMETRY, batch_size=2)
+    np.testing.assert_array_equal(batch["bad"], [1, 1])
+    assert unusable_reason(two_bands, 0, GEOMETRY) == "has 2 bands, expected 3"
+
+
+def test_an_error_about_every_file_stops_the_pipeline_instead_of_skipping_each():
+    class NoCodec(ArraySplit):
+        def load(self, index):
+            raise DataError("x.dcm: decoding DICOM JPEG-LS needs a package that is not installed")
+
+    split = NoCodec(np.zeros((2, 10, 10, 3), np.uint8), np.zeros(2))
+    with pytest.raises(DataError, match="needs a package that is not installed"):
+        next(eval_batches(split, GEOMETRY, batch_size=2))
 
 
 def test_quarter_turns_flips_and_mixing():
@@ -154,3 +180,21 @@ def test_colour_jitter_leaves_other_band_counts_alone():
     images = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 4)).astype(np.float32)
     out = augment_batch(images, jax.random.key(0), Augment(hflip=False, color_jitter=0.4))
     np.testing.assert_array_equal(np.asarray(out), images)
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 517), (300, 301)])
+@pytest.mark.parametrize("interpolation, crop_pct", [("bicubic", 0.875), ("bilinear", 0.95)])
+def test_eval_geometry_is_timms_resize_then_center_crop(height, width, interpolation, crop_pct):
+    """One resize of a box, sampled where timm's two steps sample: at most PIL's uint8 rounding apart
+    (a box off by half a pixel moved an edge by up to 0.49 here)."""
+    timm_data = pytest.importorskip("timm.data")
+    from vision_ft.data.pipeline import _prepare
+
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image[:, : width // 2] //= 3  # an edge, which a shifted crop moves
+    transform = timm_data.create_transform(
+        input_size=224, crop_pct=crop_pct, interpolation=interpolation, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    reference = transform(Image.fromarray(image)).permute(1, 2, 0).numpy()
+    ours = _prepare(image, Geometry(224, interpolation, crop_pct, channels=3), None)
+    assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6

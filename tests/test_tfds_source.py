@@ -48,13 +48,15 @@ def _png(image: np.ndarray) -> bytes:
 
 class TinyCatalog(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """rgb: train/test; gray: train/validation/test, grayscale; bands: no 'image', two float tensors;
-    plane: a single-band uint16 Tensor of rank 2."""
+    plane: a single-band uint16 Tensor of rank 2; trainonly: rgb with only a train split, as EuroSAT."""
 
     # TFDS looks for a checksums file beside a builder defined in a package and, for that, imports
     # `importlib_resources`, which it only requires on Python < 3.9; a one-part module name skips the lookup.
     __module__ = "tiny_catalog"
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in ("rgb", "gray", "bands", "plane")]
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name=n) for n in ("rgb", "gray", "bands", "plane", "trainonly")
+    ]
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config.name
@@ -71,7 +73,9 @@ class TinyCatalog(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
-        splits = {"train": TRAIN, "test": TEST}
+        splits = (
+            {"train": TRAIN} if self.builder_config.name == "trainonly" else {"train": TRAIN, "test": TEST}
+        )
         if self.builder_config.name == "gray":
             splits["validation"] = VALIDATION
         return {split: self._generate_examples(split, n) for split, n in splits.items()}
@@ -96,7 +100,7 @@ def _prepare(data_dir, config: str) -> None:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
-    for config in ("rgb", "gray", "bands", "plane"):
+    for config in ("rgb", "gray", "bands", "plane", "trainonly"):
         _prepare(root, config)
     return str(root)
 
@@ -173,6 +177,24 @@ def test_large_dataset_falls_back_to_seeded_random_val(data_dir, monkeypatch):
     assert len(first["val"]) == 6 and len(first["train"]) == 24
     assert _ids(first["val"]) == _ids(again["val"])
     assert not set(_ids(first["val"])) & set(_ids(first["train"]))
+
+
+def test_a_dataset_with_only_train_gets_carved_val_and_test_splits(data_dir):
+    splits, _ = load_tfds("tiny_catalog/trainonly", data_dir=data_dir, val_fraction=0.2, test_fraction=0.2)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 18, "val": 6, "test": 6}
+    ids = {name: set(_ids(split)) for name, split in splits.items()}
+    assert set.union(*ids.values()) == {f"tiny_catalog/trainonly:train[{i}]" for i in range(TRAIN)}
+    assert sum(map(len, ids.values())) == TRAIN  # disjoint
+    for name in ("val", "test"):  # stratified: 2 of each class's 10
+        labels = [splits[name][i]["label"] for i in range(len(splits[name]))]
+        assert np.bincount(labels, minlength=3).tolist() == [2, 2, 2]
+    # a dataset with its own test split keeps it, and the carved val is as before
+    kept, _ = load_tfds("tiny_catalog/rgb", data_dir=data_dir, val_fraction=0.2, test_fraction=0.2, seed=3)
+    before, _ = load_tfds("tiny_catalog/rgb", data_dir=data_dir, val_fraction=0.2, seed=3)
+    assert _ids(kept["test"])[0] == "tiny_catalog/rgb:test[0]" and len(kept["test"]) == TEST
+    assert _ids(kept["val"]) == _ids(before["val"])
+    with pytest.raises(DataError, match="val_fraction \\+ test_fraction must be below 1"):
+        load_tfds("tiny_catalog/trainonly", data_dir=data_dir, val_fraction=0.5, test_fraction=0.5)
 
 
 def test_no_val_when_fraction_is_zero(data_dir):

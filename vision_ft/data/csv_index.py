@@ -90,6 +90,7 @@ def _parse_rows(
     folder = csv_path.parent
     split_at = positions.get("split")
     rows = []
+    first_line: dict[str, int] = {}
     for line, cells in table:
         split = _split_of(csv_path, _cell(cells, split_at), line) if split_at is not None else None
         raw_path = _cell(cells, positions["path"])
@@ -97,6 +98,14 @@ def _parse_rows(
             skipped[f"{csv_path} row {line}"] = f"empty path (row {line})"
             continue
         path = os.path.normpath(os.path.join(folder, os.path.expanduser(raw_path)))
+        if split_at is None and path in first_line:
+            # the split is ours to make: two records of one file would land apart, the same image
+            # in train and test (with a split column the user has placed every row)
+            raise DataError(
+                f"CSV file {csv_path}: rows {first_line[path]} and {line} both name {path}; list each image "
+                "once (labels 'a|b' for several)"
+            )
+        first_line[path] = line
         # 'a|b' marks a multi-label row; repeated or blank parts are dropped
         labels = tuple(
             dict.fromkeys(p.strip() for p in _cell(cells, positions["label"]).split("|") if p.strip())

@@ -23,7 +23,7 @@ from typing import Protocol
 import grain
 import numpy as np
 
-from vision_ft.data.errors import BadImageError
+from vision_ft.data.errors import BadImageError, DataError
 from vision_ft.data.transforms import center_box, random_resized_crop_box, resize_box, to_unit_range
 
 
@@ -57,12 +57,34 @@ def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(size)
 
 
+# ITU-R 601-2 luma weights, as Pillow's convert("L") applies them to RGB
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def matched_bands(image: np.ndarray, channels: int) -> np.ndarray:
+    """``image`` (HWC) with ``channels`` bands: a grey photo in a colour dataset repeated to RGB and a
+    colour one in a grey dataset reduced to luma, as timm's loader reads every photo as RGB (a few
+    greyscale JPEGs sit in most photo collections). Other counts measure different bands: a
+    ValueError, which marks the example unusable."""
+    bands = image.shape[-1]
+    if bands == channels:
+        return image
+    if (bands, channels) == (1, 3):
+        return np.repeat(image, 3, axis=-1)
+    if (bands, channels) == (3, 1):
+        luma = image.astype(np.float32) @ _LUMA
+        if np.issubdtype(image.dtype, np.integer):
+            luma = np.rint(luma).astype(image.dtype)
+        return luma[..., None]
+    raise ValueError(f"has {bands} bands, expected {channels}")
+
+
 def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | None) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
-    h, w, c = image.shape
-    if geometry.channels is not None and c != geometry.channels:
-        raise ValueError(f"has {c} bands, expected {geometry.channels}")
+    if geometry.channels is not None:
+        image = matched_bands(image, geometry.channels)
+    h, w, _ = image.shape
     size = geometry.img_size
     if rng is not None and geometry.train_scale is not None:
         box = random_resized_crop_box(rng, h, w, geometry.train_scale, geometry.train_ratio)
@@ -142,7 +164,9 @@ class _ReadExample:
         rng = np.random.default_rng([self.seed, global_position]) if self.train else None
         try:
             image = _prepare(self.split.load(row), self.geometry, rng)
-        except (BadImageError, ValueError, OSError):
+        except (BadImageError, ValueError, OSError) as e:
+            if isinstance(e, DataError) and not isinstance(e, BadImageError):
+                raise  # about every such file (a codec not installed), not this one: stop the run
             example["bad"] = np.int8(1)
             example["label"] = np.asarray(labels[row], np.int32)
             return example

@@ -116,33 +116,38 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
         name: FileSplit(records, window=options.window, multi_label_classes=classes)
         for name, records in index.splits.items()
     }
-    channels = _first_readable_channels(spec, splits["train"])
+    channels = _dataset_channels(spec, splits["train"])
     return Dataset(
         splits, index.class_names, channels, spec, index=index, multi_label=index.multi_label,
         skipped=dict(index.skipped),
     )  # fmt: skip
 
 
-def _first_readable_channels(spec: str, split: ExampleSplit, tries: int = 32) -> int:
-    """The band count of the data: that of the first training image that decodes."""
-    reasons = []
+def _dataset_channels(spec: str, split: ExampleSplit, tries: int = 32, sample: int = 8) -> int:
+    """The band count of the data, from its first ``sample`` readable training images: 3 where grey
+    and colour photos mix (the pipeline repeats grey ones to RGB, as timm reads every photo as RGB),
+    else the first one's."""
+    counts, reasons = [], []
     for i in range(min(len(split), tries)):
         try:
             image = split.load(i)
         except BadImageError as e:
             reasons.append(str(e))
             continue
-        return 1 if image.ndim == 2 else int(image.shape[-1])
-    raise DataError(f"--data {spec!r}: none of the first {tries} training images can be read ({reasons[0]})")
+        counts.append(1 if image.ndim == 2 else int(image.shape[-1]))
+        if len(counts) == sample:
+            break
+    if not counts:
+        unreadable = f"none of the first {tries} training images can be read ({reasons[0]})"
+        raise DataError(f"--data {spec!r}: {unreadable}")
+    return 3 if set(counts) == {1, 3} else counts[0]
 
 
 def _tfds(spec: str, location: str, options: DataOptions) -> Dataset:
     from vision_ft.data.tfds_source import load_tfds
 
     splits, class_names = load_tfds(
-        location, data_dir=options.data_dir, val_fraction=options.val_fraction, seed=options.seed
-    )
-    channels = int(
-        np.asarray(splits["train"].load(0)).reshape(*splits["train"].load(0).shape[:2], -1).shape[-1]
-    )
-    return Dataset(splits, tuple(class_names), channels, spec)
+        location, data_dir=options.data_dir, val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction, seed=options.seed,
+    )  # fmt: skip
+    return Dataset(splits, tuple(class_names), _dataset_channels(spec, splits["train"]), spec)

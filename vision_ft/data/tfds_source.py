@@ -165,16 +165,24 @@ class TfdsSplit:
 
 
 def load_tfds(
-    spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    seed: int = 0,
 ) -> tuple[dict[str, TfdsSplit], tuple[str, ...]]:
     """Open a prepared TFDS dataset as splits 'train' / 'val' / 'test' (where present) and its class names.
 
     ``data_dir`` defaults to TFDS's own default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-    ``val_fraction`` (0 for none) and ``seed`` only matter when the dataset has no validation split.
+    Where the dataset has no validation (or test) split, ``val_fraction`` (``test_fraction``) of the
+    train split is carved out for one, seeded by ``seed``; 0 for none. EuroSAT, for one, has only
+    'train'. Both fractions are of the whole train split.
     """
     parsed = parse_tfds_spec(spec)
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"tfds:{parsed.dataset}: val_fraction must be in [0, 1), got {val_fraction}")
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= fraction < 1:
+            raise DataError(f"tfds:{parsed.dataset}: {name} must be in [0, 1), got {fraction}")
     data_dir = str(Path(data_dir).expanduser()) if data_dir is not None else None
     builder = _builder(parsed, data_dir)
     dataset = builder.info.full_name.rsplit("/", 1)[0]  # "name/config/version" -> "name/config"
@@ -207,22 +215,39 @@ def load_tfds(
             f"name the one to train on, e.g. tfds:{dataset}:{available[0]}"
         )
     train_source = _data_source(builder, dataset, train_split)
-    splits = {"train": split(train_split, train_source)}
     val_split = next((name for name in _VAL_SPLITS if name in available), None)
-    if val_split is not None:
-        splits["val"] = split(val_split, _data_source(builder, dataset, val_split))
-    elif val_fraction > 0:
+    carve = {
+        "test": test_fraction if "test" not in available else 0.0,
+        "val": val_fraction if val_split is None else 0.0,
+    }
+    if carve["test"] + carve["val"] >= 1:
+        raise DataError(f"tfds:{dataset}: val_fraction + test_fraction must be below 1")
+    kept, carved = np.arange(len(train_source)), {}
+    if any(carve.values()):
         cheap = _cheap_to_scan(builder)
         labels = _read_labels(builder, dataset, train_split, label_feature) if cheap else None
-        train_idx, val_idx = _carve_val(len(train_source), labels, val_fraction, seed)
-        if len(train_idx) == 0 or len(val_idx) == 0:
-            raise DataError(
-                f"tfds:{dataset}:{train_split}: {len(train_source)} example(s), too few to carve a val split"
-            )
-        splits["train"] = split(train_split, train_source, train_idx)
-        splits["val"] = split(train_split, train_source, val_idx)
+        whole = len(kept)
+        for name, fraction in carve.items():
+            if not fraction:
+                continue
+            # of the whole split: what an earlier carve took is no longer there to share from
+            stay, held = _carve_val(len(kept), labels, fraction * whole / len(kept), seed)
+            if len(stay) == 0 or len(held) == 0:
+                raise DataError(
+                    f"tfds:{dataset}:{train_split}: {whole} example(s), too few to carve a {name} split"
+                )
+            carved[name] = kept[held]
+            kept = kept[stay]
+            labels = labels[stay] if labels is not None else None
+    splits = {"train": split(train_split, train_source, kept if carved else None)}
+    if val_split is not None:
+        splits["val"] = split(val_split, _data_source(builder, dataset, val_split))
+    elif "val" in carved:
+        splits["val"] = split(train_split, train_source, carved["val"])
     if "test" in available:
         splits["test"] = split("test", _data_source(builder, dataset, "test"))
+    elif "test" in carved:
+        splits["test"] = split(train_split, train_source, carved["test"])
     return splits, class_names
 
 

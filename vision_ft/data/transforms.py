@@ -89,12 +89,18 @@ def resize_box(
 
 
 def center_box(h: int, w: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
-    """timm's eval geometry as one box: the central region that ``resize shorter side to
-    size / crop_pct, then center-crop size x size`` keeps, in source pixels."""
+    """timm's eval geometry as one box: the region that ``resize shorter side to size / crop_pct,
+    then center-crop size x size`` keeps, in source pixels. With torchvision's integer steps (the
+    longer side truncated, the crop offset rounded), one resize of this box samples exactly where
+    the two steps do."""
     scale_size = math.floor(size / crop_pct)
-    side = min(h, w) * size / scale_size
-    top, left = (h - side) / 2.0, (w - side) / 2.0
-    return (left, top, left + side, top + side)
+    if w <= h:
+        new_w, new_h = scale_size, int(scale_size * h / w)
+    else:
+        new_w, new_h = int(scale_size * w / h), scale_size
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    sy, sx = h / new_h, w / new_w  # source pixels per resized pixel
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
 def random_resized_crop_box(
