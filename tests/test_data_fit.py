@@ -46,6 +46,10 @@ def test_jpeg_folder_with_a_corrupted_file(tmp_path):
     root = _eurosat_folder(tmp_path / "eurosat")
     broken = root / "Forest" / "Forest_3.jpg"
     broken.write_bytes(broken.read_bytes()[:200])
+    # the folder's first image is greyscale, as a few are in most photo collections: the data stays
+    # RGB and that image is read as RGB, not dropped (nor every colour image after it)
+    first = root / "AnnualCrop" / "AnnualCrop_0.jpg"
+    Image.open(first).convert("L").save(first)
     run, final = _fit(tmp_path, f"folder:{root}", val_fraction=0.25, test_fraction=0.25)
     assert run.data.class_names == CLASSES and run.data.channels == 3
     assert run.augment_settings["random_crop"] and run.augment_settings["color_jitter"] > 0  # natural
@@ -53,6 +57,7 @@ def test_jpeg_folder_with_a_corrupted_file(tmp_path):
     assert str(broken) in final["bad_examples"]["examples"]
     rows = (tmp_path / "run" / "splits.csv").read_text().splitlines()
     assert rows[0].startswith("path,label,split") and len(rows) == 1 + 36
+    assert {row.split(",")[1] for row in rows[1:]} == set(CLASSES)  # reads back as --data csv:
     assert final["test"]["confusion_matrix"] and np.sum(final["test"]["confusion_matrix"]) in (8, 9)
 
 

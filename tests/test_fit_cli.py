@@ -247,3 +247,20 @@ def test_a_fit_that_failed_before_its_first_evaluation_leaves_a_reusable_directo
     (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(RunDirError, match="already holds a run"):
         claim_output_dir(FitConfig(output=str(out)))
+
+
+def test_resume_with_a_config_file_starts_from_the_runs_own_settings(tmp_path):
+    """defaults < the run's config.json < --config < options: the file's settings apply on top of
+    the run's, and the run's --output may come from the file."""
+    from vision_ft.cli.fit import _resumed_settings
+    from vision_ft.train.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    started = load_config(None, {"epochs": 5, "output": str(run), "checkpoint_dir": "gs://bucket/run"})
+    (run / "config.json").write_text(json.dumps({**started.to_dict(), "num_classes": 2, "in_chans": 1}))
+    config_file = tmp_path / "more.yaml"
+    config_file.write_text(f"lr: 0.002\noutput: {run}\n")
+    overrides = {"resume": True, "seed": 3}
+    cfg = load_config(config_file, overrides, base=_resumed_settings(config_file, overrides))
+    assert (cfg.epochs, cfg.checkpoint_dir, cfg.lr, cfg.seed) == (5, "gs://bucket/run", 0.002, 3)

@@ -10,6 +10,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tifffile
 from click.testing import CliRunner
 from PIL import Image
 
@@ -19,6 +20,7 @@ from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import eval_batches
 from vision_ft.infer.embeddings import read_embeddings
 from vision_ft.infer.evaluate import evaluate_run, reorder_labels, run_class_order
+from vision_ft.infer.predict import write_predictions
 from vision_ft.infer.predictor import compiled_forward, from_run
 from vision_ft.infer.probe_files import PROBE_FILE
 from vision_ft.train.loop import FitRun
@@ -56,13 +58,16 @@ def test_eval_reproduces_fit_test_metrics_and_writes_a_clinical_report(fitted):
 
 def test_a_run_without_validation_is_evaluated_on_its_averaged_weights(tmp_path):
     # no val split, so no best checkpoint: eval falls back to the latest, and must use the EMA of the
-    # weights there, as fit's own test evaluation did (not the raw trained weights)
-    cfg = tiny_config(tmp_path, epochs=1, ema_decay=0.5)
+    # weights there, as fit's own test evaluation did (not the raw trained weights); and its loss
+    # weighs the classes as fit's did
+    cfg = tiny_config(tmp_path, epochs=1, ema_decay=0.5, class_weights="auto")
     with np.load(cfg.data.removeprefix("npz:")) as full:
         no_val = {k: full[k] for k in full.files if not k.startswith("val_")}
     np.savez(tmp_path / "data.npz", **no_val)
     final = FitRun(cfg, progress=False).run()
     assert final["best_step"] is None and final["best_val"] is None
+    weights = json.loads((tmp_path / "run" / "config.json").read_text())["loss_class_weights"]
+    assert len(weights) == 2 and abs(weights[0] - weights[1]) > 0.05  # 96 random labels, uneven
     report = evaluate_run(tmp_path / "run")
     for key in ("accuracy", "auc", "loss"):
         assert report["metrics"][key] == pytest.approx(final["test"][key], rel=1e-5, abs=1e-6), key
@@ -146,18 +151,26 @@ def test_predict_on_a_folder_and_on_a_spec(fitted, tmp_path):
     for i in range(3):
         Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(folder / f"scan{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    photo = folder / "photo.png"  # 3 bands; the run's model takes 1
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(photo)
+    # a colour photo is read as its luma by the run's one-band model, as timm reads photos as RGB
+    Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(folder / "scan1_colour.png")
+    five_bands = folder / "bands.tif"  # five bands measure something else: unusable
+    tifffile.imwrite(
+        five_bands, np.zeros((16, 16, 5), np.uint8), photometric="minisblack", planarconfig="contig"
+    )
     out = tmp_path / "preds.csv"
     result = cli("predict", "--checkpoint", root / "run", "--input", folder, "--output", out, "--top-k", 2)
     assert result.exit_code == 0, result.output
-    assert f"skipped unreadable image {photo}: has 3 bands, expected 1" in result.output
+    assert f"skipped unreadable image {five_bands}: has 5 bands, expected 1" in result.output
     rows = list(csv.DictReader(out.open()))
-    assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["scan0.png", "scan1.png", "scan2.png"]
-    alone = cli("predict", "--checkpoint", root / "run", "--input", photo, "--output", tmp_path / "photo.csv")
+    names = ["scan0.png", "scan1.png", "scan1_colour.png", "scan2.png"]
+    assert [r["path"].rsplit("/", 1)[1] for r in rows] == names
+    assert rows[1]["p_class 0"] == rows[2]["p_class 0"]
+    alone = cli(
+        "predict", "--checkpoint", root / "run", "--input", five_bands, "--output", tmp_path / "one.csv"
+    )
     errors = [line for line in alone.output.splitlines() if line.startswith("error:")]
     assert alone.exit_code == 2, alone.output
-    assert errors == [f"error: no readable images to predict: {photo}: has 3 bands, expected 1"], alone.output
+    assert errors == [f"error: no readable images to predict: {five_bands}: has 5 bands, expected 1"]
     for r in rows:
         assert float(r["p_class 0"]) + float(r["p_class 1"]) == pytest.approx(1.0, abs=1e-5)
         assert r["top2"].split("|")[0].split(":")[0] == r["predicted"]
@@ -167,6 +180,12 @@ def test_predict_on_a_folder_and_on_a_spec(fitted, tmp_path):
     )
     rows = list(csv.DictReader(labelled.open()))
     assert len(rows) == 32 and {r["label"] for r in rows} <= {"class 0", "class 1"}
+    # labels are named by the data's classes: a folder of some of the run's classes indexes them anew
+    named = tmp_path / "named.csv"
+    write_predictions(
+        named, ["x", "y"], np.zeros((2, 3)), ("a", "b", "c"), labels=np.array([0, 1]), label_names=("a", "c")
+    )
+    assert [r["label"] for r in csv.DictReader(named.open())] == ["a", "c"]
     bad = cli(
         "predict", "--checkpoint", root / "run", "--input", tmp_path / "nope", "--output", tmp_path / "x.csv"
     )

@@ -92,11 +92,13 @@ def fit(
 
 
 def _resumed_settings(config_path: Path | None, overrides: dict) -> dict | None:
-    """``fit --resume`` without ``--config`` continues with the settings the run was started with."""
-    from vision_ft.train.config import FitConfig
+    """The settings ``fit --resume`` starts from: the run's own, which a ``--config`` file and the
+    command's options then override (where that changes what the run computes, the resume is
+    refused). The run is the ``--output`` of the command or of its config file."""
+    from vision_ft.train.config import load_config
     from vision_ft.train.run_dir import read_run_config
 
-    if not overrides.get("resume") or config_path is not None:
+    if not overrides.get("resume"):
         return None
-    run = Path(overrides.get("output") or FitConfig.output)
+    run = Path(load_config(config_path, overrides).output)
     return read_run_config(run) if (run / "config.json").is_file() else None

@@ -37,8 +37,13 @@ def _predictor(
         if data_dir:
             predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
         return predictor
-    channels = load_dataset(data, DataOptions(data_dir=data_dir)).channels if data else 3
-    return from_pretrained(model, pretrained_from_text(pretrained), in_chans=channels, precision=precision)
+    options = DataOptions(data_dir=data_dir)
+    channels = load_dataset(data, options).channels if data else 3
+    predictor = from_pretrained(
+        model, pretrained_from_text(pretrained), in_chans=channels, precision=precision
+    )
+    predictor.data_options = options  # the data is read again with them (TFDS from --data-dir)
+    return predictor
 
 
 def _metadata(predictor, **extra) -> dict:
@@ -191,12 +196,12 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, pre
             predictor, probe = load_probe_dir(probe_dir, precision=precision)
         except ValueError as e:  # an unreadable probe file
             raise UserError(str(e)) from None
-    examples, labelled = resolve_input(input_, predictor.data_options, split)
+    examples, label_names = resolve_input(input_, predictor.data_options, split)
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
     write_predictions(
-        output, ids, logits, names, labels=labels if labelled else None, top_k=top_k,
-        multi_label=predictor.multi_label and probe is None,
+        output, ids, logits, names, labels=labels if label_names else None, label_names=label_names,
+        top_k=top_k, multi_label=predictor.multi_label and probe is None,
     )  # fmt: skip
     click.echo(f"{len(ids)} predictions written to {output}")
     for path, reason in bad.items():

@@ -92,15 +92,18 @@ def evaluate_run(
     if to_run_classes is not None:
         labels = reorder_labels(labels, to_run_classes)
     names = predictor.class_names
+    # the loss weighs classes as fit's did (class_weights: auto); runs before it was recorded, evenly
+    weights = config.get("loss_class_weights")
+    class_weights = np.asarray(weights, np.float64) if weights is not None else None
     if predictor.multi_label:
         # a manifest whose rows happen to carry one label each is still scored per class
         labels = as_multi_hot(labels, len(names))
-        metrics = multilabel_metrics(labels, logits)
+        metrics = multilabel_metrics(labels, logits, class_weights)
         clinical = multilabel_clinical_report(labels, expit(logits), ids, names, out, prefix=split)
     elif dataset.multi_label:
         raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
     else:
-        metrics = classification_metrics(labels, logits)
+        metrics = classification_metrics(labels, logits, class_weights)
         clinical = clinical_report(labels, softmax(logits, axis=1), ids, names, out, prefix=split)
     report = {
         "checkpoint": str(run_dir),

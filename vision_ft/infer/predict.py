@@ -18,19 +18,22 @@ from vision_ft.data.sources import KINDS, DataOptions, load_dataset
 from vision_ft.train.multilabel import THRESHOLD
 
 
-def resolve_input(text: str, options: DataOptions, split: str | None) -> tuple[ExampleSplit, bool]:
-    """(examples, labelled): one image file, every image under a folder (unlabelled), or a split of
-    a --data spec (labelled; ``split`` defaults to test, else val, else train)."""
+def resolve_input(
+    text: str, options: DataOptions, split: str | None
+) -> tuple[ExampleSplit, tuple[str, ...] | None]:
+    """(examples, the names of their label indices): one image file, every image under a folder
+    (unlabelled: None), or a split of a --data spec (``split`` defaults to test, else val, else
+    train). The data's own names: a folder of some of the run's classes indexes them otherwise."""
     kind = text.partition(":")[0]
     if kind in KINDS and ":" in text:
         dataset = load_dataset(text, options)
         name = split or next(s for s in ("test", "val", "train") if s in dataset.splits)
         if name not in dataset.splits:
             raise DataError(f"--split {name}: {text} has splits {', '.join(dataset.splits)}")
-        return dataset.splits[name], True
+        return dataset.splits[name], tuple(dataset.class_names)
     path = Path(text).expanduser()
     if path.is_file():
-        return FileSplit([Record(str(path.absolute()), -1)], window=options.window), False
+        return FileSplit([Record(str(path.absolute()), -1)], window=options.window), None
     if path.is_dir():
         files = sorted(
             Path(root) / name
@@ -40,7 +43,7 @@ def resolve_input(text: str, options: DataOptions, split: str | None) -> tuple[E
         )
         if not files:
             raise DataError(f"--input {path}: no image files in this folder")
-        return FileSplit([Record(str(f.absolute()), -1) for f in files], window=options.window), False
+        return FileSplit([Record(str(f.absolute()), -1) for f in files], window=options.window), None
     raise DataError(f"--input {text}: no such file or folder, and not a npz:/folder:/csv:/tfds: spec")
 
 
@@ -51,13 +54,15 @@ def write_predictions(
     class_names: tuple[str, ...],
     *,
     labels: np.ndarray | None = None,
+    label_names: tuple[str, ...] | None = None,
     top_k: int = 3,
     multi_label: bool = False,
 ) -> None:
     """One row per image: path, [label], prediction, a probability column per class, and the top-k
     as ``class:probability`` joined by ``|``. Multi-label runs give each class its own sigmoid
     probability and predict every class at or above ``THRESHOLD``, joined by ``|`` (labels likewise).
-    Refuses to overwrite an existing file."""
+    ``label_names`` name the label indices (the data's classes; default ``class_names``). Refuses
+    to overwrite an existing file, and writes nothing unless every row can be written."""
     if path.exists():
         raise DataError(f"--output {path} exists; not overwriting it")
     logits = np.asarray(logits, np.float64)
@@ -65,22 +70,24 @@ def write_predictions(
     top_k = min(top_k, len(class_names))
     header = ["path", *(["label"] if labels is not None else []), "predicted"]
     header += [f"p_{name}" for name in class_names] + [f"top{top_k}"]
+    rows = []
+    for i, example_id in enumerate(ids):
+        order = np.argsort(-probs[i])[:top_k]
+        row = [example_id]
+        if labels is not None:
+            row.append(_label_text(labels[i], label_names or class_names))
+        if multi_label:
+            row.append("|".join(class_names[c] for c in np.flatnonzero(probs[i] >= THRESHOLD)))
+        else:
+            row.append(class_names[order[0]])
+        row += [f"{p:.6f}" for p in probs[i]]
+        row.append("|".join(f"{class_names[c]}:{probs[i, c]:.6f}" for c in order))
+        rows.append(row)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for i, example_id in enumerate(ids):
-            order = np.argsort(-probs[i])[:top_k]
-            row = [example_id]
-            if labels is not None:
-                row.append(_label_text(labels[i], class_names))
-            if multi_label:
-                row.append("|".join(class_names[c] for c in np.flatnonzero(probs[i] >= THRESHOLD)))
-            else:
-                row.append(class_names[order[0]])
-            row += [f"{p:.6f}" for p in probs[i]]
-            row.append("|".join(f"{class_names[c]}:{probs[i, c]:.6f}" for c in order))
-            writer.writerow(row)
+        writer.writerows(rows)
 
 
 def _label_text(label: np.ndarray, class_names: tuple[str, ...]) -> str:

@@ -124,7 +124,9 @@ class FitRun:
             self._check_same_data(saved)
         if self.data.index is not None and is_primary():
             # last, once every check has passed: a refused command leaves the directory as it was
-            write_split_file(self.out / "splits.csv", self.data.index.splits, None)
+            write_split_file(
+                self.out / "splits.csv", self.data.index.splits, None, class_names=self.data.class_names
+            )
         self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
 
     def _check_same_data(self, saved: dict) -> None:
@@ -147,9 +149,12 @@ class FitRun:
             return
         with tempfile.TemporaryDirectory() as scratch:  # the file's paths are absolute, as the run's
             current = Path(scratch) / "splits.csv"
-            write_split_file(current, self.data.index.splits, None)
-            same = current.read_bytes() == recorded.read_bytes()
-        if not same:
+            written = []
+            # labels as class names; earlier runs wrote class indices
+            for names in (self.data.class_names, None):
+                write_split_file(current, self.data.index.splits, None, class_names=names)
+                written.append(current.read_bytes())
+        if recorded.read_bytes() not in written:
             raise RunDirError(
                 f"--resume: {self.cfg.data} no longer splits as the run's {recorded} records (images added, "
                 "removed or moved); resume with the same data, or fit into a new --output"
@@ -292,6 +297,8 @@ class FitRun:
                     "num_classes": self.num_classes,
                     "class_names": list(self.data.class_names),
                     "split_sizes": {name: len(split) for name, split in self.data.splits.items()},
+                    # what the losses in metrics.jsonl and final.json weigh classes by; eval reads it
+                    "loss_class_weights": [float(w) for w in self.class_weights],
                     "multi_label": self.multi_label,
                     "in_chans": self.data.channels,
                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
