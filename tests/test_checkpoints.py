@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -81,6 +83,41 @@ def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(
     for split in ("best_val", "test"):
         for key in ("loss", "accuracy", "auc"):
             assert resumed[split][key] == pytest.approx(full[split][key], rel=1e-6, abs=1e-7), (split, key)
+
+
+_READ_WEIGHTS_ON_ONE_DEVICE = """
+import sys
+import jax
+import numpy as np
+from vision_ft.train.checkpoint import RunCheckpoints
+
+one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+target = {"params": {"w": jax.ShapeDtypeStruct((8, 4), np.float32, sharding=one)}, "stats": {}}
+step, weights = RunCheckpoints(sys.argv[1], create=False).restore_latest_weights(target)
+print(step, float(weights["params"]["w"].sum()), jax.device_count())
+"""
+
+
+def test_the_latest_weights_of_a_run_on_8_devices_read_on_1(tmp_path):
+    """eval, predict and run:DIR of a run without a best checkpoint read the latest full state; its
+    optimizer state and EMA must not need the 8 devices they were saved from."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = data_mesh()
+    fsdp = NamedSharding(jax.make_mesh((8,), ("fsdp",), devices=mesh.devices.ravel()), P("fsdp"))
+    w = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), fsdp)
+    ones = jax.device_put(np.ones((8, 4), np.float32), fsdp)
+    state = {"params": {"w": w}, "stats": {}, "opt_state": {"mu": ones * 0}, "ema": ({"w": ones}, {}),
+             "step": np.int32(3)}  # fmt: skip
+    RunCheckpoints(tmp_path / "ckpt").save_latest(3, state)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_WEIGHTS_ON_ONE_DEVICE, str(tmp_path / "ckpt")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "32.0", "1"]  # the EMA's weights (ones), on the one device
 
 
 def test_checkpoint_restore_checks_keys_and_shapes(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 
@@ -109,6 +110,22 @@ def with_averaged_weights(weights: dict, ema) -> dict:
         return averaged.get(_path_str(path), leaf)
 
     return {**weights, **{k: jax.tree_util.tree_map_with_path(pick, weights[k]) for k in ("params", "stats")}}
+
+
+def _replicated_like(abstract) -> jax.sharding.Sharding:
+    """Replicated over the devices of ``abstract``'s first placed leaf (else this process's first)."""
+    for leaf in jax.tree.leaves(abstract):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+        if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            return sharding
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _placed_as(value, target):
+    sharding = getattr(target, "sharding", None)
+    return jax.device_put(value, sharding) if sharding is not None else value
 
 
 def check_compatible(saved_metadata, abstract, where: str) -> None:
@@ -230,12 +247,18 @@ class RunCheckpoints:
         with reading(where):
             metadata = self.latest.item_metadata(step)
             check_compatible({k: metadata[k] for k in abstract if k in metadata}, abstract, where)
-            everything = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(metadata))
+            # the other entries laid out as the caller's own: left to Orbax, they would go to the
+            # devices they were saved from, which a run saved on 8 devices and read on 1 lacks
+            placed = _replicated_like(abstract)
+            everything = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=placed), dict(metadata)
+            )
             everything.update(abstract)
             restored = self.latest.restore(step, args=ocp.args.StandardRestore(everything))
         weights = {k: restored[k] for k in abstract}
         if averaged and "ema" in restored:
-            weights = with_averaged_weights(weights, restored["ema"])
+            averaged_weights = with_averaged_weights(weights, restored["ema"])
+            weights = jax.tree.map(_placed_as, averaged_weights, abstract)
         return step, weights
 
     def restore_best(self, abstract):
