@@ -122,11 +122,12 @@ class FitRun:
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
         if saved is not None:
             self._check_same_data(saved)
-        if self.data.index is not None and is_primary():
-            # last, once every check has passed: a refused command leaves the directory as it was
-            write_split_file(
-                self.out / "splits.csv", self.data.index.splits, None, class_names=self.data.class_names
-            )
+        if self.data.index is not None and is_primary() and not cfg.resume:
+            # last, once every check has passed: a refused command leaves the directory as it was; a
+            # resume keeps the run's file (checked above), which other processes may be reading
+            partial = self.out / "splits.csv.tmp"
+            write_split_file(partial, self.data.index.splits, None, class_names=self.data.class_names)
+            partial.replace(self.out / "splits.csv")
         self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
 
     def _check_same_data(self, saved: dict) -> None:

@@ -26,8 +26,9 @@ log = logging.getLogger("vision_ft.fit")
 # run that failed before its first checkpoint), never one holding anything else: that is the user's.
 RUN_ENTRIES = frozenset({
     "config.json", "metrics.jsonl", "metrics.jsonl.tmp", "config.json.tmp", "final.json", "final.json.tmp",
-    "splits.csv", "checkpoints", "tensorboard", "learning_curves.png", "confusion_matrix.png", "roc.png",
-    "test_reliability.png", "test_misclassified.csv", "test_mistakes.csv", MARKER,
+    "splits.csv", "splits.csv.tmp", "checkpoints", "tensorboard", "learning_curves.png",
+    "confusion_matrix.png", "roc.png", "test_reliability.png", "test_misclassified.csv",
+    "test_mistakes.csv", MARKER,
 })  # fmt: skip
 
 
