@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -88,10 +91,24 @@ def get_model_entry(name: str) -> ModelEntry:
 
 
 def cfg_for_tag(entry: ModelEntry, tag: str) -> PretrainedCfg:
+    """timm's pretrained_cfg of ``entry.name.tag``: the default's, with what timm gives the tag
+    otherwise (input size, crop, normalization, classes, license: ``pretrained_tags.json``)."""
     cfg = entry.default_cfg
     if tag == cfg.tag:
         return cfg
-    return dataclasses.replace(cfg, tag=tag, hf_hub_id=f"timm/{entry.name}.{tag}")
+    if tag not in entry.tags:
+        raise UnknownModelError(
+            f"unknown pretrained tag {entry.name}.{tag}; {entry.name} has {', '.join(entry.tags) or 'none'}"
+        )
+    changed = _tag_differences().get(f"{entry.name}.{tag}", {})
+    changed = {k: tuple(v) if isinstance(v, list) else v for k, v in changed.items()}
+    return dataclasses.replace(cfg, tag=tag, hf_hub_id=f"timm/{entry.name}.{tag}", **changed)
+
+
+@functools.cache
+def _tag_differences() -> dict[str, dict]:
+    # written from timm by scripts/write_pretrained_tags.py; tests/test_pretrained_tags.py checks it
+    return json.loads((Path(__file__).parent / "pretrained_tags.json").read_text())
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
