@@ -161,3 +161,36 @@ def test_processes_meet_before_a_collective_however_late_one_compiles(tmp_path):
     _wait_for_all(_start(commands, paths, _env(1)), paths, timeout=300)
     for path in paths:
         assert "sum 6.0" in path.read_text()  # 2 x 1.0 from process 0 + 2 x 2.0 from process 1
+
+
+def test_an_unusable_image_with_on_bad_image_fail_stops_every_process(tmp_path):
+    """Each process reads its own slice of a batch, so one alone meets the broken file; raising there
+    alone left the other waiting in the next collective. All now stop after the same step, exit 2."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            path = tmp_path / "data" / name / f"{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+            if (name, i) == ("b", 5):
+                path.write_bytes(path.read_bytes()[:100])  # one broken file, so one process meets it
+    port = _free_port()
+    paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    commands = [
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "test_resnet",
+         "--pretrained", "false", "--data", f"folder:{tmp_path / 'data'}", "--val-fraction", "0",
+         "--img-size", "32", "--epochs", "3", "--batch-size", "16", "--on-bad-image", "fail",
+         "--output", str(tmp_path / "run"),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)
+    ]  # fmt: skip
+    _wait_for_all(_start(commands, paths, _env(4)), paths, timeout=300, exit_code=2)
+    errors = sorted(line for p in paths for line in p.read_text().splitlines() if line.startswith("error:"))
+    assert len(errors) == 2, errors
+    assert errors[0].endswith(
+        "b/5.jpg: cannot decode image: OSError: Truncated File Read (on_bad_image: fail)"
+    ), errors
+    assert errors[1].startswith("error: a training image read by another process: unusable"), errors
+    assert not any("Traceback" in p.read_text() for p in paths)

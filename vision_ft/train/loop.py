@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from vision_ft import __version__
+from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import Geometry, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
@@ -332,8 +333,14 @@ class FitRun:
                     trainer.write_back(self.model)
                     phase, trainer = current, self._trainer(current)
                 on_device, batch = next(batches)
+                failure = None
                 if batch["bad"].any():
-                    self.bad_examples.note(train_split, batch, self.train_geometry)
+                    try:
+                        self.bad_examples.note(train_split, batch, self.train_geometry)
+                    except BadImageError as e:
+                        if jax.process_count() == 1:
+                            raise
+                        failure = e  # raised below by every process together
                 out = trainer.train_step(*on_device, step)
                 epoch_losses.append(out["loss"])
                 step += 1
@@ -356,7 +363,13 @@ class FitRun:
                         if improves_selection(score, best_score, cfg.select_metric):
                             best_score = score
                             self.checkpoints.save_best(step, self._weights(trainer, step), score)
-                preempted = step < self.total_steps and watch.requested()
+                stop_requested, failed = watch.requested(failed=failure is not None)
+                if failed:
+                    raise failure or BadImageError(
+                        "a training image read by another process",
+                        "unusable (on_bad_image: fail); its log names it",
+                    )
+                preempted = step < self.total_steps and stop_requested
                 if preempted or end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
                     self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
                 if preempted:

@@ -26,7 +26,7 @@ class Preempted(Exception):
 
 
 class PreemptionWatch:
-    """Remembers a SIGTERM; ``requested()`` says whether every process should stop now."""
+    """Remembers a SIGTERM; ``requested()`` says whether every process should stop (or fail) now."""
 
     def __init__(self) -> None:
         self._flag = False
@@ -35,12 +35,17 @@ class PreemptionWatch:
     def _on_signal(self, signum, frame) -> None:
         self._flag = True
 
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self._flag
-        from jax.experimental import multihost_utils
+    def requested(self, *, failed: bool = False) -> tuple[bool, bool]:
+        """(stop requested, this step failed) on any process: every process asks after every step,
+        so all stop, or fail, after the same one. ``failed``: this process's own step failed (an
+        unusable image with on_bad_image: fail), which it must not raise alone: the others would
+        wait for it in their next collective."""
+        flags = np.asarray([self._flag, failed])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
+            flags = np.any(multihost_utils.process_allgather(flags), axis=0)
+        return bool(flags[0]), bool(flags[1])
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
