@@ -10,9 +10,9 @@ import vision_ft
 from tests.train_fixtures import numpy_state, tiny_config, train_batch
 from vision_ft.train.config import ConfigError, FitConfig, load_config
 from vision_ft.train.loop import FitRun
-from vision_ft.train.optimizer import learning_rate_by_step, warmup_cosine
+from vision_ft.train.optimizer import UpdateWindows, build_optimizer, learning_rate_by_step, warmup_cosine
 from vision_ft.train.phases import num_layers, phase_optimizer, plan_phases
-from vision_ft.train.rules import build_plan
+from vision_ft.train.rules import ParamSetting, build_plan
 from vision_ft.train.step import Trainer, data_mesh
 
 
@@ -43,7 +43,11 @@ def test_learning_rate_given_to_the_step_trains_as_optax_schedule_inside(tmp_pat
     inside = trained(decayed_sgd(schedule), 1.0)
     given = trained(
         decayed_sgd(1.0),
-        learning_rate_by_step(schedule, num_steps=3 * accumulate_steps, accumulate_steps=accumulate_steps),
+        learning_rate_by_step(
+            schedule,
+            num_steps=3 * accumulate_steps,
+            windows=UpdateWindows(3 * accumulate_steps, accumulate_steps),
+        ),
     )
     initial = numpy_state(vision_ft.create_model("test_resnet", num_classes=2, in_chans=1), nnx.Param)
     assert any(not np.array_equal(initial[k], given[k]) for k in given)  # it trained
@@ -55,10 +59,51 @@ def test_learning_rate_given_to_the_step_trains_as_optax_schedule_inside(tmp_pat
 
 def test_learning_rate_by_step_counts_updates_from_the_phase_start():
     rate = learning_rate_by_step(
-        optax.linear_schedule(1.0, 0.0, 4), num_steps=7, first_step=10, accumulate_steps=2
+        optax.linear_schedule(1.0, 0.0, 4), num_steps=7, first_step=10, windows=UpdateWindows(7, 2)
     )
-    # 7 micro-steps: 3 whole updates of 2 and the start of a fourth
+    # one epoch of 7 steps: 3 whole updates of 2 and a short fourth
     assert [rate(s) for s in range(10, 17)] == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25]
+    rate = learning_rate_by_step(
+        optax.linear_schedule(1.0, 0.0, 4), num_steps=6, first_step=3, windows=UpdateWindows(3, 2)
+    )
+    # two epochs of 3 steps: each an update of 2 steps and one of 1, never a window across epochs
+    assert [rate(s) for s in range(3, 9)] == [1.0, 1.0, 0.75, 0.5, 0.5, 0.25]
+
+
+def test_accumulation_windows_restart_every_epoch_and_keep_its_leftover_steps():
+    """timm's loop: an update every ``accumulate_steps`` steps, and one at every epoch's end over the
+    steps left (5 steps of 2: updates of 2, 2 and 1 step)."""
+    windows = UpdateWindows(steps_per_epoch=5, accumulate_steps=2)
+    assert windows.updates_per_epoch == 3
+    assert [windows.closes_window(s) for s in range(10)] == [False, True, False, True, True] * 2
+    assert [windows.update_index(s) for s in range(10)] == [0, 0, 1, 1, 2, 3, 3, 4, 4, 5]
+    assert [int(windows.window_steps(g)) for g in range(6)] == [2, 2, 1, 2, 2, 1]
+    even = UpdateWindows(steps_per_epoch=4, accumulate_steps=2)
+    assert [even.closes_window(s) for s in range(4)] == [False, True, False, True]
+    assert int(even.window_steps(1)) == 2
+
+
+def test_a_short_window_updates_with_the_mean_of_its_own_gradients():
+    """Three steps an epoch, accumulating 2: the first update is AdamW's on the mean of two steps'
+    gradients, the second on the third step's alone, at the epoch's end (it was dropped before, or
+    carried into the next epoch)."""
+    plan = {"w": ParamSetting(trainable=True, lr_scale=1e-2, weight_decay=True)}
+    grads = [{"w": np.array([1.0, -2.0, 3.0], np.float32) * (i + 1)} for i in range(3)]
+    params = {"w": np.ones(3, np.float32)}
+
+    def run(tx, grads):
+        state, p = tx.init(params), params
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    accumulated = run(build_optimizer(plan, windows=UpdateWindows(3, 2)), grads)
+    mean_first_two = {"w": (grads[0]["w"] + grads[1]["w"]) / 2}
+    reference = run(build_optimizer(plan), [mean_first_two, grads[2]])
+    np.testing.assert_allclose(accumulated["w"], reference["w"], rtol=1e-6)
+    held_back = run(build_optimizer(plan), [mean_first_two])
+    assert not np.allclose(accumulated["w"], held_back["w"])
 
 
 def test_fine_tune_trains_the_head_then_everything_at_rates_falling_100x_to_the_stem():

@@ -39,7 +39,7 @@ from vision_ft.train.evaluation import (
     worst_selection_score,
 )
 from vision_ft.train.output_dir import claim_output_dir
-from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases
+from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
 from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
@@ -214,8 +214,7 @@ class FitRun:
             label_smoothing=cfg.label_smoothing,
             ema_decay=cfg.ema_decay,
             ema_warmup=cfg.ema_warmup,
-            accumulate_steps=cfg.accumulate_steps,
-            first_step=phase.first_step,
+            windows=update_windows(cfg, self.steps_per_epoch),
             tta_flip=cfg.tta_flip,
             tta_shift=cfg.tta_shift,
             multi_label=self.multi_label,

@@ -11,6 +11,7 @@ rate, the warmup nor the run's length is compiled into the step, and a run with 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +48,48 @@ def warmup_cosine(
     )
 
 
+@dataclass(frozen=True)
+class UpdateWindows:
+    """Which train steps make one optimizer update under gradient accumulation: windows of
+    ``accumulate_steps`` steps that restart with every epoch, the last one short where the epoch's
+    steps do not divide evenly. As timm's train loop does, an epoch's leftover steps make an update of
+    their own, never carried into the next epoch nor dropped. Steps count from the start of training
+    or of a phase: both are epoch boundaries."""
+
+    steps_per_epoch: int
+    accumulate_steps: int = 1
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return -(-self.steps_per_epoch // self.accumulate_steps)
+
+    def update_index(self, step: int) -> int:
+        """The 0-based optimizer update that train step ``step`` contributes to."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return epoch * self.updates_per_epoch + within // self.accumulate_steps
+
+    def closes_window(self, step: int) -> bool:
+        """Whether the optimizer updates the weights at train step ``step``."""
+        within = step % self.steps_per_epoch
+        return (within + 1) % self.accumulate_steps == 0 or within == self.steps_per_epoch - 1
+
+    def window_steps(self, update: jax.Array) -> jax.Array:
+        """How many steps update ``update`` averages: ``optax.MultiSteps``' every_k_schedule."""
+        short = self.steps_per_epoch % self.accumulate_steps
+        if not short:
+            return jnp.asarray(self.accumulate_steps, jnp.int32)
+        last_of_epoch = update % self.updates_per_epoch == self.updates_per_epoch - 1
+        return jnp.where(last_of_epoch, short, self.accumulate_steps).astype(jnp.int32)
+
+
 def learning_rate_by_step(
-    schedule: optax.Schedule, *, num_steps: int, first_step: int = 0, accumulate_steps: int = 1
+    schedule: optax.Schedule, *, num_steps: int, first_step: int = 0, windows: UpdateWindows | None = None
 ) -> Callable[[int], float]:
     """The learning rate of each global train step from ``first_step`` on, read from a table made
-    once: ``schedule`` counts optimizer updates, and with gradient accumulation ``accumulate_steps``
-    micro-steps make one update. On the host, so the loop never waits for the device to learn it."""
-    num_updates = max(-(-num_steps // accumulate_steps), 1)
+    once: ``schedule`` counts optimizer updates, which with gradient accumulation take several steps
+    each (``windows``). On the host, so the loop never waits for the device to learn it."""
+    windows = windows or UpdateWindows(max(num_steps, 1))
+    num_updates = max(windows.update_index(max(num_steps - 1, 0)) + 1, 1)
 
     def learning_rate_table() -> jax.Array:
         return jax.vmap(schedule)(jnp.arange(num_updates))
@@ -62,7 +98,7 @@ def learning_rate_by_step(
     table = np.asarray(jax.jit(learning_rate_table)(), np.float32)
 
     def at(step: int) -> float:
-        return float(table[min((step - first_step) // accumulate_steps, num_updates - 1)])
+        return float(table[min(windows.update_index(step - first_step), num_updates - 1)])
 
     return at
 
@@ -72,12 +108,12 @@ def build_optimizer(
     *,
     weight_decay: float = 0.05,
     clip_norm: float | None = 1.0,
-    accumulate_steps: int = 1,
+    windows: UpdateWindows | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with per-group LR multipliers and decay masks, global-norm clipping first, and
-    optional gradient accumulation (``optax.MultiSteps``) around everything. Its updates are for a
-    learning rate of 1 (times the group's multiplier): the train step scales them by the step's
-    rate, as optax's own ``scale_by_learning_rate`` would at the end of the chain."""
+    optional gradient accumulation over ``windows`` (``optax.MultiSteps``) around everything. Its
+    updates are for a learning rate of 1 (times the group's multiplier): the train step scales them
+    by the step's rate, as optax's own ``scale_by_learning_rate`` would at the end of the chain."""
     groups = {group_label(s): s for s in plan.values() if s.trainable}
 
     def make(setting: ParamSetting) -> optax.GradientTransformation:
@@ -89,6 +125,6 @@ def build_optimizer(
     tx = optax.multi_transform({label: make(s) for label, s in groups.items()}, labels)
     if clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    if accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps)
+    if windows is not None and windows.accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=windows.window_steps)
     return tx

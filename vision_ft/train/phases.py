@@ -14,7 +14,7 @@ from flax import nnx
 
 from vision_ft.train.config import FitConfig
 from vision_ft.train.groups import layer_ids, param_paths
-from vision_ft.train.optimizer import build_optimizer, learning_rate_by_step, warmup_cosine
+from vision_ft.train.optimizer import UpdateWindows, build_optimizer, learning_rate_by_step, warmup_cosine
 from vision_ft.train.rules import ParamSetting
 
 
@@ -58,19 +58,20 @@ def phase_optimizer(
 ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
     """The phase's optimizer and its learning rate by global step (warmup, then cosine; the
     schedule counts optimizer updates where gradients accumulate over several steps)."""
+    windows = update_windows(cfg, steps_per_epoch)
+    phase_epochs = phase.num_steps // steps_per_epoch
     schedule = warmup_cosine(
         phase.lr,
-        total_steps=max(phase.num_steps // cfg.accumulate_steps, 1),
-        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch) // cfg.accumulate_steps,
+        total_steps=max(phase_epochs * windows.updates_per_epoch, 1),
+        warmup_steps=int(cfg.warmup_epochs * windows.updates_per_epoch),
         min_lr_ratio=cfg.min_lr_ratio,
     )
-    tx = build_optimizer(
-        plan, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, accumulate_steps=cfg.accumulate_steps
-    )
+    tx = build_optimizer(plan, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, windows=windows)
     rates = learning_rate_by_step(
-        schedule,
-        num_steps=phase.num_steps,
-        first_step=phase.first_step,
-        accumulate_steps=cfg.accumulate_steps,
+        schedule, num_steps=phase.num_steps, first_step=phase.first_step, windows=windows
     )
     return tx, rates
+
+
+def update_windows(cfg: FitConfig, steps_per_epoch: int) -> UpdateWindows:
+    return UpdateWindows(steps_per_epoch, cfg.accumulate_steps)

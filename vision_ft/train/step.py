@@ -27,6 +27,7 @@ from vision_ft.cpu_runtime import compiler_options
 from vision_ft.models.layers import BatchNorm
 from vision_ft.train.config import EMA_WARMUPS
 from vision_ft.train.distributed import meeting_on_first_call
+from vision_ft.train.optimizer import UpdateWindows
 from vision_ft.train.rules import ParamSetting
 from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
 from vision_ft.train.tta import averaged_over_views, reflect_padded
@@ -214,8 +215,7 @@ class Trainer:
         learning_rate: float | Callable[[int], float] = 1.0,
         ema_decay: float = 0.0,
         ema_warmup: str = "power",
-        accumulate_steps: int = 1,
-        first_step: int = 0,
+        windows: UpdateWindows | None = None,
         tta_flip: bool = False,
         tta_shift: float = 0.0,
         multi_label: bool = False,
@@ -267,9 +267,9 @@ class Trainer:
         # timm's model EMA: an average of the trained weights and BatchNorm statistics, evaluated and
         # kept as the best checkpoint instead of the raw weights
         self.ema_decay = ema_decay
-        # tx applies an update every ``accumulate_steps`` train steps from ``first_step`` (its
-        # MultiSteps starts counting there); the EMA follows the updates, not the micro-steps, as timm's
-        self.accumulate_steps, self.first_step = accumulate_steps, first_step
+        # where tx accumulates gradients, it updates at the steps that close a window; the EMA
+        # follows the updates, not the micro-steps, as timm's does
+        self.windows = windows
         self.ema = (
             jax.tree.map(jnp.copy, (self.trainable, self.stats))
             if ema_decay > 0 and not self.abstract
@@ -423,9 +423,9 @@ class Trainer:
             jnp.float32(self.learning_rate(step)),
         )
         self._wait_for_background()
-        if self.ema is not None and (step + 1 - self.first_step) % self.accumulate_steps == 0:
+        if self.ema is not None and (self.windows is None or self.windows.closes_window(step)):
             # the decay's warmup counts optimizer updates: the train step itself without accumulation
-            updates_before = step // self.accumulate_steps
+            updates_before = step if self.windows is None else self.windows.update_index(step)
             self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(updates_before))
         return metrics
 
