@@ -194,3 +194,40 @@ def test_an_unusable_image_with_on_bad_image_fail_stops_every_process(tmp_path):
     ), errors
     assert errors[1].startswith("error: a training image read by another process: unusable"), errors
     assert not any("Traceback" in p.read_text() for p in paths)
+
+
+def _fit_two_processes(data: Path, outputs: list[Path], logs: Path) -> list[str]:
+    """Start a two-process fit with each process's --output, expect both to exit 2, return the logs."""
+    port = _free_port()
+    paths = [logs / f"process{i}.log" for i in range(2)]
+    commands = [
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "test_resnet",
+         "--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32", "--output", str(outputs[i]),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)
+    ]  # fmt: skip
+    _wait_for_all(_start(commands, paths, _env(1)), paths, timeout=300, exit_code=2)
+    texts = [path.read_text() for path in paths]
+    assert not any("Traceback" in text for text in texts), texts
+    return texts
+
+
+def test_a_refused_output_or_unshared_checkpoints_stop_every_process(data, tmp_path):
+    """Hosts may keep their own --output, but a refusal on one process stopped that one alone (the
+    other then waited for it in a collective), and checkpoints must go to one directory all share:
+    on disks of their own each host held part of every checkpoint."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    first, second = _fit_two_processes(data, [tmp_path / "mine", tmp_path / "fresh"], tmp_path)
+    assert "holds files a fit does not write (notes.txt)" in first, first[-2000:]
+    assert "process 0 of this run stopped on its --output (its error says why); so did this one" in second
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
+
+    outputs = [tmp_path / "host0", tmp_path / "host1"]  # the same run on two hosts' own disks
+    texts = _fit_two_processes(data, outputs, tmp_path)
+    for text, out in zip(texts, outputs, strict=True):
+        assert (
+            f"the checkpoint directory {out / 'checkpoints'} is not shared by the processes of this run: "
+            "process 1 cannot read what process 0 writes there"
+        ) in text, text[-2000:]
+    assert list((tmp_path / "host0" / "checkpoints").iterdir()) == []  # the probe is gone

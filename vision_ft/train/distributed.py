@@ -121,3 +121,72 @@ def check_same_settings(settings: dict) -> None:
             f"the processes of this run were given different settings: {', '.join(differ)}. "
             "Start every process with the same --config and options"
         )
+
+
+class ProcessStoppedError(ConfigError):
+    """Another process of the run stopped on its input; its own error says why."""
+
+
+def process_zero_says(value: bool) -> bool:
+    """Process 0's ``value`` on every process: what only process 0 writes (the preemption marker in
+    its --output) decides for all, where hosts keep their own run directories."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    wait_for_all_processes("broadcast")  # a collective follows; see wait_for_all_processes
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def stop_together(error: Exception | None, what: str) -> None:
+    """Raise ``error`` on the process that met it, and on every other process of the run a
+    ``ProcessStoppedError`` naming the first that did: one process stopping alone would leave the
+    others waiting for it in their next collective (for the barrier's hour)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        wait_for_all_processes(f"stop-{what}")
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        if error is None and failed.any():
+            error = ProcessStoppedError(
+                f"process {int(np.flatnonzero(failed)[0])} of this run stopped on its {what} (its error "
+                "says why); so did this one"
+            )
+    if error is not None:
+        raise error
+
+
+_SHARED_PROBE = ".vision-ft-shared-probe"
+
+
+def check_shared_directory(path, what: str) -> None:
+    """Stop every process where ``path`` (an etils path: local, NFS or gs://) is not one directory
+    they all share: process 0 writes a random token there and every process must read it back.
+    Orbax writes each checkpoint from every process into one directory; on disks of their own, each
+    host would hold part of every checkpoint, and a resume or the final restore would fail."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    probe = path / _SHARED_PROBE
+    token = np.frombuffer(os.urandom(8), np.uint32)
+    wait_for_all_processes("probe-token")
+    token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    if is_primary():
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token.tobytes().hex())
+    wait_for_all_processes("probe-written")
+    try:
+        sees = probe.read_text() == token.tobytes().hex()
+    except OSError:
+        sees = False
+    everyone = np.asarray(multihost_utils.process_allgather(np.int32(sees)))
+    wait_for_all_processes("probe-read")
+    if is_primary():
+        probe.unlink(missing_ok=True)
+    if not everyone.all():
+        blind = ", ".join(str(i) for i in np.flatnonzero(everyone == 0))
+        raise ProcessStoppedError(
+            f"{what} {path} is not shared by the processes of this run: process {blind} cannot read what "
+            "process 0 writes there. Put it on storage every host reads (NFS, gs://BUCKET/...)"
+        )

@@ -16,6 +16,7 @@ from etils import epath
 from vision_ft.output_dirs import make_directory
 from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
+from vision_ft.train.distributed import check_shared_directory, process_zero_says, stop_together
 from vision_ft.train.preemption import MARKER, was_preempted
 from vision_ft.train.run_dir import RunDirError, read_run_config
 
@@ -42,7 +43,23 @@ class OutputDir:
 
 def claim_output_dir(cfg: FitConfig) -> OutputDir:
     """Check ``cfg.output`` against ``cfg.resume`` and create it; raises ``RunDirError`` naming the
-    directory where the two disagree or a resume would change the run's settings."""
+    directory where the two disagree or a resume would change the run's settings.
+
+    In a multi-process run each process claims its own --output (hosts may keep their own run
+    directories), process 0's preemption marker decides a rerun's resume for all, a refusal on one
+    process stops every one, and the checkpoint directory must be one they all share."""
+    preempted = process_zero_says(was_preempted(Path(cfg.output)))
+    claimed, error = None, None
+    try:
+        claimed = _claim(cfg, preempted=preempted)
+    except Exception as e:  # noqa: BLE001 - re-raised below, on this process and the others
+        error = e
+    stop_together(error, "--output")
+    check_shared_directory(claimed.checkpoint_dir, "the checkpoint directory")
+    return claimed
+
+
+def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
     out = Path(cfg.output)
     checkpoint_dir = checkpoint_location(cfg.checkpoint_dir or out / "checkpoints")
     if cfg.checkpoint_dir:
@@ -54,7 +71,7 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
     # nor an empty metrics.jsonl: one that failed before its first evaluation (out of memory) left it
     metrics = out / "metrics.jsonl"
     has_run = holds_checkpoint(checkpoint_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
-    if has_run and was_preempted(out) and not cfg.resume:
+    if has_run and preempted and not cfg.resume:
         # rerunning the command of a preempted run continues it
         log.info("resuming the preempted run in %s", out)
         cfg = dataclasses.replace(cfg, resume=True)
