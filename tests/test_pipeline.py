@@ -198,3 +198,41 @@ def test_eval_geometry_is_timms_resize_then_center_crop(height, width, interpola
     reference = transform(Image.fromarray(image)).permute(1, 2, 0).numpy()
     ours = _prepare(image, Geometry(224, interpolation, crop_pct, channels=3), None)
     assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 517), (300, 301)])
+@pytest.mark.parametrize(
+    "crop_mode, crop_pct", [("squash", 1.0), ("squash", 0.9), ("border", 1.0), ("border", 0.9)]
+)
+def test_eval_geometry_follows_timms_crop_modes(height, width, crop_mode, crop_pct):
+    """The 384 px ConvNeXts and other tags with crop_mode "squash" resize both sides (no image lost
+    at crop_pct 1), "border" fits the longer side and pads with the mean; both as timm's transform,
+    in the pipeline (one resize of a box, or a resize and a pad) and in ``eval_transform`` (PIL's
+    steps)."""
+    timm_data = pytest.importorskip("timm.data")
+    from vision_ft.data.pipeline import _prepare, eval_geometry
+    from vision_ft.data.transforms import eval_transform
+    from vision_ft.models.registry import PretrainedCfg
+
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image[:, : width // 2] //= 3  # an edge, which a shifted crop moves
+    mean = (0.485, 0.456, 0.406)
+    cfg = PretrainedCfg(
+        "test", input_size=(3, 224, 224), interpolation="bicubic", crop_pct=crop_pct, crop_mode=crop_mode,
+        mean=mean, std=(1.0, 1.0, 1.0),
+    )  # fmt: skip
+    transform = timm_data.create_transform(
+        input_size=224,
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,
+        interpolation="bicubic",
+        mean=mean,
+        std=(1, 1, 1),
+    )
+    reference = transform(Image.fromarray(image)).permute(1, 2, 0).numpy() + np.asarray(mean, np.float32)
+    ours = _prepare(image, eval_geometry(cfg, 224, None, 3), None)
+    assert ours.shape == (224, 224, 3)
+    assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6
+    np.testing.assert_allclose(eval_transform(Image.fromarray(image), cfg) + mean, reference, atol=1e-6)
+    # a fixed crop_pct keeps the center crop, whatever the model's mode
+    assert eval_geometry(cfg, 224, 1.0, 3).eval_crop_mode == "center"

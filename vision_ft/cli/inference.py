@@ -54,6 +54,7 @@ def _metadata(predictor, **extra) -> dict:
         "input_size": list(cfg.input_size),
         "interpolation": predictor.geometry.interpolation,
         "crop_pct": predictor.geometry.eval_crop_pct,
+        "crop_mode": predictor.geometry.eval_crop_mode,
         "mean": list(cfg.mean),
         "std": list(cfg.std),
         "class_names": list(predictor.class_names) if predictor.class_names else None,

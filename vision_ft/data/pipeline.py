@@ -16,6 +16,7 @@ them.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,7 +25,17 @@ import grain
 import numpy as np
 
 from vision_ft.data.errors import BadImageError, DataError
-from vision_ft.data.transforms import center_box, random_resized_crop_box, resize_box, to_unit_range
+from vision_ft.data.transforms import (
+    border_fill,
+    border_size,
+    center_box,
+    check_crop_mode,
+    crop_or_pad,
+    random_resized_crop_box,
+    resize_box,
+    to_unit_range,
+)
+from vision_ft.models.registry import PretrainedCfg
 
 
 class ExampleSplit(Protocol):
@@ -51,6 +62,22 @@ class Geometry:
     train_scale: tuple[float, float] | None = None  # RandomResizedCrop area range; None: eval geometry
     train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     channels: int | None = None  # expected band count; others are bad examples
+    eval_crop_mode: str = "center"  # timm's crop_mode: center, squash or border
+    border_fill: tuple[float, ...] = (0.0,)  # crop_mode border's padding, per band in [0, 1]
+
+    def __post_init__(self):
+        check_crop_mode(self.eval_crop_mode)
+
+
+def eval_geometry(cfg: PretrainedCfg, img_size: int, crop_pct: float | None, channels: int) -> Geometry:
+    """Eval geometry at ``crop_pct`` (center-cropped), or where None the model's own: timm's eval
+    transform at its crop_pct and crop_mode."""
+    if crop_pct is not None:
+        return Geometry(img_size, cfg.interpolation, crop_pct, channels=channels)
+    return Geometry(
+        img_size, cfg.interpolation, cfg.crop_pct, channels=channels,
+        eval_crop_mode=cfg.crop_mode, border_fill=border_fill(cfg.mean),
+    )  # fmt: skip
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
@@ -88,8 +115,13 @@ def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | N
     size = geometry.img_size
     if rng is not None and geometry.train_scale is not None:
         box = random_resized_crop_box(rng, h, w, geometry.train_scale, geometry.train_ratio)
+    elif geometry.eval_crop_mode == "border":
+        new_h, new_w = border_size(h, w, math.floor(size / geometry.eval_crop_pct))
+        resized = to_unit_range(resize_box(image, new_h, new_w, geometry.interpolation))
+        fill = np.asarray(geometry.border_fill, np.float32)
+        return crop_or_pad(resized, size, fill if fill.size == resized.shape[-1] else fill.mean())
     else:
-        box = center_box(h, w, size, geometry.eval_crop_pct)
+        box = center_box(h, w, size, geometry.eval_crop_pct, geometry.eval_crop_mode)
     if box == (0, 0, w, h):
         box = None
     return to_unit_range(resize_box(image, size, size, geometry.interpolation, box))

@@ -36,14 +36,58 @@ def center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
+CROP_MODES = ("center", "squash", "border")
+
+
+def check_crop_mode(crop_mode: str) -> str:
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, not {crop_mode!r}")
+    return crop_mode
+
+
+def border_fill(mean: tuple[float, ...]) -> tuple[float, ...]:
+    """timm's padding colour for ``crop_mode="border"``: the mean as 8-bit pixels, in [0, 1]."""
+    return tuple(round(255 * m) / 255 for m in mean)
+
+
+def border_size(h: int, w: int, scale_size: int) -> tuple[int, int]:
+    """(height, width) that fits the longer side into ``scale_size``, as timm's ResizeKeepRatio
+    with ``longest=1``."""
+    ratio = max(h / scale_size, w / scale_size)
+    return round(h / ratio), round(w / ratio)
+
+
+def crop_or_pad(image: np.ndarray, size: int, fill: tuple[float, ...] | float) -> np.ndarray:
+    """Center an HWC float image on a ``size`` x ``size`` canvas of ``fill``: padded (the odd pixel
+    after it) where smaller, cropped (offset rounded) where larger, as timm's CenterCropOrPad."""
+    h, w, c = image.shape
+    canvas = np.empty((max(h, size), max(w, size), c), np.float32)
+    canvas[...] = fill
+    top, left = max(size - h, 0) // 2, max(size - w, 0) // 2
+    canvas[top : top + h, left : left + w] = image
+    top, left = int(round((canvas.shape[0] - size) / 2.0)), int(round((canvas.shape[1] - size) / 2.0))
+    return canvas[top : top + size, left : left + size]
+
+
 def eval_transform(image: Image.Image, cfg: PretrainedCfg) -> np.ndarray:
-    """Resize to ``size / crop_pct``, center-crop to the model's input size and normalize:
-    returns float32 HWC, the NHWC counterpart of timm's eval transform."""
+    """timm's eval transform for ``cfg``, in PIL's steps: resize to ``size / crop_pct`` (the shorter
+    side for ``crop_mode`` center, both sides for squash, the longer side for border), center-crop
+    (or pad, for border) to the model's input size and normalize. Returns float32 HWC."""
     channels, height, width = cfg.input_size
     scale_size = math.floor(height / cfg.crop_pct)
     image = image.convert("L" if channels == 1 else "RGB")
-    image = center_crop(resize_shorter(image, scale_size, cfg.interpolation), height, width)
-    array = np.asarray(image, dtype=np.float32) / 255.0
+    mode = check_crop_mode(cfg.crop_mode)
+    if mode == "center":
+        image = resize_shorter(image, scale_size, cfg.interpolation)
+    elif mode == "squash":
+        image = image.resize((scale_size, scale_size), PIL_INTERPOLATION[cfg.interpolation])
+    else:
+        new_h, new_w = border_size(image.height, image.width, scale_size)
+        resized = np.asarray(image.resize((new_w, new_h), PIL_INTERPOLATION[cfg.interpolation]), np.float32)
+        resized = resized.reshape(new_h, new_w, -1) / 255.0
+        array = crop_or_pad(resized, height, np.asarray(border_fill(cfg.mean), np.float32)[:channels])
+        return (array - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    array = np.asarray(center_crop(image, height, width), dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[..., None]
     return (array - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
@@ -88,13 +132,17 @@ def resize_box(
     return np.stack(bands, axis=-1)
 
 
-def center_box(h: int, w: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
-    """timm's eval geometry as one box: the region that ``resize shorter side to size / crop_pct,
-    then center-crop size x size`` keeps, in source pixels. With torchvision's integer steps (the
-    longer side truncated, the crop offset rounded), one resize of this box samples exactly where
-    the two steps do."""
+def center_box(
+    h: int, w: int, size: int, crop_pct: float, crop_mode: str = "center"
+) -> tuple[float, float, float, float]:
+    """timm's eval geometry as one box: the region that ``resize to size / crop_pct (the shorter
+    side, or with crop_mode "squash" both sides), then center-crop size x size`` keeps, in source
+    pixels. With torchvision's integer steps (the longer side truncated, the crop offset rounded),
+    one resize of this box samples exactly where the two steps do."""
     scale_size = math.floor(size / crop_pct)
-    if w <= h:
+    if crop_mode == "squash":
+        new_w = new_h = scale_size
+    elif w <= h:
         new_w, new_h = scale_size, int(scale_size * h / w)
     else:
         new_w, new_h = int(scale_size * w / h), scale_size

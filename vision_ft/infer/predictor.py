@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vision_ft.cpu_runtime import compiler_options
-from vision_ft.data.pipeline import ExampleSplit, Geometry, sharded_eval_batches
+from vision_ft.data.pipeline import ExampleSplit, Geometry, eval_geometry, sharded_eval_batches
 from vision_ft.data.sources import DataOptions
 from vision_ft.infer.precision import MATMUL_PRECISION, PRECISIONS
 from vision_ft.models.factory import create_model
@@ -65,8 +65,7 @@ def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32
     config = read_run_config(run_dir)
     model = load_run_model(run_dir, which=which, dtype=model_dtype(precision))
     cfg = model.pretrained_cfg
-    crop_pct = config.get("eval_crop_pct") or cfg.crop_pct
-    geometry = Geometry(config["img_size"], cfg.interpolation, crop_pct, channels=config["in_chans"])
+    geometry = eval_geometry(cfg, config["img_size"], config.get("eval_crop_pct"), config["in_chans"])
     window = config.get("window")
     options = DataOptions(
         val_fraction=config.get("val_fraction", 0.1),
@@ -95,7 +94,7 @@ def from_pretrained(
         name, pretrained=pretrained, in_chans=in_chans, img_size=img_size, dtype=model_dtype(precision)
     )
     cfg = model.pretrained_cfg
-    geometry = Geometry(cfg.input_size[1], cfg.interpolation, cfg.crop_pct, channels=in_chans)
+    geometry = eval_geometry(cfg, cfg.input_size[1], None, in_chans)
     return Predictor(model, geometry, None, DataOptions(), f"{name} ({pretrained})", precision=precision)
 
 

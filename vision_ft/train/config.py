@@ -56,7 +56,8 @@ class FitConfig:
     workers: int = 0  # grain worker processes for decoding; 0 decodes on threads
     loader_threads: int = 4
     # preprocessing: None takes the model's pretrained_cfg or the modality's preset
-    eval_crop_pct: float | None = 1.0  # 1.0: the whole image; None: the model's crop_pct
+    # center crop, 1.0 keeping all of a square image; None: the model's crop_pct and crop_mode
+    eval_crop_pct: float | None = 1.0
     normalize: str = "auto"  # "pretrained", "dataset" (per-band statistics of train), "auto"
     mean: tuple[float, ...] | None = None  # explicit per-band statistics (e.g. from vision-ft stats)
     std: tuple[float, ...] | None = None

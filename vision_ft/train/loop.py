@@ -15,7 +15,7 @@ from flax import nnx
 
 from vision_ft import __version__
 from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import Geometry, prefetch_to_device, train_batches
+from vision_ft.data.pipeline import eval_geometry, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
 from vision_ft.data.splitting import write_split_file
@@ -170,13 +170,17 @@ class FitRun:
             cfg.modality, channels, random_crop=cfg.random_crop, hflip=cfg.hflip, vflip=cfg.vflip,
             rot90=cfg.rot90, translate=cfg.translate, color_jitter=cfg.color_jitter,
         )  # fmt: skip
+        # band statistics read a center crop; the model's own crop mode may pad with the mean
         crop_pct = cfg.eval_crop_pct if cfg.eval_crop_pct is not None else pretrained.crop_pct
-        self.eval_geometry = Geometry(cfg.img_size, pretrained.interpolation, crop_pct, channels=channels)
+        self.eval_geometry = eval_geometry(pretrained, cfg.img_size, crop_pct, channels)
+        mean, std = self._normalization()
+        self.model.pretrained_cfg = dataclasses.replace(pretrained, mean=mean, std=std)
+        self.eval_geometry = eval_geometry(
+            self.model.pretrained_cfg, cfg.img_size, cfg.eval_crop_pct, channels
+        )
         self.train_geometry = dataclasses.replace(
             self.eval_geometry, train_scale=cfg.crop_scale if self.augment_settings["random_crop"] else None
         )
-        mean, std = self._normalization()
-        self.model.pretrained_cfg = dataclasses.replace(pretrained, mean=mean, std=std)
 
     def _normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         cfg, channels = self.cfg, self.data.channels
