@@ -112,6 +112,55 @@ def test_training_batch_norm_matches_flax_values_and_gradients():
         np.testing.assert_allclose(d_ours[name][...], d_ref[name][...], rtol=1e-5, atol=1e-5)
 
 
+def test_batch_statistics_leave_out_the_examples_weighted_zero():
+    """A blank standing in for an unreadable image (weight 0) changes neither the outputs, the
+    running statistics nor the gradients of the others: the same as BatchNorm over the rest alone.
+    A batch of blanks only leaves the running statistics as they were."""
+    from vision_ft.models.layers import batch_norm, batch_statistics_over
+
+    rng = np.random.default_rng(0)
+    x = np.asarray(3 + 2 * rng.standard_normal((4, 5, 6, 8)), np.float32)
+    x[2] = 0.0  # the blank
+    keep = np.array([0, 1, 3])
+    weights = jnp.asarray([1.0, 1.0, 0.0, 1.0])
+    target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def fresh():
+        module = batch_norm(8, rngs=nnx.Rngs(0))
+        module.scale[...] = jnp.linspace(0.5, 2, 8)
+        module.bias[...] = jnp.linspace(-1, 1, 8)
+        return module
+
+    def masked_loss(module, x):
+        with batch_statistics_over(weights):
+            y = module(x, use_running_average=False)
+        return jnp.sum(y * target * weights[:, None, None, None])  # the loss ignores the blank too
+
+    def subset_loss(module, x):
+        return jnp.sum(module(x, use_running_average=False) * target[keep])
+
+    masked, subset = fresh(), fresh()
+    (d_masked, dx_masked), (d_subset, dx_subset) = (
+        nnx.grad(loss, argnums=(0, 1))(m, jnp.asarray(v))
+        for loss, m, v in ((masked_loss, masked, x), (subset_loss, subset, x[keep]))
+    )
+    np.testing.assert_allclose(np.asarray(dx_masked)[keep], dx_subset, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(dx_masked)[2], 0.0)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(d_masked[name][...], d_subset[name][...], rtol=1e-5, atol=1e-5)
+    for name in ("mean", "var"):  # each stepped once, the variance unbiased over the 3 x 30 values
+        np.testing.assert_allclose(getattr(masked, name)[...], getattr(subset, name)[...], rtol=1e-6)
+    with batch_statistics_over(weights):
+        y = fresh()(jnp.asarray(x), use_running_average=False)
+    np.testing.assert_allclose(np.asarray(y)[keep], fresh()(jnp.asarray(x[keep]), use_running_average=False),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    blanks_only = fresh()
+    with batch_statistics_over(jnp.zeros(4)):
+        blanks_only(jnp.asarray(x), use_running_average=False)
+    np.testing.assert_array_equal(np.asarray(blanks_only.mean[...]), np.zeros(8))
+    np.testing.assert_array_equal(np.asarray(blanks_only.var[...]), np.ones(8))
+
+
 @pytest.mark.parametrize("chunk", [4, 2, 1])
 def test_self_attention_matches_einsum_reference_and_its_gradient(chunk):
     """Whole batch, and attended a few images at a time (what a single CPU device does at

@@ -14,7 +14,10 @@ from flax import nnx
 
 import vision_ft
 from tests.train_fixtures import numpy_state, tiny_config, train_batch
-from vision_ft.data.pipeline import eval_batches
+from vision_ft.data.files import FileSplit
+from vision_ft.data.npz import ArraySplit
+from vision_ft.data.pipeline import eval_batches, may_be_unusable
+from vision_ft.data.records import Record
 from vision_ft.train.config import load_config
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
@@ -404,3 +407,46 @@ def test_select_metric_loss_keeps_the_lowest_validation_loss(tmp_path):
     lowest = val[int(np.argmin(losses))]
     assert final["best_val"]["epoch"] == lowest["epoch"]
     assert final["best_val"]["loss"] == pytest.approx(lowest["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.8])
+def test_an_unreadable_image_changes_nothing_in_the_train_step(mixup):
+    """The pipeline hands an unreadable image over as a blank with mask 0. The loss ignored it, but it
+    entered BatchNorm's batch statistics: every other image was normalised against a batch holding
+    a blank, and the running statistics moved towards it. Now the step with the blank trains as the
+    step without it does. With mixup the image paired with the blank leaves the batch too: the step
+    equals one where both are masked."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.8, (6, 32, 32, 1)).astype(np.float32)
+    labels = np.array([0, 1, 1, 0, 1, 0], np.int32)
+
+    def trained(images, labels, mask):
+        model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+        # SGD: updates proportional to the gradients, which Adam's first step is not
+        trainer = Trainer(
+            model, build_plan(model), optax.sgd(1.0), data_mesh(jax.devices()[:1]),
+            class_weights=np.ones(2), augment=Augment(hflip=False, mixup=mixup), learning_rate=0.1,
+            mask_batch_statistics=True,
+        )  # fmt: skip
+        metrics = trainer.train_step(images, labels, mask, 0)
+        trainer.write_back(model)
+        return float(metrics["loss"]), numpy_state(model, nnx.Param), numpy_state(model, nnx.BatchStat)
+
+    with_blank = images.copy()
+    with_blank[2] = 0.0
+    mask = np.array([1, 1, 0, 1, 1, 1], np.float32)
+    # mixup pairs image i with image 5 - i: the blank (2) with image 3, so those two leave the batch
+    kept = [0, 1, 3, 4, 5] if mixup == 0 else [0, 1, 4, 5]
+    if mixup == 0:
+        reference = trained(images[kept], labels[kept], np.ones(len(kept), np.float32))
+    else:  # the same pairs and mixing draw: the partners' images replaced by themselves, masked out
+        reference = trained(images, labels, np.array([1, 1, 0, 0, 1, 1], np.float32))
+    loss, params, stats = trained(with_blank, labels, mask)
+    assert loss == pytest.approx(reference[0], rel=1e-5)
+    # fit masks the statistics where the data can hold unreadable files, not for arrays in memory
+    assert may_be_unusable(FileSplit([Record("a.png", 0)]))
+    assert not may_be_unusable(ArraySplit(images, labels))
+    for path in stats:
+        np.testing.assert_allclose(stats[path], reference[2][path], rtol=1e-5, atol=1e-6, err_msg=path)
+    for path in params:
+        np.testing.assert_allclose(params[path], reference[1][path], rtol=1e-4, atol=1e-6, err_msg=path)

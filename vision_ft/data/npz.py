@@ -6,6 +6,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from numpy.lib.npyio import NpzFile
@@ -23,6 +24,8 @@ class ArraySplit:
     images: np.ndarray
     labels: np.ndarray
     name: str = "array"
+    # decoded already, all of one shape: no example can be unusable (see pipeline.may_be_unusable)
+    always_usable: ClassVar[bool] = True
 
     def __len__(self) -> int:
         return len(self.labels)

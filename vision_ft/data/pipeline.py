@@ -127,6 +127,12 @@ def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | N
     return to_unit_range(resize_box(image, size, size, geometry.interpolation, box))
 
 
+def may_be_unusable(split: ExampleSplit) -> bool:
+    """Whether ``split`` can yield unusable examples (files that fail to decode), which the train
+    step must then leave out of BatchNorm's statistics; arrays in memory cannot."""
+    return not getattr(split, "always_usable", False)
+
+
 def unusable_reason(split: ExampleSplit, row: int, geometry: Geometry) -> str:
     """Why the pipeline flagged example ``row`` as unusable: read and prepared again here, since the
     pipeline keeps only the flag (e.g. "has 3 bands, expected 1" for a photo given to a grayscale

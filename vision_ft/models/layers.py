@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,7 +16,7 @@ from vision_ft.models.cpu_conv import (
     patch_matmul,
     pointwise_matmul,
 )
-from vision_ft.models.fused_norm import batch_norm_train
+from vision_ft.models.fused_norm import batch_norm_train, counted_elements
 
 # PyTorch's BatchNorm momentum 0.1 weights the new batch; Flax's 0.9 weights the running value.
 BN_MOMENTUM = 0.9
@@ -138,10 +142,30 @@ class Linear(nnx.Linear):
         return y + self.bias[...].astype(dtype) if self.bias is not None else y
 
 
+# per-example weights (1 or 0) of the batch being traced: see batch_statistics_over
+_STATISTICS_WEIGHTS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "vision_ft_batch_statistics_weights", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_statistics_over(weights: jax.Array) -> Iterator[None]:
+    """Within the block, every training-mode ``BatchNorm`` takes its batch statistics over the
+    examples of weight 1 (shape ``(batch,)``): the train step leaves the blanks that stand in for
+    unreadable images out, which the loss already ignores, without threading a mask through every
+    block of every architecture."""
+    token = _STATISTICS_WEIGHTS.set(weights)
+    try:
+        yield
+    finally:
+        _STATISTICS_WEIGHTS.reset(token)
+
+
 class BatchNorm(nnx.BatchNorm):
     """nnx.BatchNorm that a fine-tune can freeze: with ``frozen_stats`` set it always normalizes
     with its running statistics and never updates them, like a frozen timm layer kept in eval mode,
-    whatever ``train`` the model is called with."""
+    whatever ``train`` the model is called with. In training mode its batch statistics leave out
+    the examples ``batch_statistics_over`` weighs 0."""
 
     frozen_stats: bool = False
 
@@ -152,14 +176,18 @@ class BatchNorm(nnx.BatchNorm):
         if resolved or mask is not None:
             return super().__call__(x, use_running_average=use_running_average, mask=mask)
         x = x.astype(self.dtype or jnp.result_type(x, self.scale[...]))
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        weights = _STATISTICS_WEIGHTS.get()
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, weights)
         # PyTorch's running variance averages the unbiased batch variance, n / (n - 1) times the
         # biased one that normalises
-        n = x.size // x.shape[-1]
-        mean, var = jax.lax.stop_gradient((mean, var * (n / max(n - 1, 1))))
+        n = counted_elements(x, weights)
+        unbiased = n / max(n - 1, 1) if weights is None else n / jnp.maximum(n - 1, 1)
+        mean, var = jax.lax.stop_gradient((mean, var * unbiased))
+        # a batch of blanks only (every image unreadable) leaves the running statistics as they were
+        momentum = self.momentum if weights is None else jnp.where(n > 0, self.momentum, 1.0)
         # set_value, not `[...] =`: as in next_key (0.9 s of the default fit's train-step trace)
-        self.mean.set_value(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
-        self.var.set_value(self.momentum * self.var[...] + (1 - self.momentum) * var)
+        self.mean.set_value(momentum * self.mean[...] + (1 - momentum) * mean)
+        self.var.set_value(momentum * self.var[...] + (1 - momentum) * var)
         return y
 
 

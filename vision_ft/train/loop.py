@@ -15,7 +15,7 @@ from flax import nnx
 
 from vision_ft import __version__
 from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import eval_geometry, prefetch_to_device, train_batches
+from vision_ft.data.pipeline import eval_geometry, may_be_unusable, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
 from vision_ft.data.splitting import write_split_file
@@ -223,6 +223,7 @@ class FitRun:
             tta_shift=cfg.tta_shift,
             multi_label=self.multi_label,
             fsdp_min_size=cfg.fsdp_min_size,
+            mask_batch_statistics=may_be_unusable(self.data.splits["train"]),
             augment=Augment(
                 hflip=self.augment_settings["hflip"],
                 vflip=self.augment_settings["vflip"],

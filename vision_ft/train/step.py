@@ -10,6 +10,7 @@ mesh; the model state is replicated, or with an ``fsdp`` mesh axis sharded over 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vision_ft.cpu_runtime import compiler_options
-from vision_ft.models.layers import BatchNorm
+from vision_ft.models.layers import BatchNorm, batch_statistics_over
 from vision_ft.train.config import EMA_WARMUPS
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.optimizer import UpdateWindows
@@ -220,6 +221,7 @@ class Trainer:
         tta_shift: float = 0.0,
         multi_label: bool = False,
         fsdp_min_size: int = DEFAULT_MIN_SIZE,
+        mask_batch_statistics: bool = False,
     ):
         trainable_paths = frozenset(p for p, s in plan.items() if s.trainable)
 
@@ -300,11 +302,17 @@ class Trainer:
             else:
                 targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
                 weights = self.class_weights[labels] * mask
+            usable = mask
             if augment.mixup > 0 or augment.cutmix > 0:
                 x, targets, weights = mix_batch(x, targets, weights, mix_key, augment)
                 # an image mixed with an unusable one (mask 0, a blank) is not an example either
-                weights = weights * mask * mask[::-1]
-            logits = model((x - mean) / std, train=True).astype(jnp.float32)
+                usable = mask * mask[::-1]
+                weights = weights * usable
+            # nor does a blank move BatchNorm's statistics, where the data can hold blanks at all:
+            # the weighted statistics cost 4% of tf_efficientnet_lite0's step
+            statistics = batch_statistics_over(usable) if mask_batch_statistics else contextlib.nullcontext()
+            with statistics:
+                logits = model((x - mean) / std, train=True).astype(jnp.float32)
             if multi_label:
                 per_example = multilabel_loss(logits, targets, self.class_weights)
             else:
