@@ -115,7 +115,7 @@ def test_training_batch_norm_matches_flax_values_and_gradients():
 def test_batch_statistics_leave_out_the_examples_weighted_zero():
     """A blank standing in for an unreadable image (weight 0) changes neither the outputs, the
     running statistics nor the gradients of the others: the same as BatchNorm over the rest alone.
-    A batch of blanks only leaves the running statistics as they were."""
+    A batch of blanks only leaves the running statistics as they were, and its values finite."""
     from vision_ft.models.layers import batch_norm, batch_statistics_over
 
     rng = np.random.default_rng(0)
@@ -155,8 +155,18 @@ def test_batch_statistics_leave_out_the_examples_weighted_zero():
     np.testing.assert_allclose(np.asarray(y)[keep], fresh()(jnp.asarray(x[keep]), use_running_average=False),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     blanks_only = fresh()
-    with batch_statistics_over(jnp.zeros(4)):
-        blanks_only(jnp.asarray(x), use_running_average=False)
+
+    def stacked_loss(module, x):  # 20 layers: scaling by rsqrt(eps) in each overflowed to NaN
+        with batch_statistics_over(jnp.zeros(4)):
+            for _ in range(20):
+                x = module(x, use_running_average=False)
+        return jnp.sum(x * target * 0.0), x
+
+    (_, y), (grads, dx) = nnx.value_and_grad(stacked_loss, argnums=(0, 1), has_aux=True)(
+        blanks_only, jnp.asarray(x)
+    )
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(dx)).all()
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     np.testing.assert_array_equal(np.asarray(blanks_only.mean[...]), np.zeros(8))
     np.testing.assert_array_equal(np.asarray(blanks_only.var[...]), np.ones(8))
 

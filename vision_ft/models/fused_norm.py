@@ -50,6 +50,11 @@ def batch_norm_train(
 
 
 def _forward(x, scale, bias, epsilon, weights):
+    if weights is not None:
+        # a batch of blanks only: normalise with the whole batch's statistics rather than with
+        # none (the variance 0, scaling by rsqrt(eps) layer after layer until the values overflow);
+        # nothing learns from it, as the loss weighs every example 0
+        weights = jnp.where(jnp.sum(weights) > 0, weights, jnp.ones_like(weights))
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean, var = _stats(x32, weights)
     inv = jax.lax.rsqrt(var + epsilon)
