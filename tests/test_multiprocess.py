@@ -231,3 +231,33 @@ def test_a_refused_output_or_unshared_checkpoints_stop_every_process(data, tmp_p
             "process 1 cannot read what process 0 writes there"
         ) in text, text[-2000:]
     assert list((tmp_path / "host0" / "checkpoints").iterdir()) == []  # the probe is gone
+
+
+def test_unusable_images_either_process_read_are_all_reported(tmp_path):
+    """Each process decodes its own slice of a batch and noted the unusable files it met; final.json
+    (process 0's) listed only process 0's. One epoch of one batch of all 16 images: process 0 reads
+    8 of them, process 1 the other 8, and all 4 broken files must be reported."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    broken = {("a", 1), ("a", 5), ("b", 2), ("b", 6)}
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            path = tmp_path / "data" / name / f"{i}.png"
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+            if (name, i) in broken:
+                path.write_bytes(path.read_bytes()[:60])
+    port = _free_port()
+    paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    commands = [
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", "--model", "test_resnet",
+         "--pretrained", "false", "--data", f"folder:{tmp_path / 'data'}", "--val-fraction", "0",
+         "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--output", str(tmp_path / "run"),
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)
+    ]  # fmt: skip
+    _wait_for_all(_start(commands, paths, _env(4)), paths, timeout=300)
+    reported = json.loads((tmp_path / "run" / "final.json").read_text())["bad_examples"]
+    expected = {str(tmp_path / "data" / name / f"{i}.png") for name, i in broken}
+    assert reported["count"] == 4 and set(reported["examples"]) == expected, reported

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import time
 
 import jax
 import numpy as np
@@ -171,22 +172,69 @@ def check_shared_directory(path, what: str) -> None:
     probe = path / _SHARED_PROBE
     token = np.frombuffer(os.urandom(8), np.uint32)
     wait_for_all_processes("probe-token")
-    token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    expected = np.asarray(multihost_utils.broadcast_one_to_all(token)).tobytes().hex()
+    unwritable = None
     if is_primary():
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token.tobytes().hex())
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_text(expected)
+        except Exception as e:  # raised below, once the others have looked too
+            unwritable = ProcessStoppedError(
+                f"{what} {path} cannot be written: {getattr(e, 'strerror', None) or e}"
+            )
     wait_for_all_processes("probe-written")
-    try:
-        sees = probe.read_text() == token.tobytes().hex()
-    except OSError:
-        sees = False
+    sees = _reads_back(probe, expected)
+    wait_for_all_processes("probe-read")  # a collective follows; see wait_for_all_processes
     everyone = np.asarray(multihost_utils.process_allgather(np.int32(sees)))
-    wait_for_all_processes("probe-read")
     if is_primary():
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except Exception as e:  # a role that may write but not delete: harmless
+            log.warning("could not remove %s: %s", probe, e)
+    if unwritable is not None:
+        raise unwritable
     if not everyone.all():
         blind = ", ".join(str(i) for i in np.flatnonzero(everyone == 0))
         raise ProcessStoppedError(
             f"{what} {path} is not shared by the processes of this run: process {blind} cannot read what "
             "process 0 writes there. Put it on storage every host reads (NFS, gs://BUCKET/...)"
         )
+
+
+def _reads_back(probe, expected: str, patience_s: float = 10.0) -> bool:
+    """Whether ``probe`` holds ``expected``, looking again for ``patience_s``: an NFS client may
+    have cached that the directory did not exist a moment ago (listing it refreshes the cache)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            if probe.read_text() == expected:
+                return True
+        except Exception:  # absent, or a backend's own not-found error
+            pass
+        if time.monotonic() > deadline:
+            return False
+        try:
+            list(probe.parent.iterdir())
+        except Exception:  # the directory itself may not be there (yet)
+            pass
+        time.sleep(1.0)
+
+
+def merged_from_all_processes(mapping: dict) -> dict:
+    """The union of every process's ``mapping`` (JSON-serialisable), later processes' entries over
+    earlier ones: what each process met in its own slice of the batches (the unusable files it
+    decoded), for process 0 to report."""
+    if jax.process_count() == 1:
+        return dict(mapping)
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(mapping, sort_keys=True).encode(), np.uint8)
+    wait_for_all_processes("merge")  # collectives follow; see wait_for_all_processes
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(payload.size)))
+    padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    padded[: payload.size] = payload
+    everyone = np.asarray(multihost_utils.process_allgather(padded))
+    merged: dict = {}
+    for row, size in zip(everyone, sizes, strict=True):
+        merged.update(json.loads(row[:size].tobytes()))
+    return merged

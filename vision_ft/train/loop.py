@@ -26,7 +26,7 @@ from vision_ft.train import report
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from vision_ft.train.class_weights import class_weights_for
 from vision_ft.train.config import ConfigError, FitConfig
-from vision_ft.train.distributed import is_primary
+from vision_ft.train.distributed import is_primary, merged_from_all_processes
 from vision_ft.train.evaluation import (
     BadExamples,
     improves_selection,
@@ -453,8 +453,9 @@ class FitRun:
         if primary:
             report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
-        bad = self.bad_examples.reasons
-        final["bad_examples"] = {"count": len(bad), "examples": dict(bad)}
+        # each process noted the unusable training files of its own slices of the batches
+        bad = merged_from_all_processes(self.bad_examples.reasons)
+        final["bad_examples"] = {"count": len(bad), "examples": bad}
         final["wall_seconds"] = round(time.time() - started, 1)
         if primary:
             report.write_json(self.out / "final.json", final)

@@ -48,11 +48,15 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
     In a multi-process run each process claims its own --output (hosts may keep their own run
     directories), process 0's preemption marker decides a rerun's resume for all, a refusal on one
     process stops every one, and the checkpoint directory must be one they all share."""
-    preempted = process_zero_says(was_preempted(Path(cfg.output)))
+    try:
+        marked = was_preempted(Path(cfg.output))
+    except OSError:  # an unreadable --output: _claim names it below, on this process
+        marked = False
+    preempted = process_zero_says(marked)
     claimed, error = None, None
     try:
         claimed = _claim(cfg, preempted=preempted)
-    except Exception as e:  # noqa: BLE001 - re-raised below, on this process and the others
+    except Exception as e:  # re-raised below, on this process and the others
         error = e
     stop_together(error, "--output")
     check_shared_directory(claimed.checkpoint_dir, "the checkpoint directory")
