@@ -331,3 +331,21 @@ def test_a_damaged_checkpoint_is_one_error_line_and_exit_2(fitted, tmp_path):
     assert "could not be read (damaged?)" in errors[0]
     # nor the dozens of tracebacks of the reads Orbax abandoned
     assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
+
+
+def test_a_run_is_resized_for_inference_as_its_validation_was(fitted, tmp_path):
+    """fit records the crop mode its validation and test used; eval, predict and embed take it (a
+    run written before it was recorded center-cropped, whatever its model's own crop_mode)."""
+    import shutil
+
+    root, _, _ = fitted
+    config = json.loads((root / "run" / "config.json").read_text())
+    assert config["eval_crop_mode"] == "center"
+    copy = tmp_path / "run"
+    shutil.copytree(root / "run", copy)
+    for recorded, expected in (("squash", "squash"), (None, "center")):
+        edited = {**config, "eval_crop_pct": None, "eval_crop_mode": recorded}
+        if recorded is None:
+            del edited["eval_crop_mode"]
+        (copy / "config.json").write_text(json.dumps(edited))
+        assert from_run(copy).geometry.eval_crop_mode == expected

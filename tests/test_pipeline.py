@@ -236,3 +236,19 @@ def test_eval_geometry_follows_timms_crop_modes(height, width, crop_mode, crop_p
     np.testing.assert_allclose(eval_transform(Image.fromarray(image), cfg) + mean, reference, atol=1e-6)
     # a fixed crop_pct keeps the center crop, whatever the model's mode
     assert eval_geometry(cfg, 224, 1.0, 3).eval_crop_mode == "center"
+
+
+def test_border_pads_8_bit_images_with_the_rounded_mean_and_others_with_the_mean():
+    """timm pads 8-bit pixels with round(255 x mean); 16-bit or float data (a CT window, dataset
+    statistics of 0.0013) would be padded 0, far from its mean, if rounded the same way."""
+    from vision_ft.data.pipeline import _prepare
+
+    geometry = Geometry(8, "bilinear", 1.0, channels=1, eval_crop_mode="border", border_mean=(0.0013,))
+    tall = np.full((16, 8, 1), 0.5, np.float32)  # fitted to 8 x 4, padded by 2 columns each side
+    out = _prepare(tall, geometry, None)
+    np.testing.assert_array_equal(out[:, :2], np.float32(0.0013))
+    np.testing.assert_allclose(out[:, 2:6], 0.5)
+    out = _prepare(np.full((16, 8, 1), 128, np.uint8), geometry, None)
+    np.testing.assert_array_equal(out[:, :2], 0.0)  # round(255 x 0.0013) = 0
+    with pytest.raises(ValueError, match="crop_mode must be one of center, squash, border"):
+        Geometry(8, eval_crop_mode="letterbox")

@@ -63,7 +63,7 @@ class Geometry:
     train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     channels: int | None = None  # expected band count; others are bad examples
     eval_crop_mode: str = "center"  # timm's crop_mode: center, squash or border
-    border_fill: tuple[float, ...] = (0.0,)  # crop_mode border's padding, per band in [0, 1]
+    border_mean: tuple[float, ...] = (0.0,)  # crop_mode border pads with it, per band in [0, 1]
 
     def __post_init__(self):
         check_crop_mode(self.eval_crop_mode)
@@ -76,7 +76,7 @@ def eval_geometry(cfg: PretrainedCfg, img_size: int, crop_pct: float | None, cha
         return Geometry(img_size, cfg.interpolation, crop_pct, channels=channels)
     return Geometry(
         img_size, cfg.interpolation, cfg.crop_pct, channels=channels,
-        eval_crop_mode=cfg.crop_mode, border_fill=border_fill(cfg.mean),
+        eval_crop_mode=cfg.crop_mode or "center", border_mean=tuple(cfg.mean),
     )  # fmt: skip
 
 
@@ -118,7 +118,10 @@ def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | N
     elif geometry.eval_crop_mode == "border":
         new_h, new_w = border_size(h, w, math.floor(size / geometry.eval_crop_pct))
         resized = to_unit_range(resize_box(image, new_h, new_w, geometry.interpolation))
-        fill = np.asarray(geometry.border_fill, np.float32)
+        # timm pads 8-bit pixels with the mean rounded to one; other data takes the mean itself
+        fill = np.asarray(
+            border_fill(geometry.border_mean) if image.dtype == np.uint8 else geometry.border_mean
+        )
         return crop_or_pad(resized, size, fill if fill.size == resized.shape[-1] else fill.mean())
     else:
         box = center_box(h, w, size, geometry.eval_crop_pct, geometry.eval_crop_mode)

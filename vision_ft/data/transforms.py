@@ -76,7 +76,7 @@ def eval_transform(image: Image.Image, cfg: PretrainedCfg) -> np.ndarray:
     channels, height, width = cfg.input_size
     scale_size = math.floor(height / cfg.crop_pct)
     image = image.convert("L" if channels == 1 else "RGB")
-    mode = check_crop_mode(cfg.crop_mode)
+    mode = check_crop_mode(cfg.crop_mode or "center")  # timm reads None as center
     if mode == "center":
         image = resize_shorter(image, scale_size, cfg.interpolation)
     elif mode == "squash":

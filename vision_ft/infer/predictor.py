@@ -66,6 +66,8 @@ def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32
     model = load_run_model(run_dir, which=which, dtype=model_dtype(precision))
     cfg = model.pretrained_cfg
     geometry = eval_geometry(cfg, config["img_size"], config.get("eval_crop_pct"), config["in_chans"])
+    # as the run's validation and test did; runs that did not record it center-cropped
+    geometry = dataclasses.replace(geometry, eval_crop_mode=config.get("eval_crop_mode", "center"))
     window = config.get("window")
     options = DataOptions(
         val_fraction=config.get("val_fraction", 0.1),

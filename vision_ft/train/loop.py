@@ -308,6 +308,8 @@ class FitRun:
                     "multi_label": self.multi_label,
                     "in_chans": self.data.channels,
                     "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
+                    # how validation and test resized: eval, predict and embed do the same
+                    "eval_crop_mode": self.eval_geometry.eval_crop_mode,
                     # so that a run directory says which release's semantics wrote it
                     "vision_ft_version": __version__,
                 },
