@@ -56,13 +56,14 @@ def test_a_new_run_does_not_write_into_a_directory_of_other_files(tmp_path):
     assert (out / "config.json").read_text() == "the user's own"
 
 
-@pytest.mark.parametrize("steps_into_phase", [0, 2])
+@pytest.mark.parametrize("steps_into_phase, accumulate", [(0, 1), (2, 1), (3, 4)])
 def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(
-    tmp_path, monkeypatch, steps_into_phase
+    tmp_path, monkeypatch, steps_into_phase, accumulate
 ):
     """At 0 the latest checkpoint is the head phase's last: its optimizer state and EMA cover only
-    the head, and the resumed run must switch phases as the uninterrupted one did."""
-    settings = dict(recipe="fine_tune", head_epochs=1, epochs=2, ema_decay=0.9)
+    the head, and the resumed run must switch phases as the uninterrupted one did. Accumulating 4
+    of an epoch's 6 steps, 3 steps in stops mid-window: the resumed run goes on with its gradients."""
+    settings = dict(recipe="fine_tune", head_epochs=1, epochs=2, ema_decay=0.9, accumulate_steps=accumulate)
     full = FitRun(tiny_config(tmp_path, output=str(tmp_path / "full"), **settings), progress=False).run()
     stopped = FitRun(tiny_config(tmp_path, **settings), progress=False)
     stop_at = stopped.phases[1].first_step + steps_into_phase
@@ -251,3 +252,19 @@ def test_resuming_another_release_s_checkpoint_names_both_releases_and_keeps_the
         FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False).run()
     after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before  # config.json included: a failed resume rewrites nothing
+
+
+def test_a_checkpoint_whose_accumulation_window_crosses_epochs_is_refused(tmp_path):
+    """Before windows restarted every epoch, one ran on across the epoch's end: resumed now, the
+    device's updates and the host's learning rate and EMA would fall out of step."""
+    run = FitRun(tiny_config(tmp_path, accumulate_steps=4), progress=False)  # 6 steps an epoch
+    phase = run.phases[0]
+
+    def restored(mini_step, gradient_step, step):
+        state = optax.MultiStepsState(mini_step, gradient_step, None, None, None)
+        return {"opt_state": state, "step": np.int32(step)}
+
+    run._check_accumulation_window(restored(0, 2, 6), phase)  # windows of 4 and 2 steps
+    run._check_accumulation_window(restored(1, 2, 7), phase)
+    with pytest.raises(CheckpointMismatchError, match="accumulates gradients across epochs"):
+        run._check_accumulation_window(restored(2, 1, 6), phase)  # the old windows: 4, then 2 of the next 4

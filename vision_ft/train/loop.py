@@ -413,6 +413,7 @@ class FitRun:
                 f"{e}; the run was saved by vision-ft {saved_by} and this is {__version__}: resume it "
                 f"with {saved_by}, or fine-tune anew from its weights (--pretrained {RUN_PREFIX}{self.out})"
             ) from None
+        self._check_accumulation_window(restored, phase)
         nnx.update(self.model, restored["params"], restored["stats"])
         trainer.load_weights(self.model)
         trainer.opt_state = to_global(restored["opt_state"], trainer.shardings["opt_state"])
@@ -422,6 +423,27 @@ class FitRun:
             )
         log.info("resumed from step %d", int(restored["step"]))
         return int(restored["step"]), float(restored["best_score"]), phase, trainer
+
+    def _check_accumulation_window(self, restored: dict, phase: Phase) -> None:
+        """Raise ``CheckpointMismatchError`` where the checkpoint's gradient accumulation is not
+        where this release's windows put it: checkpoints saved before windows restarted every
+        epoch carry a window across epochs, which the host's learning rate and EMA would not follow."""
+        opt_state = restored["opt_state"]
+        if self.cfg.accumulate_steps == 1 or not hasattr(opt_state, "mini_step"):
+            return
+        step = int(restored["step"])
+        windows = update_windows(self.cfg, self.steps_per_epoch)
+        within = (step - phase.first_step) % self.steps_per_epoch
+        # after r steps of the phase: r's place in its window, and the updates completed
+        expected = (within % self.cfg.accumulate_steps, windows.update_index(step - phase.first_step))
+        found = (int(np.asarray(opt_state.mini_step)), int(np.asarray(opt_state.gradient_step)))
+        if found != expected:
+            raise CheckpointMismatchError(
+                f"--resume: the checkpoint at step {step} in {self.checkpoint_dir} accumulates gradients "
+                f"across epochs (window step {found[0]}, update {found[1]}; this release restarts windows "
+                f"every epoch: {expected[0]}, {expected[1]}); fine-tune anew from its weights "
+                f"(--pretrained {RUN_PREFIX}{self.out})"
+            )
 
     def _finish(self, trainer: Trainer, metrics_log: report.MetricsLog, started: float) -> dict:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports
