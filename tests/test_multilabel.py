@@ -19,6 +19,7 @@ from vision_ft.train.multilabel import (
     multilabel_metrics,
     positive_weights,
 )
+from vision_ft.train.output_dir import RUN_ENTRIES
 
 CLASSES = ("red", "green", "blue")
 
@@ -148,6 +149,8 @@ def test_fit_eval_predict_embed_on_multi_label_csv(tmp_path):
     assert len(test["per_class"]) == 3
     assert set(final["test_clinical"]["per_class"]) == set(run.data.class_names)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["multi_label"] is True
+    # a new run refuses a directory holding anything else: the list must name all a fit writes
+    assert {entry.name for entry in (tmp_path / "run").iterdir()} <= RUN_ENTRIES
     assert json.loads((tmp_path / "run" / "final.json").read_text(), parse_constant=_reject)["test"] == test
 
     from vision_ft.infer.evaluate import evaluate_run

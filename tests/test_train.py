@@ -23,6 +23,7 @@ from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
 from vision_ft.train.optimizer import build_optimizer, keypath_to_str
+from vision_ft.train.output_dir import RUN_ENTRIES
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.step import Augment, Trainer, data_mesh, ema_decay_at, freeze_batchnorm
 from vision_ft.train.tta import augmented_views
@@ -266,6 +267,8 @@ def test_fit_writes_reports(tmp_path):
     ):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").iterdir())
+    # a new run refuses a directory holding anything else: the list must name all a fit writes
+    assert {entry.name for entry in out.iterdir()} <= RUN_ENTRIES
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "val", "test"}
     assert all({"epoch", "step", "split", "loss"} <= set(r) for r in records)
