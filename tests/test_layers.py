@@ -170,6 +170,25 @@ def test_batch_statistics_leave_out_the_examples_weighted_zero():
     np.testing.assert_array_equal(np.asarray(blanks_only.mean[...]), np.zeros(8))
     np.testing.assert_array_equal(np.asarray(blanks_only.var[...]), np.ones(8))
 
+    # one usable image at 1 x 1: one value per channel, variance 0; the blanks, normalised by it,
+    # had grown by rsqrt(eps) a layer into inf, and inf x 0 made every statistic NaN
+    one_usable = fresh()
+    pixels = jnp.asarray(x[:, :1, :1])
+
+    def one_usable_loss(module, x):
+        with batch_statistics_over(jnp.asarray([1.0, 0.0, 0.0, 0.0])):
+            for _ in range(20):
+                x = module(x, use_running_average=False)
+        return jnp.sum(x[0] * target[0, :1, :1]), x
+
+    (_, y), (grads, dx) = nnx.value_and_grad(one_usable_loss, argnums=(0, 1), has_aux=True)(
+        one_usable, pixels
+    )
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(dx)).all()
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    np.testing.assert_array_equal(np.asarray(y)[1:], 0.0)  # a blank's output is 0
+    np.testing.assert_array_equal(np.asarray(one_usable.var[...]), np.ones(8))  # as PyTorch, no n=1 update
+
 
 @pytest.mark.parametrize("chunk", [4, 2, 1])
 def test_self_attention_matches_einsum_reference_and_its_gradient(chunk):

@@ -7,7 +7,9 @@ gradient and of it times the normalised input) and one elementwise sweep. The st
 PyTorch's: biased variance for normalising, computed in at least float32.
 
 Per-example ``weights`` (1 or 0) leave examples out of the statistics: the blanks that stand in for
-unreadable images in a train batch, which the loss already ignores. Every example is normalised.
+unreadable images in a train batch, which the loss already ignores. Their outputs are 0, so that a
+blank, normalised by statistics it has no part in, cannot grow layer after layer into inf (and inf
+times a weight of 0 into NaN statistics).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ def _stats(x: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, jax.Arra
     if weights is None:
         mean = jnp.mean(x, axis=axes)
         return mean, jnp.mean(jnp.square(x - mean), axis=axes)
-    w, n = _per_example(weights, x), jnp.maximum(counted_elements(x, weights), 1).astype(x.dtype)
-    mean = jnp.sum(x * w, axis=axes) / n
-    return mean, jnp.sum(jnp.square(x - mean) * w, axis=axes) / n
+    counted, n = _per_example(weights, x) > 0, jnp.maximum(counted_elements(x, weights), 1).astype(x.dtype)
+    mean = jnp.sum(jnp.where(counted, x, 0), axis=axes) / n
+    return mean, jnp.sum(jnp.where(counted, jnp.square(x - mean), 0), axis=axes) / n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -45,7 +47,8 @@ def batch_norm_train(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, weights: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(y, batch mean, biased batch variance)`` over every axis but the last (channels), the
-    statistics over the examples of weight 1 where ``weights`` (shape ``(batch,)``) is given."""
+    statistics over the examples of weight 1 where ``weights`` (shape ``(batch,)``) is given, and
+    ``y`` 0 for the others."""
     return _forward(x, scale, bias, epsilon, weights)[0]
 
 
@@ -58,8 +61,10 @@ def _forward(x, scale, bias, epsilon, weights):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean, var = _stats(x32, weights)
     inv = jax.lax.rsqrt(var + epsilon)
-    y = ((x32 - mean) * (inv * scale) + bias).astype(x.dtype)
-    return (y, mean, var), (x, mean, inv, scale, weights)
+    y = (x32 - mean) * (inv * scale) + bias
+    if weights is not None:
+        y = jnp.where(_per_example(weights, y) > 0, y, 0)
+    return (y.astype(x.dtype), mean, var), (x, mean, inv, scale, weights)
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, weights):
@@ -72,6 +77,9 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
     axes = tuple(range(x.ndim - 1))
     centred = x.astype(mean.dtype) - mean
     dy = dy.astype(mean.dtype)
+    if weights is not None:  # a blank's output is 0 whatever its input: it passes no gradient
+        counted = _per_example(weights, centred) > 0
+        centred, dy = jnp.where(counted, centred, 0), jnp.where(counted, dy, 0)
     dbias = jnp.sum(dy, axis=axes)
     dscale = jnp.sum(dy * centred, axis=axes) * inv
     # d/dx of (x - mean) * inv through mean and var, plus the statistics' own cotangents

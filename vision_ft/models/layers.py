@@ -183,8 +183,9 @@ class BatchNorm(nnx.BatchNorm):
         n = counted_elements(x, weights)
         unbiased = n / max(n - 1, 1) if weights is None else n / jnp.maximum(n - 1, 1)
         mean, var = jax.lax.stop_gradient((mean, var * unbiased))
-        # a batch of blanks only (every image unreadable) leaves the running statistics as they were
-        momentum = self.momentum if weights is None else jnp.where(n > 0, self.momentum, 1.0)
+        # a batch of blanks only (every image unreadable), or one value per channel (one usable
+        # image at 1 x 1, which PyTorch refuses), leaves the running statistics as they were
+        momentum = self.momentum if weights is None else jnp.where(n > 1, self.momentum, 1.0)
         # set_value, not `[...] =`: as in next_key (0.9 s of the default fit's train-step trace)
         self.mean.set_value(momentum * self.mean[...] + (1 - momentum) * mean)
         self.var.set_value(momentum * self.var[...] + (1 - momentum) * var)
