@@ -185,7 +185,8 @@ def check_shared_directory(path, what: str) -> None:
     wait_for_all_processes("probe-written")
     sees = _reads_back(probe, expected)
     wait_for_all_processes("probe-read")  # a collective follows; see wait_for_all_processes
-    everyone = np.asarray(multihost_utils.process_allgather(np.int32(sees)))
+    mine = np.array([sees, unwritable is not None], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
     if is_primary():
         try:
             probe.unlink(missing_ok=True)
@@ -193,8 +194,10 @@ def check_shared_directory(path, what: str) -> None:
             log.warning("could not remove %s: %s", probe, e)
     if unwritable is not None:
         raise unwritable
-    if not everyone.all():
-        blind = ", ".join(str(i) for i in np.flatnonzero(everyone == 0))
+    if everyone[0, 1]:
+        raise ProcessStoppedError(f"{what} {path} cannot be written by process 0 (its error says why)")
+    if not everyone[:, 0].all():
+        blind = ", ".join(str(i) for i in np.flatnonzero(everyone[:, 0] == 0))
         raise ProcessStoppedError(
             f"{what} {path} is not shared by the processes of this run: process {blind} cannot read what "
             "process 0 writes there. Put it on storage every host reads (NFS, gs://BUCKET/...)"

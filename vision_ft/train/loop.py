@@ -449,6 +449,9 @@ class FitRun:
         """Evaluate the best checkpoint (by validation metric) on the test split and write reports
         (from process 0; every process evaluates, since evaluation is a collective)."""
         primary = is_primary()
+        # each process noted the unusable training files of its own slices of the batches; merged
+        # first, before process 0 alone writes reports (one failing there must not strand the rest)
+        self.bad_examples.reasons = merged_from_all_processes(self.bad_examples.reasons)
         best_step = self.checkpoints.best_step()
         if best_step is not None:
             _, restored = self.checkpoints.restore_best(abstract_like(self._weights(trainer, 0)))
@@ -477,9 +480,8 @@ class FitRun:
         if primary:
             report.plot_learning_curves(metrics_log.records, self.out / "learning_curves.png")
         final["best_step"] = best_step
-        # each process noted the unusable training files of its own slices of the batches
-        bad = merged_from_all_processes(self.bad_examples.reasons)
-        final["bad_examples"] = {"count": len(bad), "examples": bad}
+        bad = self.bad_examples.reasons
+        final["bad_examples"] = {"count": len(bad), "examples": dict(bad)}
         final["wall_seconds"] = round(time.time() - started, 1)
         if primary:
             report.write_json(self.out / "final.json", final)
