@@ -297,3 +297,15 @@ def test_abandoned_metadata_reads_of_a_damaged_checkpoint_are_hushed_and_nothing
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
         abandon(ValueError("something else went wrong"))
         assert [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_resume_without_the_runs_config_says_it_cannot_check_the_settings(tmp_path, caplog):
+    from vision_ft.train.output_dir import claim_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "step": 6, "split": "train", "loss": 0.5}\n')
+    with caplog.at_level(logging.WARNING, logger="vision_ft.fit"):
+        claimed = claim_output_dir(tiny_config(tmp_path, resume=True))
+    assert claimed.saved is None
+    assert "holds no config.json, so this resume cannot check its settings" in caplog.text

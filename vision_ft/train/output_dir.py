@@ -16,7 +16,7 @@ from etils import epath
 from vision_ft.output_dirs import make_directory
 from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
-from vision_ft.train.distributed import check_shared_directory, process_zero_says, stop_together
+from vision_ft.train.distributed import check_shared_directory, is_primary, process_zero_says, stop_together
 from vision_ft.train.preemption import MARKER, was_preempted
 from vision_ft.train.run_dir import RunDirError, read_run_config
 
@@ -95,6 +95,12 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
                 f"--resume: {out} was started with other settings: {'; '.join(conflicts)}. "
                 "Resume with the run's own (leave them out), or fit into a new --output"
             )
+    elif cfg.resume and is_primary():  # other hosts may keep run directories of their own
+        log.warning(
+            "--resume: %s holds no config.json, so this resume cannot check its settings against the "
+            "run's; it continues with the command's",
+            out,
+        )
     make_directory(out)
     return OutputDir(cfg, checkpoint_dir, saved, saved_by_release)
 
