@@ -57,8 +57,10 @@ class _AbandonedReadRecords(logging.Filter):
         if _ORBAX_READ_ERROR in message:
             return False
         # an abandoned open of an array's metadata (its .zarray, in the same damaged data file),
-        # left as a future nobody awaits: asyncio logs it, with tensorstore's spec in its repr
-        return not ("exception was never retrieved" in message and "tensorstore_spec" in message)
+        # left as a future nobody awaits: asyncio logs it, with tensorstore's spec in its repr. A
+        # read only: a write's failure (a full disk during a later save) must still be heard
+        abandoned = "exception was never retrieved" in message and "tensorstore_spec" in message
+        return not (abandoned and "Error reading" in message)
 
 
 def _hush_abandoned_reads() -> None:

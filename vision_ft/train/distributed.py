@@ -183,7 +183,7 @@ def check_shared_directory(path, what: str) -> None:
                 f"{what} {path} cannot be written: {getattr(e, 'strerror', None) or e}"
             )
     wait_for_all_processes("probe-written")
-    sees = _reads_back(probe, expected)
+    sees = unwritable is None and _reads_back(probe, expected)
     wait_for_all_processes("probe-read")  # a collective follows; see wait_for_all_processes
     mine = np.array([sees, unwritable is not None], np.int32)
     everyone = np.asarray(multihost_utils.process_allgather(mine))
