@@ -77,19 +77,17 @@ def eval_transform(image: Image.Image, cfg: PretrainedCfg) -> np.ndarray:
     scale_size = math.floor(height / cfg.crop_pct)
     image = image.convert("L" if channels == 1 else "RGB")
     mode = check_crop_mode(cfg.crop_mode or "center")  # timm reads None as center
-    if mode == "center":
-        image = resize_shorter(image, scale_size, cfg.interpolation)
-    elif mode == "squash":
-        image = image.resize((scale_size, scale_size), PIL_INTERPOLATION[cfg.interpolation])
-    else:
+    interpolation = PIL_INTERPOLATION[cfg.interpolation]
+    if mode == "border":
         new_h, new_w = border_size(image.height, image.width, scale_size)
-        resized = np.asarray(image.resize((new_w, new_h), PIL_INTERPOLATION[cfg.interpolation]), np.float32)
-        resized = resized.reshape(new_h, new_w, -1) / 255.0
+        resized = to_unit_range(np.asarray(image.resize((new_w, new_h), interpolation)))
         array = crop_or_pad(resized, height, np.asarray(border_fill(cfg.mean), np.float32)[:channels])
-        return (array - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
-    array = np.asarray(center_crop(image, height, width), dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[..., None]
+    else:
+        if mode == "center":
+            image = resize_shorter(image, scale_size, cfg.interpolation)
+        else:  # squash
+            image = image.resize((scale_size, scale_size), interpolation)
+        array = to_unit_range(np.asarray(center_crop(image, height, width)))
     return (array - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
 
 
