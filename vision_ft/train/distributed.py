@@ -79,6 +79,23 @@ def wait_for_all_processes(label: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
+def gathered(label: str, value) -> np.ndarray:
+    """Every process's ``value``, stacked in process order, once all have met at ``label`` (see
+    wait_for_all_processes: the collective must not start before the slowest arrives)."""
+    from jax.experimental import multihost_utils
+
+    wait_for_all_processes(label)
+    return np.asarray(multihost_utils.process_allgather(value))
+
+
+def from_process_zero(label: str, value) -> np.ndarray:
+    """Process 0's ``value`` on every process, once all have met at ``label``."""
+    from jax.experimental import multihost_utils
+
+    wait_for_all_processes(label)
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
 def meeting_on_first_call(name: str, jitted):
     """``jitted`` itself in a single process. In multi-process runs, a function that on its first
     call compiles ``jitted`` for the arguments, then waits for the other processes, so that all of
@@ -109,13 +126,10 @@ def check_same_settings(settings: dict) -> None:
     Left alone, such processes would train different models in lockstep or hang in a collective."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     names = sorted(k for k in settings if k not in HOST_LOCAL_SETTINGS)
     digests = [hashlib.sha256(json.dumps(settings[k], sort_keys=True, default=str).encode()) for k in names]
     mine = np.array([int.from_bytes(d.digest()[:4], "little") for d in digests], np.uint32)
-    wait_for_all_processes("settings")  # a collective follows; see wait_for_all_processes
-    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    everyone = gathered("settings", mine)
     differ = [name for i, name in enumerate(names) if len(set(everyone[:, i].tolist())) > 1]
     if differ:
         raise ConfigError(
@@ -133,10 +147,7 @@ def process_zero_says(value: bool) -> bool:
     its --output) decides for all, where hosts keep their own run directories."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
-    wait_for_all_processes("broadcast")  # a collective follows; see wait_for_all_processes
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    return bool(from_process_zero("broadcast", np.int32(value)))
 
 
 def stop_together(error: Exception | None, what: str) -> None:
@@ -144,10 +155,7 @@ def stop_together(error: Exception | None, what: str) -> None:
     ``ProcessStoppedError`` naming the first that did: one process stopping alone would leave the
     others waiting for it in their next collective (for the barrier's hour)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        wait_for_all_processes(f"stop-{what}")
-        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        failed = gathered(f"stop-{what}", np.int32(error is not None))
         if error is None and failed.any():
             error = ProcessStoppedError(
                 f"process {int(np.flatnonzero(failed)[0])} of this run stopped on its {what} (its error "
@@ -167,12 +175,8 @@ def check_shared_directory(path, what: str) -> None:
     host would hold part of every checkpoint, and a resume or the final restore would fail."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     probe = path / _SHARED_PROBE
-    token = np.frombuffer(os.urandom(8), np.uint32)
-    wait_for_all_processes("probe-token")
-    expected = np.asarray(multihost_utils.broadcast_one_to_all(token)).tobytes().hex()
+    expected = from_process_zero("probe-token", np.frombuffer(os.urandom(8), np.uint32)).tobytes().hex()
     unwritable = None
     if is_primary():
         try:
@@ -184,9 +188,7 @@ def check_shared_directory(path, what: str) -> None:
             )
     wait_for_all_processes("probe-written")
     sees = unwritable is None and _reads_back(probe, expected)
-    wait_for_all_processes("probe-read")  # a collective follows; see wait_for_all_processes
-    mine = np.array([sees, unwritable is not None], np.int32)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    everyone = gathered("probe-read", np.array([sees, unwritable is not None], np.int32))
     if is_primary():
         try:
             probe.unlink(missing_ok=True)
@@ -229,14 +231,11 @@ def merged_from_all_processes(mapping: dict) -> dict:
     decoded), for process 0 to report."""
     if jax.process_count() == 1:
         return dict(mapping)
-    from jax.experimental import multihost_utils
-
     payload = np.frombuffer(json.dumps(mapping, sort_keys=True).encode(), np.uint8)
-    wait_for_all_processes("merge")  # collectives follow; see wait_for_all_processes
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(payload.size)))
+    sizes = gathered("merge-sizes", np.int32(payload.size))
     padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
     padded[: payload.size] = payload
-    everyone = np.asarray(multihost_utils.process_allgather(padded))
+    everyone = gathered("merge", padded)
     merged: dict = {}
     for row, size in zip(everyone, sizes, strict=True):
         merged.update(json.loads(row[:size].tobytes()))
