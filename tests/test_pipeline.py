@@ -252,3 +252,24 @@ def test_border_pads_8_bit_images_with_the_rounded_mean_and_others_with_the_mean
     np.testing.assert_array_equal(out[:, :2], 0.0)  # round(255 x 0.0013) = 0
     with pytest.raises(ValueError, match="crop_mode must be one of center, squash, border"):
         Geometry(8, eval_crop_mode="letterbox")
+
+
+@pytest.mark.parametrize("dtype, bands", [(np.uint16, 1), (np.uint16, 3), (np.uint8, 4), (np.int32, 2)])
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_integer_pixels_come_out_on_one_scale_whether_resized_or_not(dtype, bands, crop_mode):
+    """16-bit arrays (a TFDS feature) and 8-bit ones with more bands than PIL takes were resized in
+    float32 at their raw values (0..65535) and only scaled to [0, 1] where no resize was needed, so a
+    training crop and an evaluation of one image saw pixels 65535x apart."""
+    from vision_ft.data.pipeline import _prepare
+
+    full = np.iinfo(dtype).max
+    image = np.random.default_rng(0).integers(full // 4, full // 2, (40, 50, bands), dtype=dtype)
+    geometry = Geometry(32, "bilinear", 1.0, channels=bands, eval_crop_mode=crop_mode, border_mean=(0.3,))
+    resized = _prepare(image, geometry, None)
+    assert resized.dtype == np.float32 and 0.0 <= resized.min() and resized.max() <= 0.5 + 1e-6
+    fitting = dataclasses.replace(geometry, img_size=40)
+    unresized = _prepare(image[:, :40], fitting, None)  # 40 x 40 at crop_pct 1: no resize at all
+    np.testing.assert_allclose(unresized, image[:, :40] / np.float32(full), rtol=1e-6)
+    train = dataclasses.replace(geometry, train_scale=(0.5, 1.0))
+    cropped = _prepare(image, train, np.random.default_rng(1))
+    assert 0.25 - 1e-3 <= cropped.min() and cropped.max() <= 0.5 + 1e-6

@@ -118,7 +118,8 @@ def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | N
     elif geometry.eval_crop_mode == "border":
         new_h, new_w = border_size(h, w, math.floor(size / geometry.eval_crop_pct))
         resized = to_unit_range(resize_box(image, new_h, new_w, geometry.interpolation))
-        # timm pads 8-bit pixels with the mean rounded to one; other data takes the mean itself
+        # timm pads 8-bit pixels with the mean rounded to one; uint8 arrays (npz, TFDS) do too, while
+        # decoded files arrive as floats and take the mean itself (at most 0.5/255 away)
         fill = np.asarray(
             border_fill(geometry.border_mean) if image.dtype == np.uint8 else geometry.border_mean
         )

@@ -110,7 +110,9 @@ def resize_box(
 ) -> np.ndarray:
     """Resize the ``box`` (left, top, right, bottom; default the whole image) of an HWC array to
     ``height`` x ``width`` with PIL's filter. uint8 with 1 or 3 channels goes through PIL as one
-    image; anything else (more bands, other dtypes) is resized band by band in float32."""
+    image and stays uint8; anything else (more bands, other dtypes) is resized band by band in
+    float32, integers scaled to [0, 1] first, so that ``to_unit_range`` of the result is on one
+    scale whether or not the image needed resizing."""
     h, w, c = image.shape
     if box is None and (h, w) == (height, width):
         return image
@@ -119,9 +121,10 @@ def resize_box(
         pil = Image.fromarray(image[..., 0] if c == 1 else image)
         out = np.asarray(pil.resize((width, height), resample, box=box))
         return out[..., None] if out.ndim == 2 else out
+    unit = to_unit_range(image)
     bands = [
         np.asarray(
-            Image.fromarray(np.ascontiguousarray(image[..., i], np.float32), mode="F").resize(
+            Image.fromarray(np.ascontiguousarray(unit[..., i]), mode="F").resize(
                 (width, height), resample, box=box
             )
         )
