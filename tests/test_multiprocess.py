@@ -10,6 +10,7 @@ to miss gloo's 30 s start-up deadline."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,12 +62,13 @@ def _run(args: list[str], processes: int, logs: Path, threads: int | None = None
     _wait_for_all(_start(commands, paths, _env(4, threads)), paths, timeout=900)
 
 
-def _start(commands: list[list[str]], paths: list[Path], env: dict) -> list:
+def _start(commands: list[list[str]], paths: list[Path], env: dict, cwds: list[Path] | None = None) -> list:
     """One process per command, its output (stdout and stderr) to the log file beside it."""
     procs = []
-    for command, path in zip(commands, paths, strict=True):
+    for i, (command, path) in enumerate(zip(commands, paths, strict=True)):
         with open(path, "w") as log:
-            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+            cwd = cwds[i] if cwds else None
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd))
     return procs
 
 
@@ -233,6 +235,64 @@ def test_a_refused_output_or_unshared_checkpoints_stop_every_process(data, tmp_p
     assert list((tmp_path / "host0" / "checkpoints").iterdir()) == []  # the probe is gone
 
 
+def _two_hosts(args: list[list[str]], cwds: list[Path], logs: Path) -> list[str]:
+    """Run ``fit`` as two processes, process i with ``args[i]`` in working directory ``cwds[i]`` (as
+    on a host of its own), expect both to exit 2 without a traceback, and return their logs."""
+    port = _free_port()
+    paths = [logs / f"host{i}.log" for i in range(2)]
+    commands = [
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", *args[i],
+         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
+        for i in range(2)
+    ]  # fmt: skip
+    _wait_for_all(_start(commands, paths, _env(1), cwds), paths, timeout=300, exit_code=2)
+    texts = [path.read_text() for path in paths]
+    assert not any("Traceback" in text for text in texts), texts
+    return texts
+
+
+def test_a_check_that_fails_on_one_host_alone_stops_every_process(data, tmp_path):
+    """Hosts read their own data and run directories. Where a check after --output's failed on one
+    process only (here the data file is missing on host 1), the other went on and waited for it in
+    its first collective, for the barrier's hour."""
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    for host in hosts:
+        host.mkdir()
+    shutil.copy(data, hosts[0] / "data.npz")
+    args = ["--model", "test_resnet", "--pretrained", "false", "--data", "npz:data.npz", "--img-size", "32",
+            "--output", "run", "--checkpoint-dir", str(tmp_path / "checkpoints")]  # fmt: skip
+    first, second = _two_hosts([args, args], hosts, tmp_path)
+    assert "data.npz" in second.strip().splitlines()[-1], second[-2000:]
+    assert "process 1 of this run stopped on its set-up (its error says why); so did this one" in first
+    assert not (hosts[0] / "run" / "config.json").exists()
+
+
+def test_a_resume_on_hosts_with_their_own_output_starts_from_process_zeros_run(data, tmp_path):
+    """Only process 0 writes config.json, which records what the run resolved (tta_flip, the
+    checkpoint directory as an absolute path); the other processes of a resume given the same
+    command started from their commands' settings, and every process was refused for "different
+    settings". Now process 0's run decides for all, and the resume goes on to the run directories
+    (here host 1 finds no checkpoint to resume from, which stops both)."""
+    from vision_ft.train.config import FitConfig
+
+    (tmp_path / "host0").mkdir()
+    settings = FitConfig(
+        model="test_resnet", pretrained="false", data=f"npz:{data}", img_size=32, output="host0",
+        checkpoint_dir=str(tmp_path / "checkpoints"), tta_flip=True, tta_shift=0.0,
+    ).to_dict()  # fmt: skip
+    (tmp_path / "host0" / "config.json").write_text(json.dumps({**settings, "num_classes": 2, "in_chans": 3}))
+    (tmp_path / "host0" / "metrics.jsonl").write_text('{"epoch": 1, "step": 4, "split": "val"}\n')
+    args = [
+        ["--model", "test_resnet", "--pretrained", "false", "--data", f"npz:{data}", "--img-size", "32",
+         "--output", f"host{i}", "--checkpoint-dir", "checkpoints", "--resume"]
+        for i in range(2)
+    ]  # fmt: skip
+    first, second = _two_hosts(args, [tmp_path, tmp_path], tmp_path)
+    assert not any("different settings" in text for text in (first, second)), first[-2000:]
+    assert "--resume: host1 holds no run to resume" in second, second[-2000:]
+    assert "process 1 of this run stopped on its --output (its error says why); so did this one" in first
+
+
 def test_unusable_images_either_process_read_are_all_reported(tmp_path):
     """Each process decodes its own slice of a batch and noted the unusable files it met; final.json
     (process 0's) listed only process 0's. One epoch of one batch of all 16 images: process 0 reads
@@ -261,3 +321,49 @@ def test_unusable_images_either_process_read_are_all_reported(tmp_path):
     reported = json.loads((tmp_path / "run" / "final.json").read_text())["bad_examples"]
     expected = {str(tmp_path / "data" / name / f"{i}.png") for name, i in broken}
     assert reported["count"] == 4 and set(reported["examples"]) == expected, reported
+
+
+class _NfsClientView:
+    """A path as an NFS client sees it after caching that some directories did not exist (looked up
+    before process 0 created them): those stay invisible, with all below them, until the client
+    reads the directory above again."""
+
+    def __init__(self, path: Path, stale: set[Path]):
+        self.path, self.stale = path, stale
+
+    def __truediv__(self, name: str) -> "_NfsClientView":
+        return _NfsClientView(self.path / name, self.stale)
+
+    @property
+    def parents(self) -> list["_NfsClientView"]:
+        return [_NfsClientView(p, self.stale) for p in self.path.parents]
+
+    def _check_visible(self) -> None:
+        if any(p in self.stale for p in (self.path, *self.path.parents)):
+            raise FileNotFoundError(self.path)
+
+    def read_text(self) -> str:
+        self._check_visible()
+        return self.path.read_text()
+
+    def iterdir(self):
+        self._check_visible()
+        self.stale.difference_update({p for p in self.stale if p.parent == self.path})
+        return iter(self.path.iterdir())
+
+
+def test_the_shared_directory_probe_refreshes_the_directory_above_one_cached_as_absent(tmp_path):
+    """Process 1 looked up the checkpoint directory (for a resumable run) before process 0 created it
+    and wrote the probe there; listing that directory itself, as the retry did, met the same cached
+    miss, so a shared directory was refused as not shared on a first run."""
+    from vision_ft.train.distributed import _reads_back
+
+    probe = tmp_path / "ckpt" / "run7" / "probe"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("token")
+    for stale in (probe.parent, probe.parent.parent):  # made by process 0: one level, or two
+        view = _NfsClientView(probe, {stale})
+        with pytest.raises(FileNotFoundError):
+            view.read_text()
+        assert _reads_back(view, "token", patience_s=3.0)
+    assert not _reads_back(_NfsClientView(probe, set()), "another token", patience_s=0.0)

@@ -69,8 +69,10 @@ def fit(
     from vision_ft.train.loop import FitRun, RunDirError
     from vision_ft.train.preemption import EXIT_PREEMPTED, Preempted
 
-    cfg = load_config(config_path, overrides, base=_resumed_settings(config_path, overrides))
+    cfg = load_config(config_path, overrides)  # a bad command stops before the processes meet
     start_processes(coordinator, num_processes, process_id)
+    if cfg.resume:
+        cfg = load_config(config_path, overrides, base=_resumed_settings(Path(cfg.output)))
     check_same_settings(cfg.to_dict())
     try:
         final = FitRun(cfg, progress=not no_progress).run()
@@ -91,14 +93,25 @@ def fit(
     click.echo(f"run written to {cfg.output}")
 
 
-def _resumed_settings(config_path: Path | None, overrides: dict) -> dict | None:
-    """The settings ``fit --resume`` starts from: the run's own, which a ``--config`` file and the
-    command's options then override (where that changes what the run computes, the resume is
-    refused). The run is the ``--output`` of the command or of its config file."""
-    from vision_ft.train.config import load_config
-    from vision_ft.train.run_dir import read_run_config
+def _resumed_settings(run: Path) -> dict | None:
+    """The settings ``fit --resume`` starts from: the run's own (its ``config.json``), which a
+    ``--config`` file and the command's options then override (where that changes what the run
+    computes, the resume is refused). In a multi-process run, process 0's run decides for every
+    process, as its preemption marker does: hosts may keep their own --output, and only process 0
+    writes config.json, which records settings the run resolved (tta_flip, an absolute
+    --checkpoint-dir) that the other processes' commands leave unset. Each keeps its host-local
+    settings (--output, --data-dir, ...)."""
+    from vision_ft.train.distributed import HOST_LOCAL_SETTINGS, json_from_process_zero, stop_together
+    from vision_ft.train.run_dir import RunDirError, read_run_config
 
-    if not overrides.get("resume"):
-        return None
-    run = Path(load_config(config_path, overrides).output)
-    return read_run_config(run) if (run / "config.json").is_file() else None
+    own, error = None, None
+    try:
+        own = read_run_config(run) if (run / "config.json").is_file() else None
+    except RunDirError as e:
+        error = e
+    stop_together(error, "--resume")
+    first = json_from_process_zero("resumed-settings", own)
+    if first is None or first is own:
+        return first
+    shared = {k: v for k, v in first.items() if k not in HOST_LOCAL_SETTINGS}
+    return {**shared, **{k: own[k] for k in HOST_LOCAL_SETTINGS if own and k in own}}

@@ -208,7 +208,8 @@ def check_shared_directory(path, what: str) -> None:
 
 def _reads_back(probe, expected: str, patience_s: float = 10.0) -> bool:
     """Whether ``probe`` holds ``expected``, looking again for ``patience_s``: an NFS client may
-    have cached that the directory did not exist a moment ago (listing it refreshes the cache)."""
+    have cached that a directory on its path did not exist a moment ago (before process 0 made it),
+    and keeps that answer until it next reads the directory above, for up to a minute."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
@@ -218,11 +219,31 @@ def _reads_back(probe, expected: str, patience_s: float = 10.0) -> bool:
             pass
         if time.monotonic() > deadline:
             return False
-        try:
-            list(probe.parent.iterdir())
-        except Exception:  # the directory itself may not be there (yet)
-            pass
+        _refresh_nearest_directory(probe)
         time.sleep(1.0)
+
+
+def _refresh_nearest_directory(path) -> None:
+    """List the nearest directory above ``path`` that this process can list: opening it makes an NFS
+    client read it again, and so learn of the directory below that process 0 created."""
+    for directory in path.parents:
+        try:
+            next(iter(directory.iterdir()), None)
+            return
+        except Exception:  # absent as far as this client knows: the one above holds the stale entry
+            continue
+
+
+def json_from_process_zero(label: str, value):
+    """Process 0's ``value`` (JSON-serialisable) on every process: what process 0 read from its own
+    disk, which the others may not hold."""
+    if jax.process_count() == 1:
+        return value
+    payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0, np.uint8)
+    size = int(from_process_zero(f"{label}-size", np.int32(payload.size)))
+    padded = np.zeros(size, np.uint8)
+    padded[: payload.size] = payload
+    return json.loads(from_process_zero(label, padded).tobytes())
 
 
 def merged_from_all_processes(mapping: dict) -> dict:

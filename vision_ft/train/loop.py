@@ -26,7 +26,7 @@ from vision_ft.train import report
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from vision_ft.train.class_weights import class_weights_for
 from vision_ft.train.config import ConfigError, FitConfig
-from vision_ft.train.distributed import is_primary, merged_from_all_processes
+from vision_ft.train.distributed import is_primary, merged_from_all_processes, stop_together
 from vision_ft.train.evaluation import (
     BadExamples,
     improves_selection,
@@ -65,9 +65,27 @@ class FitRun:
         if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
             raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
         claimed = claim_output_dir(cfg)
-        cfg = self.cfg = claimed.cfg
         self.checkpoint_dir, self.saved_by_release = claimed.checkpoint_dir, claimed.saved_by_release
-        saved = claimed.saved
+        error = None
+        try:
+            self._set_up(claimed.cfg, claimed.saved)
+        except Exception as e:  # re-raised below, on this process and the others
+            error = e
+        # a check that fails on one host alone (its data, its run directory, its weights file) stops
+        # every process: the others would wait for it in their first collective
+        stop_together(error, "set-up")
+        cfg = self.cfg
+        if self.data.index is not None and is_primary() and not cfg.resume:
+            # last, once every check has passed: a refused command leaves the directory as it was; a
+            # resume keeps the run's file (checked above), which other processes may be reading
+            partial = self.out / "splits.csv.tmp"
+            write_split_file(partial, self.data.index.splits, None, class_names=self.data.class_names)
+            partial.replace(self.out / "splits.csv")
+        self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
+
+    def _set_up(self, cfg: FitConfig, saved: dict | None) -> None:
+        """Data, model and input pipeline, and the checks a resume makes against ``saved``."""
+        self.cfg = cfg
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
         if start_run is not None:
@@ -123,13 +141,6 @@ class FitRun:
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
         if saved is not None:
             self._check_same_data(saved)
-        if self.data.index is not None and is_primary() and not cfg.resume:
-            # last, once every check has passed: a refused command leaves the directory as it was; a
-            # resume keeps the run's file (checked above), which other processes may be reading
-            partial = self.out / "splits.csv.tmp"
-            write_split_file(partial, self.data.index.splits, None, class_names=self.data.class_names)
-            partial.replace(self.out / "splits.csv")
-        self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
 
     def _check_same_data(self, saved: dict) -> None:
         """Raise ``RunDirError`` where a resume reads other data than the run was started on (a
@@ -294,6 +305,12 @@ class FitRun:
             step, best_score, phase, trainer = self._resume()
         else:
             trainer = self._trainer(phase)
+        metrics_log, error = None, None
+        try:  # each host reads the log in its own --output: one that is damaged stops all
+            metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None, write=primary)
+        except RunDirError as e:
+            error = e
+        stop_together(error, "metrics log")
         # after a resume has restored: one that fails leaves the run's config.json as it was
         if primary:
             report.write_json(
@@ -314,9 +331,6 @@ class FitRun:
                     "vision_ft_version": __version__,
                 },
             )
-        metrics_log = report.MetricsLog(
-            self.out, resume_step=step if cfg.resume else None, write=is_primary()
-        )
         has_val = "val" in self.data.splits
         train_split = self.data.splits["train"]
         epoch_losses: list[float] = []
