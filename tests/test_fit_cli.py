@@ -262,5 +262,54 @@ def test_resume_with_a_config_file_starts_from_the_runs_own_settings(tmp_path):
     config_file = tmp_path / "more.yaml"
     config_file.write_text(f"lr: 0.002\noutput: {run}\n")
     overrides = {"resume": True, "seed": 3}
-    cfg = load_config(config_file, overrides, base=_resumed_settings(config_file, overrides))
+    output = Path(load_config(config_file, overrides).output)  # the run named by the file
+    cfg = load_config(config_file, overrides, base=_resumed_settings(output))
     assert (cfg.epochs, cfg.checkpoint_dir, cfg.lr, cfg.seed) == (5, "gs://bucket/run", 0.002, 3)
+
+
+@pytest.mark.parametrize(
+    "content, culprit",
+    [
+        (b"1: 2\nfoo: 1\n", "unknown key(s) 1, foo"),  # keys YAML reads as numbers crashed sorting
+        (b"mean: []\nstd: []\n", "mean and std must hold one value per band each"),
+        (b"mean: [0.5]\nstd: [0.2, 0.3]\n", "mean and std must hold one value per band each"),
+        (b"\xff\xfe\x00epochs", "is not UTF-8 text"),
+    ],
+)
+def test_a_malformed_config_file_is_a_config_error(tmp_path, content, culprit):
+    """What `fit` turns into one line and exit code 2; these raised TypeError, ValueError and
+    UnicodeDecodeError (a traceback, exit 1)."""
+    from vision_ft.train.config import ConfigError, load_config
+
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert culprit in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "content, culprit",
+    [
+        (b"\xff\xfe{}", "unreadable (not UTF-8 text)"),
+        (b"5", "not a run's settings"),
+        (b"[1, 2]", "not a run's settings"),
+        (
+            b'{"model": "resnet50", "num_classes": 2, "in_chans": 3, "img_size": "big"}',
+            "damaged (img_size 'big')",
+        ),
+        (
+            b'{"model": 7, "num_classes": true, "in_chans": 3, "img_size": 32}',
+            "damaged (num_classes True, model 7)",
+        ),
+    ],
+)
+def test_a_damaged_run_config_is_a_run_dir_error(tmp_path, content, culprit):
+    """eval, predict, embed, fit --pretrained run:DIR and fit --resume read it; these raised
+    TypeError or UnicodeDecodeError, one deep in the input pipeline after creating --output."""
+    from vision_ft.train.run_dir import RunDirError, read_run_config
+
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(RunDirError) as raised:
+        read_run_config(tmp_path)
+    assert f"{tmp_path / 'config.json'}: {culprit}" in str(raised.value)

@@ -5,6 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from vision_ft.cli import main
@@ -154,3 +155,20 @@ def test_a_label_far_beyond_any_class_count_is_refused_not_expanded(tmp_path):
     np.savez(path, **{**_valid_arrays(), "val_labels": np.array([0, 1, 0, 2**40])})
     with pytest.raises(DataError, match=f"label {2**40} is not a class index"):
         load_dataset(f"npz:{path}")  # it built 2**40 class names before
+
+
+def test_stats_output_makes_its_folder_and_refuses_a_file_on_the_way_first(tmp_path):
+    """`stats --output` into a folder not there yet raised FileNotFoundError (a traceback) after the
+    whole pass over the split; a file where its folder should be is refused before that pass."""
+    path = tmp_path / "data.npz"
+    np.savez(path, **_valid_arrays())
+    output = tmp_path / "new" / "folder" / "stats.yaml"
+    args = ["stats", "--data", f"npz:{path}", "--img-size", "16", "--output", str(output)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert set(yaml.safe_load(output.read_text())) == {"mean", "std"}
+    (tmp_path / "a_file").write_text("mine")
+    blocked = tmp_path / "a_file" / "stats.yaml"
+    result = CliRunner().invoke(main, ["stats", "--data", "npz:/no/such.npz", "--output", str(blocked)])
+    assert result.exit_code == 2 and "is a file, not a directory" in result.output, result.output
+    assert (tmp_path / "a_file").read_text() == "mine"

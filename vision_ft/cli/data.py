@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.output_dirs import refuse_unwritable_file
 from vision_ft.train.config import FitConfig
 
 
@@ -35,6 +36,8 @@ def stats(data, model, img_size, split, data_dir, window, output) -> None:
     from vision_ft.models.registry import get_model_entry
     from vision_ft.train.config import load_config
 
+    if output is not None:
+        refuse_unwritable_file(output)  # before the pass over the split, not after
     window_values = load_config(None, {"window": window}).window
     dataset = load_dataset(data, DataOptions(data_dir=data_dir, window=window_values))
     if split not in dataset.splits:
@@ -46,6 +49,9 @@ def stats(data, model, img_size, split, data_dir, window, output) -> None:
     click.echo(f"# {used} images of {data} ({split}), {dataset.channels} bands")
     click.echo(text, nl=False)
     if output is not None:
-        if output.exists():
-            raise UserError(f"--output {output} exists; not overwriting it")
-        output.write_text(text)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(output, "x") as f:  # "x": a file that appeared meanwhile is kept
+                f.write(text)
+        except FileExistsError:
+            raise UserError(f"--output {output} exists; not overwriting it") from None

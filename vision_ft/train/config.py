@@ -150,7 +150,11 @@ class FitConfig:
                 "normalize must be auto, pretrained or dataset",
             ),
             ((self.mean is None) == (self.std is None), "mean and std must be given together"),
-            (self.std is None or min(self.std) > 0, "std must be > 0"),
+            (
+                self.mean is None or self.std is None or len(self.mean) == len(self.std) > 0,
+                "mean and std must hold one value per band each",
+            ),
+            (not self.std or min(self.std) > 0, "std must be > 0"),
             (
                 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                 "crop_scale must satisfy 0 < min <= max <= 1",
@@ -285,9 +289,13 @@ def load_config(
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        unknown = sorted(set(loaded) - set(_FIELDS))
+        unknown = sorted(str(key) for key in loaded if key not in _FIELDS)  # YAML keys may be numbers
         if unknown:
             raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
         values.update(loaded)

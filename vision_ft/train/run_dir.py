@@ -34,10 +34,22 @@ def read_run_config(run_dir: str | Path) -> dict:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RunDirError(f"{path}: unreadable ({e})") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path}: unreadable (not UTF-8 text)") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path}: not a run's settings (a JSON object)")
     missing = [k for k in ("model", "num_classes", "in_chans", "img_size") if k not in config]
     if missing:
         raise RunDirError(f"{path}: missing {', '.join(missing)}")
+    wrong = [k for k in ("num_classes", "in_chans", "img_size") if not _is_positive_int(config[k])]
+    wrong += [] if isinstance(config["model"], str) else ["model"]
+    if wrong:
+        raise RunDirError(f"{path}: damaged ({', '.join(f'{k} {config[k]!r}' for k in wrong)})")
     return config
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def run_checkpoint_dir(run_dir: str | Path, config: dict) -> str | Path:
