@@ -250,8 +250,33 @@ def test_bad_input_is_one_line_exit_2(fitted, tmp_path):
     embeddings = tmp_path / "val.npz"
     assert cli("embed", "--checkpoint", root / "run", "--data", cfg.data, "--split", "val",
                "--output", embeddings, "--no-progress").exit_code == 0  # fmt: skip
+    ids = np.array([f"x{i}" for i in range(4)])
+    np.savez(tmp_path / "flat.npz", embeddings=np.zeros(4, np.float32), labels=np.zeros(4, int), ids=ids)
+    np.savez(tmp_path / "listed.npz", embeddings=np.zeros((4, 3), np.float32), labels=np.zeros(4, int),
+             ids=ids, metadata="[1, 2]")  # fmt: skip
+    np.savez(
+        tmp_path / "short.npz", embeddings=np.zeros((4, 3), np.float32), labels=np.zeros(3, int), ids=ids
+    )
+    for name, text in (("not_json", "probe"), ("a_list", "[]"), ("no_source", "{}")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "probe.json").write_text(text)
+        (tmp_path / name / "probe.npz").write_bytes(b"")
     cases = [
         (("eval", "--checkpoint", tmp_path / "empty"), "no config.json"),
+        # these three raised IndexError, AttributeError or a train_y length error
+        (("probe", "--train", tmp_path / "flat.npz", "--val", embeddings, "--output", tmp_path / "p"),
+         "flat.npz: embeddings of shape (4,), not (examples, dimensions)"),
+        (("probe", "--train", embeddings, "--val", tmp_path / "listed.npz", "--output", tmp_path / "p"),
+         "listed.npz: its metadata is not a JSON object"),
+        (("probe", "--train", tmp_path / "short.npz", "--val", embeddings, "--output", tmp_path / "p"),
+         "short.npz: 4 embeddings, labels of shape (3,) and ids of shape (4,); they must be one per example"),
+        # these three an unnamed JSON error, KeyError or AttributeError
+        (("predict", "--probe", tmp_path / "not_json", "--input", cfg.data, "--output", tmp_path / "o.csv"),
+         f"{tmp_path / 'not_json' / 'probe.json'}: unreadable"),
+        (("predict", "--probe", tmp_path / "a_list", "--input", cfg.data, "--output", tmp_path / "o.csv"),
+         "a_list/probe.json: not the metadata of a probe's embeddings"),
+        (("predict", "--probe", tmp_path / "no_source", "--input", cfg.data, "--output", tmp_path / "o.csv"),
+         "no_source/probe.json: names no checkpoint, and misses pretrained, zoo_model, in_chans"),
         (("probe", "--train", tmp_path / "junk.npz", "--val", tmp_path / "junk.npz",
           "--output", tmp_path / "p"), "not an embeddings file"),
         (("predict", "--probe", tmp_path / "empty", "--input", cfg.data, "--output", tmp_path / "o.csv"),

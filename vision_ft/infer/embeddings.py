@@ -106,7 +106,26 @@ def _column(values: np.ndarray):
 
 
 def read_embeddings(path: str | Path) -> Embeddings:
+    """An embeddings file as ``embed`` writes it; ``EmbeddingFileError`` naming the file where it is
+    not one (an array of another shape, rows that disagree in number, metadata not an object)."""
     path = Path(path)
+    read = _read_embeddings(path)
+    if read.embeddings.ndim != 2:
+        raise EmbeddingFileError(
+            f"{path}: embeddings of shape {read.embeddings.shape}, not (examples, dimensions)"
+        )
+    labels, ids = read.labels, np.asarray(read.ids)
+    if labels.ndim not in (1, 2) or ids.ndim != 1 or not len(labels) == len(ids) == len(read.embeddings):
+        raise EmbeddingFileError(
+            f"{path}: {len(read.embeddings)} embeddings, labels of shape {labels.shape} and ids of shape "
+            f"{ids.shape}; they must be one per example"
+        )
+    if not isinstance(read.metadata, dict):
+        raise EmbeddingFileError(f"{path}: its metadata is not a JSON object")
+    return read
+
+
+def _read_embeddings(path: Path) -> Embeddings:
     if not path.is_file():
         raise EmbeddingFileError(f"embeddings file {path} does not exist")
     if path.suffix != ".parquet" and not zipfile.is_zipfile(path):  # numpy: "pickled data"

@@ -100,8 +100,8 @@ def load_probe_dir(directory: Path, *, precision: str = "fp32") -> tuple[Predict
     directory = Path(directory)
     if not (directory / PROBE_FILE).is_file() or not (directory / SOURCE_FILE).is_file():
         raise DataError(f"--probe {directory}: not a probe directory (needs {PROBE_FILE} and {SOURCE_FILE})")
+    source = _probe_source(directory / SOURCE_FILE)
     probe = LinearProbe.load(directory / PROBE_FILE)
-    source = json.loads((directory / SOURCE_FILE).read_text())
     if source.get("checkpoint"):
         predictor = from_run(source["checkpoint"], precision=precision)
     else:
@@ -114,3 +114,18 @@ def load_probe_dir(directory: Path, *, precision: str = "fp32") -> tuple[Predict
     predictor.tta_shift = 0.0  # embed averages mirrors only, whatever the run evaluated with
     predictor.layer = source.get("layer")
     return predictor, probe
+
+
+def _probe_source(path: Path) -> dict:
+    """What ``probe`` saved of its training embeddings' metadata: how to embed new images the same way."""
+    try:
+        source = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if not isinstance(source, dict):
+        raise DataError(f"{path}: not the metadata of a probe's embeddings (a JSON object)")
+    needed = () if source.get("checkpoint") else ("pretrained", "zoo_model", "in_chans")
+    missing = [key for key in needed if key not in source]
+    if missing:
+        raise DataError(f"{path}: names no checkpoint, and misses {', '.join(missing)}")
+    return source
