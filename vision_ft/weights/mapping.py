@@ -172,13 +172,15 @@ def match_state_dict(
         and not any(r.fullmatch(format_path(p)) for r in keep_res)
     ]
     if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit {model_name}:"]
+        # one line: a checkpoint of another architecture misses hundreds of tensors
+        parts = [f"{source} does not fit {model_name}"]
         for title, items in (
             ("missing", missing),
             ("unexpected", unexpected),
             ("shape mismatch", mismatched),
         ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise WeightLoadError("\n".join(lines))
+                more = f" and {len(items) - 6} more" if len(items) > 6 else ""
+                parts.append(f"{title} ({len(items)}): {', '.join(items[:6])}{more}")
+        raise WeightLoadError("; ".join(parts))
     return updates

@@ -50,6 +50,9 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     """Read a local timm checkpoint: ``.safetensors`` (no torch needed) or a ``.pth``/``.bin``
     state dict, which is unpickled with an allow-list so the file can run no code."""
     path = Path(path)
+    if path.is_dir():
+        hint = "; for a vision-ft run's weights pass run:DIR" if (path / "config.json").is_file() else ""
+        raise WeightSourceError(f"checkpoint {path} is a directory, not a weights file{hint}")
     if not path.is_file():
         raise WeightSourceError(f"checkpoint {path} does not exist")
     try:
