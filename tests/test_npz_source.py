@@ -172,3 +172,15 @@ def test_stats_output_makes_its_folder_and_refuses_a_file_on_the_way_first(tmp_p
     result = CliRunner().invoke(main, ["stats", "--data", "npz:/no/such.npz", "--output", str(blocked)])
     assert result.exit_code == 2 and "is a file, not a directory" in result.output, result.output
     assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_splits_whose_images_have_other_band_counts_are_refused_unless_grey_and_rgb(tmp_path):
+    """A 4-band validation split beside 1-band training images loaded, and fit then skipped every
+    validation image as unusable, one warning each."""
+    arrays = _valid_arrays()
+    path = tmp_path / "bands.npz"
+    np.savez(path, **{**arrays, "val_images": np.zeros((4, 8, 8, 4), np.uint8)})
+    with pytest.raises(DataError, match=r"different numbers of bands \(train 1, val 4\)"):
+        load_npz(path)
+    np.savez(path, **{**arrays, "val_images": np.zeros((4, 8, 8, 3), np.uint8)})  # converted to grey
+    assert load_npz(path)["val"][0].shape == (4, 8, 8, 3)

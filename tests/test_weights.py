@@ -270,7 +270,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
     run = tmp_path / "run"  # a vision-ft run directory, which --pretrained takes as run:DIR
     run.mkdir()
     (run / "config.json").write_text("{}")
-    with pytest.raises(WeightSourceError, match=f"checkpoint {run} is a directory, not a weights file; for a"):
+    with pytest.raises(WeightSourceError, match=f"checkpoint {run} is a directory, not a weights file; for"):
         vision_ft.create_model("resnet18", pretrained=run)  # it said the directory does not exist
     truncated = tmp_path / "trunc.pth"
     torch.save({"w": torch.randn(100)}, truncated, _use_new_zipfile_serialization=False)

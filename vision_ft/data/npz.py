@@ -76,6 +76,10 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise DataError(f"{path} has no train_images/train_labels")
     if len({labels.shape[1:] for _, labels in splits.values()}) > 1:
         raise DataError(f"{path}: the splits' labels have different numbers of columns")
+    bands = {split: 1 if images.ndim == 3 else images.shape[-1] for split, (images, _) in splits.items()}
+    if len(set(bands.values())) > 1 and not set(bands.values()) <= {1, 3}:  # grey and RGB convert
+        counts = ", ".join(f"{split} {count}" for split, count in bands.items())
+        raise DataError(f"{path}: the splits' images have different numbers of bands ({counts})")
     return splits
 
 
