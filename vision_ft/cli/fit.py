@@ -71,9 +71,11 @@ def fit(
 
     cfg = load_config(config_path, overrides)  # a bad command stops before the processes meet
     start_processes(coordinator, num_processes, process_id)
+    # the commands' settings (--resume on one host only would leave the others waiting for it); a
+    # resume's then come from process 0's run, the same on every process
+    check_same_settings(cfg.to_dict())
     if cfg.resume:
         cfg = load_config(config_path, overrides, base=_resumed_settings(Path(cfg.output)))
-    check_same_settings(cfg.to_dict())
     try:
         final = FitRun(cfg, progress=not no_progress).run()
     except (RunDirError, FileNotFoundError) as e:
