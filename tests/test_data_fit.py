@@ -154,3 +154,14 @@ def test_on_bad_image_fail_is_one_line_exit_2(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "River_" in errors[0] and "Traceback" not in out.stderr
     assert "on_bad_image: fail" in errors[0]
+
+
+def test_the_band_count_is_read_across_the_split_not_from_its_first_class(tmp_path):
+    """A folder lists its classes one after another: with a grey first class, every one of the eight
+    images sampled was grey, the data was declared 1-band and every colour photo reduced to luma."""
+    rng = np.random.default_rng(0)
+    for name, shape in (("a_grey", (12, 12)), ("b_colour", (12, 12, 3))):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    assert load_dataset(f"folder:{tmp_path}").channels == 3

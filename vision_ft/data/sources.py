@@ -124,11 +124,13 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
 
 
 def _dataset_channels(spec: str, split: ExampleSplit, tries: int = 32, sample: int = 8) -> int:
-    """The band count of the data, from its first ``sample`` readable training images: 3 where grey
-    and colour photos mix (the pipeline repeats grey ones to RGB, as timm reads every photo as RGB),
-    else the first one's."""
+    """The band count of the data, from ``sample`` readable training images spread over the split
+    (folder and CSV splits list their classes one after another, and one class may be all grey): 3
+    where grey and colour photos mix (the pipeline repeats grey ones to RGB, as timm reads every photo
+    as RGB), else the first one's."""
+    spread = [*_spread(len(split), sample), *_spread(len(split), tries)]
     counts, reasons = [], []
-    for i in range(min(len(split), tries)):
+    for i in dict.fromkeys(spread):  # the sample first, then others in place of unreadable ones
         try:
             image = split.load(i)
         except BadImageError as e:
@@ -138,9 +140,15 @@ def _dataset_channels(spec: str, split: ExampleSplit, tries: int = 32, sample: i
         if len(counts) == sample:
             break
     if not counts:
-        unreadable = f"none of the first {tries} training images can be read ({reasons[0]})"
+        unreadable = f"none of {len(reasons)} training images across the split can be read ({reasons[0]})"
         raise DataError(f"--data {spec!r}: {unreadable}")
     return 3 if set(counts) == {1, 3} else counts[0]
+
+
+def _spread(size: int, count: int) -> list[int]:
+    """Up to ``count`` indices evenly spaced over ``range(size)``, first and last included."""
+    count = min(size, count)
+    return sorted({round(k * (size - 1) / max(count - 1, 1)) for k in range(count)})
 
 
 def _tfds(spec: str, location: str, options: DataOptions) -> Dataset:
