@@ -181,3 +181,13 @@ def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, c
     path.write_text("pretrained: false\nlr_rules: [[head, 10], ['.*', 0.5]]\n")
     loaded = load_config(path)
     assert loaded.pretrained == "false" and loaded.lr_rules == (("head", 10.0), (".*", 0.5))
+
+
+def test_auto_class_weights_are_inverse_frequencies_of_the_labelled_examples():
+    """A training split may hold unlabelled records (-1, which the pipeline skips): np.bincount
+    raised on them, a traceback."""
+    from vision_ft.train.class_weights import class_weights_for
+
+    labels = np.array([0, 0, 0, 1, -1, -1])  # 4 labelled: 3 of class 0, 1 of class 1, none of class 2
+    np.testing.assert_allclose(class_weights_for("auto", labels, 3), [4 / (3 * 3), 4 / (3 * 1), 0.0])
+    np.testing.assert_array_equal(class_weights_for("none", labels, 3), np.ones(3))

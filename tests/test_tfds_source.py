@@ -210,6 +210,18 @@ def test_explicit_split_restricts_train(data_dir):
         load_tfds("tiny_catalog/rgb:nope", data_dir=data_dir)
 
 
+def test_a_held_out_split_trained_on_is_not_also_val_or_test(data_dir):
+    """tfds:X:train+validation trained on the validation split that then selected the checkpoint,
+    and tfds:X:test trained and tested on the same data; such splits are carved from the training
+    data instead, as where the dataset has none."""
+    splits, _ = load_tfds("tiny_catalog/gray:train+validation", data_dir=data_dir, val_fraction=0.2)
+    assert len(splits["train"]) + len(splits["val"]) == TRAIN + VALIDATION
+    assert splits["val"][0]["id"].startswith("tiny_catalog/gray:train+validation[")
+    assert splits["test"][0]["id"].startswith("tiny_catalog/gray:test[")
+    splits, _ = load_tfds("tiny_catalog/rgb:train+test", data_dir=data_dir, val_fraction=0.2)
+    assert set(splits) == {"train", "val"} and len(splits["train"]) + len(splits["val"]) == TRAIN + TEST
+
+
 def test_validation_split_is_val_and_grayscale_keeps_a_channel_axis(data_dir):
     splits, _ = load_tfds("tiny_catalog/gray", data_dir=data_dir)
     assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (TRAIN, VALIDATION, TEST)

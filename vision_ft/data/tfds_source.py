@@ -210,14 +210,20 @@ def load_tfds(
     available = list(builder.info.splits)
     train_split = parsed.split or "train"
     if parsed.split is None and "train" not in available:
+        held_out = {"test", *_VAL_SPLITS}
+        example = next((name for name in available if name not in held_out), available[0])
         raise DataError(
             f"tfds:{dataset}: no 'train' split (has: {', '.join(available)}); "
-            f"name the one to train on, e.g. tfds:{dataset}:{available[0]}"
+            f"name the one to train on, e.g. tfds:{dataset}:{example}"
         )
     train_source = _data_source(builder, dataset, train_split)
-    val_split = next((name for name in _VAL_SPLITS if name in available), None)
+    # a split trained on cannot also select or test the model ("train+validation", a common recipe):
+    # the held-out split it names is carved from the training data instead, as where there is none
+    trained_on = {part.split("[")[0].strip() for part in train_split.split("+")}
+    val_split = next((name for name in _VAL_SPLITS if name in available and name not in trained_on), None)
+    has_test = "test" in available and "test" not in trained_on
     carve = {
-        "test": test_fraction if "test" not in available else 0.0,
+        "test": test_fraction if not has_test else 0.0,
         "val": val_fraction if val_split is None else 0.0,
     }
     if carve["test"] + carve["val"] >= 1:
@@ -244,7 +250,7 @@ def load_tfds(
         splits["val"] = split(val_split, _data_source(builder, dataset, val_split))
     elif "val" in carved:
         splits["val"] = split(train_split, train_source, carved["val"])
-    if "test" in available:
+    if has_test:
         splits["test"] = split("test", _data_source(builder, dataset, "test"))
     elif "test" in carved:
         splits["test"] = split(train_split, train_source, carved["test"])
