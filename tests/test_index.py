@@ -31,6 +31,17 @@ def _paths(dataset: IndexedDataset) -> dict[str, list[str]]:
     return {split: [r.path for r in records] for split, records in dataset.splits.items()}
 
 
+def _all_paths(dataset: IndexedDataset) -> set[str]:
+    return {r.path for records in dataset.splits.values() for r in records}
+
+
+def _dicom_marker_file(path: Path) -> Path:
+    """Just the DICOM preamble and marker: indexing decides by them and never decodes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    return path
+
+
 @pytest.fixture
 def eurosat(tmp_path) -> tuple[Path, set[str]]:
     """3 classes x 10 images, one class with nested and upper-case-suffix files, plus files to ignore."""
@@ -125,6 +136,38 @@ def test_folder_empty_class_names_it(eurosat):
         index_folder(root)
 
 
+def test_folder_indexes_dicom_named_by_uid_or_without_suffix(tmp_path):
+    root = tmp_path / "data"
+    # a class holding only such files was refused as empty
+    by_uid = _dicom_marker_file(root / "ct" / "1.2.840.113619.2.5")
+    no_suffix = _dicom_marker_file(root / "ct" / "series" / "IM0001")
+    (root / "ct" / "NOTES").write_bytes(b"x" * 200)  # no suffix and no marker: not an image
+    (root / "ct" / "short").write_bytes(b"DICM")  # too short to hold the marker at byte 128
+    _dicom_marker_file(root / "ct" / ".hidden")
+    png = _png(root / "xray" / "0.png")
+    ds = index_folder(root, val_fraction=0.0)
+    assert ds.class_names == ("ct", "xray")
+    assert _all_paths(ds) == {str(by_uid.resolve()), str(no_suffix.resolve()), str(png.resolve())}
+
+
+def test_folder_follows_symlinked_subfolders_without_looping(tmp_path):
+    root = tmp_path / "data"
+    cat = _png(root / "cat" / "0.png")
+    extra = _png(tmp_path / "extra" / "1.png")
+    (root / "cat" / "more").symlink_to(extra.parent, target_is_directory=True)
+    (extra.parent / "back").symlink_to(root / "cat", target_is_directory=True)  # a cycle through two links
+    (root / "cat" / "self").symlink_to(root / "cat", target_is_directory=True)  # a link to an ancestor
+    dog = _png(root / "dog" / "sub" / "0.png")
+    (root / "dog" / "twin").symlink_to(root / "dog" / "sub", target_is_directory=True)
+    ds = index_folder(root, val_fraction=0.0)
+    # a folder reached twice is listed once (sorted walk: 'sub' before 'twin'), so no image repeats
+    assert _all_paths(ds) == {
+        str(cat.resolve()),
+        str(root.resolve() / "cat" / "more" / "1.png"),
+        str(dog.resolve()),
+    }
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
@@ -188,6 +231,26 @@ def test_csv_relative_and_absolute_paths_stratified(tmp_path):
     assert Record(str((images / "a3.png").resolve()), 0) in all_records
     assert Record(str(outside.resolve()), 1) in all_records
     assert _paths(index_csv(csv_path, val_fraction=0.2, seed=0)) == _paths(ds)
+
+
+def test_csv_symlink_resolves_paths_beside_the_link(tmp_path):
+    """``c1/m.csv -> c2/m.csv``: rows ``img/a.png`` name c1/img/a.png, as pandas would read them."""
+    c1, c2 = tmp_path / "c1", tmp_path / "c2"
+    images = [_png(c1 / "img" / "a.png"), _png(c1 / "img" / "b.png")]
+    target = c2 / "m.csv"
+    c2.mkdir()
+    _write_csv(target, ["path,label,split", "img/a.png,cat,train", "img/b.png,dog,train"])
+    (c1 / "m.csv").symlink_to(target)
+    ds = index_csv(c1 / "m.csv")
+    assert ds.skipped == {}
+    assert _paths(ds) == {"train": [str(p.resolve()) for p in images]}
+    # a split file written into a folder reached through a linked folder reads back the same records
+    linked = tmp_path / "linked"
+    linked.symlink_to(c1, target_is_directory=True)
+    write_split_file(linked / "splits.csv", ds.splits, linked, class_names=ds.class_names)
+    first_row = (c1 / "splits.csv").read_text(encoding="utf-8").splitlines()[1]
+    assert not Path(first_row.split(",")[0]).is_absolute()
+    assert index_csv(linked / "splits.csv", classes=ds.class_names).splits == ds.splits
 
 
 def test_csv_split_column_multi_label_and_skips(tmp_path):

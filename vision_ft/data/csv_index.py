@@ -87,7 +87,9 @@ def _parse_rows(
     csv_path: Path, positions: dict[str, int], table: list[tuple[int, list[str]]], skipped: dict[str, str]
 ) -> list[_Row]:
     """Rows with a path and a label; rows missing either are recorded in ``skipped``."""
-    folder = csv_path.parent
+    # relative to the folder of the path the user gave, even if the CSV itself is a link to a file
+    # elsewhere (as pandas reads it); that folder's own links are resolved so '..' means what the OS means
+    folder = csv_path.parent.resolve()
     split_at = positions.get("split")
     rows = []
     first_line: dict[str, int] = {}
@@ -176,7 +178,8 @@ def index_csv(
     seed: int = 0,
     classes: Sequence[str] | None = None,
 ) -> IndexedDataset:
-    """Index a CSV manifest into splits; relative paths resolve against the CSV's folder.
+    """Index a CSV manifest into splits; relative paths resolve against the folder of ``path`` as given
+    (if ``path`` is a symlink, its own folder, not its target's).
 
     ``label`` is a class name, or names joined by ``|`` for multi-label data (then ``multi_label`` is
     set, ``Record.labels`` holds every class index and ``Record.label`` the first). Class names are
@@ -184,7 +187,7 @@ def index_csv(
     case rows with other labels are skipped. With a ``split`` column (train, val/valid/validation,
     test) the rows are split as written; without one, by ``stratified_split`` on each row's first label.
     """
-    csv_path = Path(path).expanduser().resolve()
+    csv_path = Path(path).expanduser().absolute()  # not resolve(): that would follow a linked CSV
     header, table = _read_table(csv_path)
     positions = _column_positions(csv_path, header)
     if "split" not in positions:

@@ -10,16 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vision_ft.data.errors import DataError
+from vision_ft.data.decode import IMAGE_SUFFIXES, image_kind
+from vision_ft.data.errors import BadImageError, DataError
 from vision_ft.data.records import IndexedDataset, Record
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
-
-try:
-    from vision_ft.data.decode import IMAGE_SUFFIXES
-except ImportError:  # decode.py is written alongside this module; keep indexing usable without it
-    IMAGE_SUFFIXES = frozenset(
-        {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".dcm", ".dicom"}
-    )
 
 # folder names (lower-cased) that mark a pre-split layout, and the split each one holds
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -44,15 +38,46 @@ def _raise(error: OSError) -> None:
     raise _listing_error(error)
 
 
+def _is_image_file(path: str) -> bool:
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return True
+    # DICOM exports are often named by UID (suffix '.5') or have no suffix; asking the decoder's own
+    # rule (the DICM marker, a 132-byte read) keeps indexing and decoding in agreement
+    try:
+        return image_kind(path) == "dicom"
+    except BadImageError:  # not DICOM, or unreadable: like any file of another type, not an image
+        return False
+
+
+def _directory_identity(path: str) -> tuple[int, int]:
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise _listing_error(e) from None
+    return info.st_dev, info.st_ino
+
+
 def _image_files(folder: Path) -> list[str]:
-    """Image files anywhere under ``folder``, sorted so that indexing is deterministic."""
+    """Image files anywhere under ``folder``, sorted so that indexing is deterministic.
+
+    Symlinked subfolders are followed (as torchvision's ImageFolder does), but each real folder is
+    listed once, so a link back to an ancestor cannot loop and a folder linked twice gives no duplicate
+    records (which could otherwise land in both train and test).
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    listed: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise, followlinks=True):
+        identity = _directory_identity(dirpath)
+        if identity in listed:
+            dirnames[:] = []
+            continue
+        listed.add(identity)
+        # sorted, so that which path of a folder linked twice is kept does not depend on the file system
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(
-            os.path.join(dirpath, name)
-            for name in filenames
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+            path
+            for path in (os.path.join(dirpath, name) for name in filenames if not name.startswith("."))
+            if _is_image_file(path)
         )
     return sorted(found)
 
@@ -119,7 +144,8 @@ def index_folder(
     If ``root`` holds ``train/`` (and optionally ``val/`` or ``valid/``, ``test/``), those folders are
     the splits as the dataset's authors made them and the fractions are not used; other subfolders
     next to them are ignored. Otherwise the images are split per class with ``stratified_split``.
-    Records hold absolute paths. Hidden files and folders, and files with other suffixes, are skipped.
+    Records hold absolute paths. Hidden files and folders are skipped, and so are files with other
+    suffixes unless they carry the DICOM marker (DICOM files named by UID or with no suffix).
     """
     check_fractions(val_fraction, test_fraction)
     folder = Path(root).expanduser()

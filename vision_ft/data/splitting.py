@@ -124,7 +124,7 @@ def write_split_file(
                 raise DataError(
                     f"{path}: class name {name!r} contains '|', which a split file reads as two labels"
                 )
-    csv_folder = str(path.resolve().parent)
+    csv_folder = str(path.absolute().parent.resolve())  # as index_csv reads it back, even through a link
     root = Path(root).expanduser().resolve() if root is not None else None
     ordered = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
     with open(path, "w", encoding="utf-8", newline="") as f:
