@@ -57,9 +57,9 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
     """Classify IMAGE (default: a bundled photo) into ImageNet classes."""
     import jax
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
-    from vision_ft.data.transforms import eval_transform
+    from vision_ft.data.decode import read_image
+    from vision_ft.data.pipeline import eval_geometry, eval_image
     from vision_ft.models.factory import create_model
 
     spec: bool | str = True if pretrained.lower() == "true" else pretrained
@@ -69,11 +69,12 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
             f"{model_name} with these weights has {model.num_classes} classes, not ImageNet's 1000"
         )
     image = image or Path(str(resources.files("vision_ft") / "assets" / "chelsea.png"))
-    try:
-        with Image.open(image) as img:
-            pixels = eval_transform(img, model.pretrained_cfg)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"cannot read image {image}: {e}") from None
+    cfg = model.pretrained_cfg
+    # decoded as fit reads files (EXIF orientation, true bit depth, formats allowed), then timm's eval
+    # geometry; an unreadable file is a one-line error naming it
+    geometry = eval_geometry(cfg, cfg.input_size[1], None, cfg.input_size[0])
+    pixels = eval_image(read_image(image), geometry)
+    pixels = (pixels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
     logits = model(pixels[None])
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))[0]
     labels = (resources.files("vision_ft") / "assets" / "imagenet_classes.txt").read_text().splitlines()

@@ -106,6 +106,11 @@ def matched_bands(image: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"has {bands} bands, expected {channels}")
 
 
+def eval_image(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """One decoded image as validation prepares it: float32 HWC in [0, 1], not yet normalized."""
+    return _prepare(image, geometry, None)
+
+
 def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | None) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
