@@ -29,6 +29,8 @@ from vision_ft.train.step import Trainer
         ("data=8", (8, 1)),
         ("data=-1, fsdp=2", (4, 2)),
         ("data=4,fsdp=-1", (4, 2)),
+        ("fsdp=-1", (1, 8)),  # both refused with "give the size of data or fsdp"
+        ("data=-1", (8, 1)),
     ],
 )
 def test_parse_mesh(text, expected):

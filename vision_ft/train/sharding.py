@@ -33,7 +33,8 @@ class MeshError(ValueError):
 
 def parse_mesh(text: str | None, num_devices: int) -> tuple[int, int]:
     """``data=N,fsdp=M`` -> (N, M). Either part may be left out or be -1: it takes the devices the
-    other leaves. ``None`` or empty: data parallel over every device."""
+    other leaves (a part left out beside the other's -1 is 1). ``None`` or empty: data parallel over
+    every device."""
     sizes = {"data": -1, "fsdp": 1}
     if text:
         given = set()
@@ -48,8 +49,10 @@ def parse_mesh(text: str | None, num_devices: int) -> tuple[int, int]:
                 raise MeshError(f"--mesh {text!r}: {name} must be a positive size or -1")
             given.add(name)
             sizes[name] = value
-        if "data" in given and "fsdp" not in given:
-            sizes["fsdp"] = -1
+        if given == {"data"}:  # data=N alone: FSDP over what it leaves; data=-1 alone: none
+            sizes["fsdp"] = 1 if sizes["data"] == -1 else -1
+        if given == {"fsdp"} and sizes["fsdp"] == -1:  # fsdp=-1 alone: FSDP over every device
+            sizes["data"] = 1
     unknown = [name for name, size in sizes.items() if size == -1]
     known = math.prod(size for size in sizes.values() if size != -1)
     if len(unknown) == 2:
