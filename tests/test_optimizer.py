@@ -191,3 +191,12 @@ def test_auto_class_weights_are_inverse_frequencies_of_the_labelled_examples():
     labels = np.array([0, 0, 0, 1, -1, -1])  # 4 labelled: 3 of class 0, 1 of class 1, none of class 2
     np.testing.assert_allclose(class_weights_for("auto", labels, 3), [4 / (3 * 3), 4 / (3 * 1), 0.0])
     np.testing.assert_array_equal(class_weights_for("none", labels, 3), np.ones(3))
+
+
+def test_warmup_counts_the_updates_before_its_epochs_end_as_timm():
+    """timm warms up while update < warmup_epochs x updates_per_epoch; int() of a product that float
+    arithmetic leaves just under a whole number dropped one update (0.29 x 100 = 28.999...)."""
+    from vision_ft.train.phases import warmup_updates
+
+    assert 0.29 * 100 < 29 and warmup_updates(0.29, 100) == 29
+    assert warmup_updates(0.5, 7) == 4 and warmup_updates(1, 12) == 12 and warmup_updates(0, 12) == 0

@@ -6,6 +6,7 @@ discriminative rates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def phase_optimizer(
     schedule = warmup_cosine(
         phase.lr,
         total_steps=max(phase_epochs * windows.updates_per_epoch, 1),
-        warmup_steps=int(cfg.warmup_epochs * windows.updates_per_epoch),
+        warmup_steps=warmup_updates(cfg.warmup_epochs, windows.updates_per_epoch),
         min_lr_ratio=cfg.min_lr_ratio,
     )
     tx = build_optimizer(plan, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, windows=windows)
@@ -75,3 +76,9 @@ def phase_optimizer(
 
 def update_windows(cfg: FitConfig, steps_per_epoch: int) -> UpdateWindows:
     return UpdateWindows(steps_per_epoch, cfg.accumulate_steps)
+
+
+def warmup_updates(warmup_epochs: float, updates_per_epoch: int) -> int:
+    """The updates that warm up, as timm counts them (those before ``warmup_epochs x updates``, a
+    fraction rounding up); rounded first, so that 0.29 x 100 = 28.999... is 29, not 28."""
+    return math.ceil(round(warmup_epochs * updates_per_epoch, 6))
