@@ -311,3 +311,16 @@ def test_a_resume_without_the_runs_config_says_it_cannot_check_the_settings(tmp_
         claimed = claim_output_dir(tiny_config(tmp_path, resume=True))
     assert claimed.saved is None
     assert "holds no config.json, so this resume cannot check its settings" in caplog.text
+
+
+@pytest.mark.parametrize("metric, value", [("accuracy", 5 / 6), ("auc", 0.7), ("loss", 0.1)])
+def test_a_tie_with_the_best_score_is_no_improvement_in_a_resumed_run_either(metric, value):
+    """The latest checkpoint keeps the best score in float32; compared with float64 scores after a
+    resume, a best rounded down (5/6 -> 0.83333331) lost to a tie, which became the new best and
+    moved the final test onto other weights than the uninterrupted run's."""
+    from vision_ft.train.evaluation import improves_selection, selection_score
+
+    best = selection_score({metric: value}, metric)
+    resumed_best = float(np.asarray(best, np.float32))  # as _state saves it and _resume reads it
+    tie = selection_score({metric: value}, metric)
+    assert not improves_selection(tie, best, metric) and not improves_selection(tie, resumed_best, metric)

@@ -88,11 +88,13 @@ def improves_selection(score: float, best: float, metric: str) -> bool:
 
 
 def selection_score(metrics: dict, metric: str) -> float:
-    """The value a checkpoint is kept by; an undefined one (AUC of a one-class split) never wins."""
+    """The value a checkpoint is kept by; an undefined one (AUC of a one-class split) never wins.
+    Rounded to float32, as the latest checkpoint keeps the best score: compared in float64, a resumed
+    run's rounded-down best made a tie with it a new best (and an uninterrupted run did not)."""
     if metric == "loss":
-        return float(metrics["loss"])
+        return float(np.float32(metrics["loss"]))
     value = metrics[metric]
-    return float(value) if np.isfinite(value) else -math.inf
+    return float(np.float32(value)) if np.isfinite(value) else -math.inf
 
 
 def test_reports(
