@@ -344,3 +344,14 @@ def test_the_clinical_report_ranks_saturated_logits_as_the_metrics_do(tmp_path):
         labels, logits, ["a", "b", "c", "d"], test, ["no", "yes"], tmp_path, multi_label=False
     )
     assert report["auc_ci"]["auc"] == 1.0
+
+
+@pytest.mark.parametrize("nan_at", [slice(None), slice(0, 3)])
+def test_operating_points_of_nan_scores_are_nan_not_an_index_error(nan_at):
+    """A diverged model scores NaN: roc_curve counts each NaN as its own point and np.unique merges
+    them, so the thresholds no longer lined up with the rates (an IndexError after the whole fit, or,
+    with some NaNs, a threshold reported beside another threshold's sensitivity)."""
+    scores = np.linspace(0.1, 0.9, 10)
+    scores[nan_at] = np.nan
+    points = operating_points(np.array([0, 1] * 5), scores)
+    assert all(math.isnan(p[k]) for p in points.values() for k in ("sensitivity", "specificity", "threshold"))

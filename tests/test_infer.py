@@ -51,6 +51,11 @@ def test_eval_reproduces_fit_test_metrics_and_writes_a_clinical_report(fitted):
         assert report["metrics"][key] == pytest.approx(final["test"][key], rel=1e-5, abs=1e-6), key
     ci = report["clinical"]["auc_ci"]
     assert ci["low"] <= report["metrics"]["auc"] <= ci["high"]
+    # the report's AUC and interval as fit's test report has them (both from float64 probabilities)
+    fitted_ci = final["test_clinical"]["auc_ci"]
+    assert (ci["auc"], ci["low"], ci["high"]) == pytest.approx(
+        (fitted_ci["auc"], fitted_ci["low"], fitted_ci["high"])
+    )
     assert (root / "run" / "eval-test" / "test_reliability.png").read_bytes()[:4] == b"\x89PNG"
     again = cli("eval", "--checkpoint", root / "run")  # a second report never overwrites the first
     assert again.exit_code == 0 and (root / "run" / "eval-test-2" / "eval.json").exists()

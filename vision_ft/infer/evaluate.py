@@ -95,16 +95,19 @@ def evaluate_run(
     # the loss weighs classes as fit's did (class_weights: auto); runs before it was recorded, evenly
     weights = config.get("loss_class_weights")
     class_weights = np.asarray(weights, np.float64) if weights is not None else None
+    # probabilities in float64, as fit's test report takes them: float32 rounds confident ones to 1.0,
+    # where their ties give another AUC than the metrics' (computed from the logits)
+    logits64 = np.asarray(logits, np.float64)
     if predictor.multi_label:
         # a manifest whose rows happen to carry one label each is still scored per class
         labels = as_multi_hot(labels, len(names))
         metrics = multilabel_metrics(labels, logits, class_weights)
-        clinical = multilabel_clinical_report(labels, expit(logits), ids, names, out, prefix=split)
+        clinical = multilabel_clinical_report(labels, expit(logits64), ids, names, out, prefix=split)
     elif dataset.multi_label:
         raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
     else:
         metrics = classification_metrics(labels, logits, class_weights)
-        clinical = clinical_report(labels, softmax(logits, axis=1), ids, names, out, prefix=split)
+        clinical = clinical_report(labels, softmax(logits64, axis=1), ids, names, out, prefix=split)
     report = {
         "checkpoint": str(run_dir),
         "data": spec,

@@ -140,11 +140,13 @@ def operating_points(
     the figure to quote rather than accuracy at 0.5. Exact: every distinct score is tried as a threshold
     (positive iff ``score >= threshold``; +inf means nothing positive). Keys look like
     ``sensitivity_at_specificity_0.90``; values hold sensitivity, specificity and threshold (NaN when the
-    labels hold one class only).
+    labels hold one class only, or where a score is not finite).
     """
     positives = np.asarray(labels).astype(bool).reshape(-1)
     scores = np.asarray(scores, np.float64).reshape(-1)
-    defined = 0 < positives.sum() < len(positives)
+    # a diverged model's NaN scores have no order to threshold (roc_curve and np.unique also disagree
+    # on how many distinct NaNs there are, which misaligned the thresholds with the rates)
+    defined = 0 < positives.sum() < len(positives) and bool(np.isfinite(scores).all())
     if defined:
         sens, spec, thresholds = _roc_with_thresholds(positives, scores)
     result = {}
