@@ -86,6 +86,7 @@ def embed(
 
     from vision_ft.data.sources import load_dataset
     from vision_ft.infer.embeddings import FORMATS, Embeddings, embed_split, write_embeddings
+    from vision_ft.infer.evaluate import nothing_readable
 
     if output.suffix not in FORMATS:
         raise UserError(f"--output {output}: use a .npz or .parquet file name")
@@ -115,6 +116,8 @@ def embed(
                 raise UserError(str(e)) from None
             parts.append(part)
             bad |= unreadable
+    if not sum(len(p) for p in parts):  # an empty file would look like a finished embedding
+        raise nothing_readable("embed", bad)
     result = Embeddings(
         np.concatenate([p.embeddings for p in parts]),
         np.concatenate([p.labels for p in parts]),

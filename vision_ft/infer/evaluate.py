@@ -41,15 +41,21 @@ def predict_logits(
         labels.append(batch["label"][keep])
         outputs.append(out)
     if not outputs or not ids:
-        culprit = ""
-        if bad:  # name the first, and why: a band count the model does not take, a broken file...
-            path, reason = next(iter(bad.items()))
-            culprit = f": {path}: {reason}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
-        raise DataError(f"no readable images to predict{culprit}")
+        raise nothing_readable("predict", bad)
     logits = np.concatenate(outputs)
     if probe is not None:
         logits = probe.logits(logits)
     return ids, np.concatenate(labels).astype(np.int64), logits, bad
+
+
+def nothing_readable(task: str, bad: dict[str, str]) -> DataError:
+    """The error where no image of the data could be used, naming the first unusable one and why (a
+    band count the model does not take, a broken file...)."""
+    culprit = ""
+    if bad:
+        path, reason = next(iter(bad.items()))
+        culprit = f": {path}: {reason}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+    return DataError(f"no readable images to {task}{culprit}")
 
 
 def _free_directory(run_dir: Path, split: str) -> Path:
