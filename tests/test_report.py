@@ -76,3 +76,35 @@ def test_a_record_cut_short_by_a_kill_is_dropped_and_a_damaged_log_named(tmp_pat
     path.write_text('{"epoch": 1, "st\n' + whole)
     with pytest.raises(RunDirError, match=r"metrics.jsonl, line 1: not a JSON record"):
         MetricsLog.read(path)
+
+
+def test_a_resumed_log_keeps_the_checkpoints_step_and_drops_the_test_record(tmp_path):
+    """On --resume from step 8: the records after it run again, and so does the test, which the run's
+    end writes again (a resume of a finished run, or one killed while finishing, had two); TensorBoard
+    must purge from step 9, not 8, or it hid the epoch logged at the checkpoint's own step."""
+    import json
+
+    from tensorboardX.proto import event_pb2
+
+    from vision_ft.train.report import MetricsLog
+
+    logged = [("train", 4), ("val", 4), ("train", 8), ("val", 8), ("test", 8), ("train", 12)]
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": s // 4, "step": s, "split": split, "loss": 1.0}) + "\n"
+            for split, s in logged
+        )
+    )
+    log = MetricsLog(tmp_path, resume_step=8)
+    log.close()
+    kept = [(r["split"], r["step"]) for r in MetricsLog.read(tmp_path / "metrics.jsonl")]
+    assert kept == [("train", 4), ("val", 4), ("train", 8), ("val", 8)]
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    data, offset, starts = event_file.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4
+        if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+            starts.append(event.step)
+    assert starts == [9]

@@ -56,15 +56,19 @@ class MetricsLog:
         self.path = directory / "metrics.jsonl"
         self.write = write  # other processes of a multi-process run keep the records in memory only
         records = self.read(self.path) if resume_step is not None else []
-        # on resume, forget what was logged after the checkpoint: those steps run again
-        self.records = [r for r in records if r["step"] <= (resume_step or 0)]
+        # on resume, forget what was logged after the checkpoint: those steps run again; and the test
+        # record, which the run's end writes again (it may have died after writing it)
+        self.records = [r for r in records if r["step"] <= (resume_step or 0) and r["split"] != "test"]
         self.writer = None
         if write:  # replaced whole: a kill while it is written leaves the old log
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json_text(r) + "\n" for r in self.records))
             tmp.replace(self.path)
             writer_class = summary_writer_class()
-            self.writer = writer_class(str(directory / "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides earlier events from purge_step on: those logged at the checkpoint's
+            # own step stay (the resumed run goes on from the step after it)
+            purge_step = None if resume_step is None else resume_step + 1
+            self.writer = writer_class(str(directory / "tensorboard"), purge_step=purge_step)
 
     @staticmethod
     def read(path: Path) -> list[dict]:
