@@ -20,7 +20,7 @@ from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, 
 from vision_ft.train.config import load_config, resume_conflicts
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.optimizer import build_optimizer
-from vision_ft.train.preemption import Preempted
+from vision_ft.train.preemption import MARKER, Preempted
 from vision_ft.train.rules import RuleError
 from vision_ft.train.run_dir import load_run_model
 from vision_ft.train.step import Trainer, data_mesh
@@ -324,3 +324,47 @@ def test_a_tie_with_the_best_score_is_no_improvement_in_a_resumed_run_either(met
     resumed_best = float(np.asarray(best, np.float32))  # as _state saves it and _resume reads it
     tie = selection_score({metric: value}, metric)
     assert not improves_selection(tie, best, metric) and not improves_selection(tie, resumed_best, metric)
+
+
+def test_a_fit_that_stops_in_its_first_validation_resumes_from_the_start(tmp_path, monkeypatch):
+    """The first epoch's train record is logged before its validation and first checkpoint: a fit
+    that died there (out of memory, killed) left a directory a new run refused ("already holds a
+    run") and --resume refused too ("no checkpoint")."""
+    evaluate = FitRun.evaluate
+
+    def out_of_memory(self, trainer, split, **kwargs):
+        raise MemoryError("in the first validation")
+
+    monkeypatch.setattr(FitRun, "evaluate", out_of_memory)
+    with pytest.raises(MemoryError):
+        FitRun(tiny_config(tmp_path, epochs=1), progress=False).run()
+    monkeypatch.setattr(FitRun, "evaluate", evaluate)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        FitRun(tiny_config(tmp_path, epochs=1), progress=False)
+    final = FitRun(tiny_config(tmp_path, epochs=1, resume=True), progress=False).run()
+    logged = [(r["split"], r["step"]) for r in json_lines(tmp_path / "run" / "metrics.jsonl")]
+    epoch_end = logged[0][1]
+    assert logged == [("train", epoch_end), ("val", epoch_end), ("test", final["best_step"])]
+
+
+def test_a_fit_that_fails_while_finishing_is_finished_by_the_same_command(tmp_path, monkeypatch):
+    """A SIGTERM in the last step or while the reports were written, a kill or a failure there left
+    no preemption marker: the same command was refused ("pass --resume"), and --resume logged a
+    second test record."""
+    finish = FitRun._finish
+    monkeypatch.setattr(FitRun, "_finish", lambda *args: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        FitRun(tiny_config(tmp_path, epochs=1), progress=False).run()
+    assert (tmp_path / "run" / MARKER).exists()
+    monkeypatch.setattr(FitRun, "_finish", finish)
+    final = FitRun(tiny_config(tmp_path, epochs=1), progress=False).run()  # the same command
+    assert [r["split"] for r in json_lines(tmp_path / "run" / "metrics.jsonl")].count("test") == 1
+    assert final["test"]["auc"] == json.loads((tmp_path / "run" / "final.json").read_text())["test"]["auc"]
+    assert not (tmp_path / "run" / MARKER).exists()
+    again = FitRun(tiny_config(tmp_path, epochs=1, resume=True), progress=False).run()
+    assert [r["split"] for r in json_lines(tmp_path / "run" / "metrics.jsonl")].count("test") == 1
+    assert again["test"] == final["test"]
+
+
+def json_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -398,11 +398,15 @@ class FitRun:
                     self.checkpoints.close()
                     mark_preempted(self.out, step)
                     raise Preempted(step, self.out)
+            # until the reports are written, rerunning the command finishes the run: a SIGTERM in
+            # the last step or while finishing (it completes if the grace period allows), a kill or
+            # a failure here leave the marker, and the resume from the final checkpoint only finishes
+            mark_preempted(self.out, step)
+            progress.close()
+            final = self._finish(trainer, metrics_log, started)
         finally:
             watch.close()  # also when preempted or failing: SIGTERM ends a script or notebook again
         clear_marker(self.out)
-        progress.close()
-        final = self._finish(trainer, metrics_log, started)
         metrics_log.close()
         self.checkpoints.close()
         return final
@@ -412,7 +416,14 @@ class FitRun:
         that saved it, with the restored weights loaded into its compiled steps."""
         latest = self.checkpoints.latest_step()
         if latest is None:
-            raise RunDirError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+            logged = report.MetricsLog.read(self.out / "metrics.jsonl")
+            if any(r["step"] > self.steps_per_epoch for r in logged):  # it saved, somewhere else
+                raise RunDirError(f"--resume: no checkpoint in {self.checkpoint_dir}")
+            # stopped between its first epoch's end and its first checkpoint (out of memory in the
+            # first validation, killed): nothing to resume, and nothing to lose by starting again
+            log.warning("--resume: %s holds no checkpoint yet; the run starts again", self.checkpoint_dir)
+            phase = self.phases[0]
+            return 0, worst_selection_score(self.cfg.select_metric), phase, self._trainer(phase)
         # a checkpoint saved at the end of a phase's last step holds that phase's optimizer state and
         # EMA; the loop then switches to the next phase as an uninterrupted run does
         phase = self._phase_at(max(latest - 1, 0))
