@@ -368,3 +368,27 @@ def test_a_fit_that_fails_while_finishing_is_finished_by_the_same_command(tmp_pa
 
 def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 9.5 GiB"),
+        Exception("restore failed"),  # Orbax's bare wrapper around the device's error
+    ],
+)
+def test_a_checkpoint_too_big_for_memory_is_not_called_damaged(error):
+    """Every error while reading was reported as "could not be read (damaged?)", an out-of-memory
+    restore too, which sent the user after a checkpoint with nothing wrong."""
+    from vision_ft.train.checkpoint import CheckpointUnreadableError, reading
+
+    if type(error) is Exception:
+        error.__cause__ = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 10200547328 bytes.")
+    with pytest.raises(
+        CheckpointUnreadableError, match=r"^checkpoint /run/best does not fit in memory here: "
+    ):
+        with reading("/run/best"):
+            raise error
+    with pytest.raises(CheckpointUnreadableError, match=r"could not be read \(damaged\?\)"):
+        with reading("/run/best"):
+            raise ValueError("bad chunk")

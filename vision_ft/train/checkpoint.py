@@ -42,6 +42,10 @@ def reading(where: str):
     except Exception as e:  # noqa: BLE001  Orbax wraps tensorstore's errors in a bare Exception
         cause = e.__cause__ or e
         first_line = (str(cause).strip().splitlines() or [""])[0]
+        if isinstance(cause, MemoryError) or "RESOURCE_EXHAUSTED" in f"{e} {cause}":
+            raise CheckpointUnreadableError(
+                f"checkpoint {where} does not fit in memory here: {type(cause).__name__}: {first_line}"
+            ) from None
         raise CheckpointUnreadableError(
             f"checkpoint {where} could not be read (damaged?): {type(cause).__name__}: {first_line}"
         ) from None
