@@ -68,6 +68,15 @@ def test_resume_on_changed_data_is_refused_and_leaves_the_run_as_it_was(tmp_path
     recorded = (tmp_path / "run" / "splits.csv").read_bytes()
     config = (tmp_path / "run" / "config.json").read_bytes()
     (root / "River" / "River_0.jpg").rename(root / "River" / "River_9.jpg")
+    # eval drew the split again from the changed folder, unchecked: its "val" could hold training images
+    from vision_ft.data.errors import DataError
+    from vision_ft.infer.evaluate import evaluate_run
+
+    with pytest.raises(DataError, match="no longer splits as the run .* evaluate the run's own split with"):
+        evaluate_run(tmp_path / "run", split="val")
+    own = evaluate_run(tmp_path / "run", data=f"csv:{tmp_path / 'run' / 'splits.csv'}", split="val")
+    val_size = json.loads(config)["split_sizes"]["val"]
+    assert own["metrics"]["count"] in (val_size, val_size - 1)  # River_0 is gone, if it was in val
     changes = [
         ("a file renamed", lambda: None, "no longer splits as the run's"),
         ("an image added", lambda: shutil.copy(root / "Forest" / "Forest_0.jpg", root / "Forest" / "new.jpg"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,3 +136,15 @@ def write_split_file(
                 writer.writerow(
                     [_path_cell(record.path, csv_folder, root), _label_cell(record, class_names), split]
                 )
+
+
+def matches_split_file(recorded: Path, splits: dict[str, list[Record]], class_names: Sequence[str]) -> bool:
+    """Whether ``recorded`` (a run's ``splits.csv``) lists exactly these records per split: the same
+    data, drawn the same way. Labels may be written as class names, or as indices (earlier runs)."""
+    with tempfile.TemporaryDirectory() as scratch:  # the file's paths are absolute, as the run's
+        current = Path(scratch) / "splits.csv"
+        written = []
+        for names in (class_names, None):
+            write_split_file(current, splits, None, class_names=names)
+            written.append(current.read_bytes())
+    return recorded.read_bytes() in written

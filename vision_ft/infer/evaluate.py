@@ -11,6 +11,7 @@ from scipy.special import expit, softmax
 from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import ExampleSplit, unusable_examples
 from vision_ft.data.sources import load_dataset
+from vision_ft.data.splitting import matches_split_file
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
 from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.clinical import clinical_report
@@ -58,6 +59,24 @@ def nothing_readable(task: str, bad: dict[str, str]) -> DataError:
     return DataError(f"no readable images to {task}{culprit}")
 
 
+def _check_split_as_fitted(run_dir: Path, config: dict, dataset, spec: str) -> None:
+    """Raise ``DataError`` where the run's data, split again now, would not give the split the run
+    was evaluated on (a folder that gained an image redraws every class): its test images could
+    include ones the run trained on. The run's own split stays readable from its ``splits.csv``."""
+    sizes = {name: len(part) for name, part in dataset.splits.items()}
+    recorded = run_dir / "splits.csv"
+    changed = config.get("split_sizes") not in (None, sizes)
+    if not changed and dataset.index is not None and recorded.is_file():
+        changed = not matches_split_file(recorded, dataset.index.splits, dataset.class_names)
+    if changed:
+        own = f"; evaluate the run's own split with --data csv:{recorded}" if recorded.is_file() else ""
+        raise DataError(
+            f"{spec} no longer splits as the run {run_dir} was evaluated on (images added, removed or "
+            f"moved){own}"
+            f"moved){own}"
+        )
+
+
 def _free_directory(run_dir: Path, split: str) -> Path:
     """``RUN/eval-SPLIT``, or ``-2``, ``-3``...: an earlier report is never overwritten."""
     candidate, n = run_dir / f"eval-{split}", 1
@@ -90,6 +109,8 @@ def evaluate_run(
         raise DataError(f"--split {split}: {spec} has splits {', '.join(dataset.splits)}")
     if dataset.channels != predictor.channels:
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
+    if data is None:
+        _check_split_as_fitted(run_dir, config, dataset, spec)
     to_run_classes = run_class_order(spec, dataset.class_names, tuple(predictor.class_names or ()))
     out = Path(output) if output is not None else _free_directory(run_dir, split)
     refuse_used_directory(out)

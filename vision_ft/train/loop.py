@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import eval_geometry, may_be_unusable, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
-from vision_ft.data.splitting import write_split_file
+from vision_ft.data.splitting import matches_split_file, write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
@@ -160,14 +159,7 @@ class FitRun:
         recorded = self.out / "splits.csv"
         if self.data.index is None or not recorded.is_file():
             return
-        with tempfile.TemporaryDirectory() as scratch:  # the file's paths are absolute, as the run's
-            current = Path(scratch) / "splits.csv"
-            written = []
-            # labels as class names; earlier runs wrote class indices
-            for names in (self.data.class_names, None):
-                write_split_file(current, self.data.index.splits, None, class_names=names)
-                written.append(current.read_bytes())
-        if recorded.read_bytes() not in written:
+        if not matches_split_file(recorded, self.data.index.splits, self.data.class_names):
             raise RunDirError(
                 f"--resume: {self.cfg.data} no longer splits as the run's {recorded} records (images added, "
                 "removed or moved); resume with the same data, or fit into a new --output"
