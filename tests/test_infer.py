@@ -179,11 +179,17 @@ def test_predict_on_a_folder_and_on_a_spec(fitted, tmp_path):
     # a split whose every image is unusable: embed wrote an empty file and exited 0
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,split\nnew/scan0.png,a,train\nnew/scan2.png,b,train\nnew/broken.png,a,test\n")
+    manifest.write_text(
+        "path,label,split\nnew/scan0.png,a,train\nnew/scan2.png,b,train\nnew/broken.png,a,test\n"
+    )
     empty = cli("embed", "--checkpoint", root / "run", "--data", f"csv:{manifest}", "--split", "test",
                 "--output", tmp_path / "none.npz", "--no-progress")  # fmt: skip
     assert empty.exit_code == 2 and "error: no readable images to embed: " in empty.output, empty.output
     assert not (tmp_path / "none.npz").exists()
+    before = sorted((root / "run").iterdir())  # eval left an empty report directory behind
+    failed = cli("eval", "--checkpoint", root / "run", "--data", f"csv:{manifest}", "--split", "test")
+    assert failed.exit_code == 2 and "error: no readable images to predict: " in failed.output, failed.output
+    assert sorted((root / "run").iterdir()) == before
     for r in rows:
         assert float(r["p_class 0"]) + float(r["p_class 1"]) == pytest.approx(1.0, abs=1e-5)
         assert r["top2"].split("|")[0].split(":")[0] == r["predicted"]

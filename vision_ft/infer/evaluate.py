@@ -111,11 +111,19 @@ def evaluate_run(
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
     if data is None:
         _check_split_as_fitted(run_dir, config, dataset, spec)
+    if dataset.multi_label and not predictor.multi_label:
+        raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
     to_run_classes = run_class_order(spec, dataset.class_names, tuple(predictor.class_names or ()))
     out = Path(output) if output is not None else _free_directory(run_dir, split)
     refuse_used_directory(out)
-    make_directory(out)
-    ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
+    created = not out.exists()
+    make_directory(out)  # before the predictions: an --output that cannot be made fails first
+    try:
+        ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
+    except BaseException:
+        if created and not any(out.iterdir()):  # or the next eval's report would go to eval-SPLIT-2
+            out.rmdir()
+        raise
     if to_run_classes is not None:
         labels = reorder_labels(labels, to_run_classes)
     names = predictor.class_names
@@ -130,8 +138,6 @@ def evaluate_run(
         labels = as_multi_hot(labels, len(names))
         metrics = multilabel_metrics(labels, logits, class_weights)
         clinical = multilabel_clinical_report(labels, expit(logits64), ids, names, out, prefix=split)
-    elif dataset.multi_label:
-        raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
     else:
         metrics = classification_metrics(labels, logits, class_weights)
         clinical = clinical_report(labels, softmax(logits64, axis=1), ids, names, out, prefix=split)
