@@ -392,3 +392,29 @@ def test_a_checkpoint_too_big_for_memory_is_not_called_damaged(error):
     with pytest.raises(CheckpointUnreadableError, match=r"could not be read \(damaged\?\)"):
         with reading("/run/best"):
             raise ValueError("bad chunk")
+
+
+def test_a_run_saved_before_the_crop_mode_was_recorded_resumes_with_the_center_crop(tmp_path, monkeypatch):
+    """Such a run (a squash model, eval_crop_pct null) was evaluated with the center crop, which eval
+    and predict still use for it; a resume switched its validation to squash mid-run."""
+    import vision_ft.train.loop as loop
+
+    create = loop.create_model
+
+    def squash_model(*args, **kwargs):
+        model = create(*args, **kwargs)
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, crop_mode="squash", crop_pct=0.9)
+        return model
+
+    monkeypatch.setattr(loop, "create_model", squash_model)
+    cfg = dataclasses.replace(tiny_config(tmp_path, epochs=1), eval_crop_pct=None)
+    FitRun(cfg, progress=False).run()
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    assert config["eval_crop_mode"] == "squash"
+    resumed = dataclasses.replace(cfg, resume=True)
+    assert FitRun(resumed, progress=False).eval_geometry.eval_crop_mode == "squash"
+    del config["eval_crop_mode"]  # as a release before it was recorded wrote config.json
+    path.write_text(json.dumps(config))
+    older = FitRun(resumed, progress=False)
+    assert older.eval_geometry.eval_crop_mode == older.train_geometry.eval_crop_mode == "center"

@@ -126,6 +126,15 @@ class FitRun:
                 seed=cfg.seed,
             )
         self._set_input_pipeline()
+        if (
+            saved is not None
+            and "eval_crop_mode" not in saved
+            and self.eval_geometry.eval_crop_mode != "center"
+        ):
+            # a run saved before the crop mode was recorded was evaluated (and, without random crops,
+            # trained) with the center crop: it goes on with it, as eval and predict read such runs
+            self.eval_geometry = dataclasses.replace(self.eval_geometry, eval_crop_mode="center")
+            self.train_geometry = dataclasses.replace(self.train_geometry, eval_crop_mode="center")
         # resolved, so that the run's config.json says what eval and predict do
         if cfg.tta_flip is None:
             cfg = self.cfg = dataclasses.replace(cfg, tta_flip=self.augment_settings["hflip"])
