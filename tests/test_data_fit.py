@@ -72,7 +72,8 @@ def test_resume_on_changed_data_is_refused_and_leaves_the_run_as_it_was(tmp_path
     from vision_ft.data.errors import DataError
     from vision_ft.infer.evaluate import evaluate_run
 
-    with pytest.raises(DataError, match="no longer splits as the run .* evaluate the run's own split with"):
+    expected = r"no longer splits as the run .* \(images added, removed or moved\); evaluate the run's own"
+    with pytest.raises(DataError, match=expected + r" split with --data csv:\S+/splits\.csv$"):
         evaluate_run(tmp_path / "run", split="val")
     own = evaluate_run(tmp_path / "run", data=f"csv:{tmp_path / 'run' / 'splits.csv'}", split="val")
     val_size = json.loads(config)["split_sizes"]["val"]

@@ -73,7 +73,6 @@ def _check_split_as_fitted(run_dir: Path, config: dict, dataset, spec: str) -> N
         raise DataError(
             f"{spec} no longer splits as the run {run_dir} was evaluated on (images added, removed or "
             f"moved){own}"
-            f"moved){own}"
         )
 
 
