@@ -25,7 +25,7 @@ from vision_ft.data.sources import DataOptions
 from vision_ft.infer.precision import MATMUL_PRECISION, PRECISIONS
 from vision_ft.models.factory import create_model
 from vision_ft.train.distributed import meeting_on_first_call
-from vision_ft.train.run_dir import load_run_model, read_run_config
+from vision_ft.train.run_dir import evaluated_crop_mode, load_run_model, read_run_config
 from vision_ft.train.step import data_mesh, to_global
 from vision_ft.train.tta import averaged_over_views
 
@@ -66,8 +66,7 @@ def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32
     model = load_run_model(run_dir, which=which, dtype=model_dtype(precision))
     cfg = model.pretrained_cfg
     geometry = eval_geometry(cfg, config["img_size"], config.get("eval_crop_pct"), config["in_chans"])
-    # as the run's validation and test did; runs that did not record it center-cropped
-    geometry = dataclasses.replace(geometry, eval_crop_mode=config.get("eval_crop_mode", "center"))
+    geometry = dataclasses.replace(geometry, eval_crop_mode=evaluated_crop_mode(config))
     window = config.get("window")
     options = DataOptions(
         val_fraction=config.get("val_fraction", 0.1),

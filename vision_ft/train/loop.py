@@ -41,7 +41,13 @@ from vision_ft.train.output_dir import claim_output_dir
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
 from vision_ft.train.rules import build_plan
-from vision_ft.train.run_dir import RUN_PREFIX, RunDirError, load_run_model, read_run_config
+from vision_ft.train.run_dir import (
+    RUN_PREFIX,
+    RunDirError,
+    evaluated_crop_mode,
+    load_run_model,
+    read_run_config,
+)
 from vision_ft.train.sharding import MeshError, make_mesh
 from vision_ft.train.step import Augment, Trainer, freeze_batchnorm, to_global
 from vision_ft.weights.sources import pretrained_from_text
@@ -125,16 +131,7 @@ class FitRun:
                 dtype=dtype,
                 seed=cfg.seed,
             )
-        self._set_input_pipeline()
-        if (
-            saved is not None
-            and "eval_crop_mode" not in saved
-            and self.eval_geometry.eval_crop_mode != "center"
-        ):
-            # a run saved before the crop mode was recorded was evaluated (and, without random crops,
-            # trained) with the center crop: it goes on with it, as eval and predict read such runs
-            self.eval_geometry = dataclasses.replace(self.eval_geometry, eval_crop_mode="center")
-            self.train_geometry = dataclasses.replace(self.train_geometry, eval_crop_mode="center")
+        self._set_input_pipeline(saved)
         # resolved, so that the run's config.json says what eval and predict do
         if cfg.tta_flip is None:
             cfg = self.cfg = dataclasses.replace(cfg, tta_flip=self.augment_settings["hflip"])
@@ -174,8 +171,9 @@ class FitRun:
                 "removed or moved); resume with the same data, or fit into a new --output"
             )
 
-    def _set_input_pipeline(self) -> None:
-        """Geometry, augmentation and normalization from the model, the modality and the config."""
+    def _set_input_pipeline(self, saved: dict | None) -> None:
+        """Geometry, augmentation and normalization from the model, the modality and the config; a
+        resume resizes as the run (``saved``) did."""
         cfg, channels = self.cfg, self.data.channels
         pretrained = self.model.pretrained_cfg
         self.augment_settings = resolve_augmentation(
@@ -190,6 +188,10 @@ class FitRun:
         self.eval_geometry = eval_geometry(
             self.model.pretrained_cfg, cfg.img_size, cfg.eval_crop_pct, channels
         )
+        if saved is not None:  # as eval and predict read the run (older runs center-cropped)
+            self.eval_geometry = dataclasses.replace(
+                self.eval_geometry, eval_crop_mode=evaluated_crop_mode(saved)
+            )
         self.train_geometry = dataclasses.replace(
             self.eval_geometry, train_scale=cfg.crop_scale if self.augment_settings["random_crop"] else None
         )

@@ -52,6 +52,12 @@ def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def evaluated_crop_mode(config: dict) -> str:
+    """The crop mode a run's validation and test resized with: recorded in its config.json; runs
+    saved before it was recorded center-cropped."""
+    return config.get("eval_crop_mode", "center")
+
+
 def run_checkpoint_dir(run_dir: str | Path, config: dict) -> str | Path:
     """Where a run keeps its checkpoints: ``RUN/checkpoints`` unless its config names another place."""
     return config.get("checkpoint_dir") or Path(run_dir).expanduser() / "checkpoints"
