@@ -20,6 +20,8 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint._src.metadata import array_metadata_store
 
+from vision_ft.weights.mapping import mismatch_summary
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose tree does not match what this run expects."""
@@ -149,17 +151,8 @@ def check_compatible(saved_metadata, abstract, where: str) -> None:
         if saved[k] != wanted[k]
     ]
     if missing or unexpected or mismatched:
-        parts = [f"checkpoint {where} does not match this run"]
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if items:
-                parts.append(
-                    f"{title} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
-                )
-        raise CheckpointMismatchError("; ".join(parts))
+        headline = f"checkpoint {where} does not match this run"
+        raise CheckpointMismatchError(mismatch_summary(headline, missing, unexpected, mismatched))
 
 
 def abstract_like(tree):

@@ -172,15 +172,20 @@ def match_state_dict(
         and not any(r.fullmatch(format_path(p)) for r in keep_res)
     ]
     if missing or unexpected or mismatched:
-        # one line: a checkpoint of another architecture misses hundreds of tensors
-        parts = [f"{source} does not fit {model_name}"]
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if items:
-                more = f" and {len(items) - 6} more" if len(items) > 6 else ""
-                parts.append(f"{title} ({len(items)}): {', '.join(items[:6])}{more}")
-        raise WeightLoadError("; ".join(parts))
+        raise WeightLoadError(
+            mismatch_summary(f"{source} does not fit {model_name}", missing, unexpected, mismatched)
+        )
     return updates
+
+
+def mismatch_summary(
+    headline: str, missing: list[str], unexpected: list[str], mismatched: list[str], shown: int = 6
+) -> str:
+    """One line for an error: ``headline``, then each kind of mismatch counted, with its first
+    ``shown`` names (a checkpoint of another architecture misses hundreds of tensors)."""
+    parts = [headline]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            parts.append(f"{title} ({len(items)}): {', '.join(items[:shown])}{more}")
+    return "; ".join(parts)
