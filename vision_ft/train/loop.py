@@ -17,7 +17,7 @@ from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import eval_geometry, may_be_unusable, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
-from vision_ft.data.splitting import matches_split_file, write_split_file
+from vision_ft.data.splitting import write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
@@ -37,7 +37,7 @@ from vision_ft.train.evaluation import (
     test_reports,
     worst_selection_score,
 )
-from vision_ft.train.output_dir import claim_output_dir
+from vision_ft.train.output_dir import check_resumed_data, claim_output_dir
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
 from vision_ft.train.rules import build_plan
@@ -145,31 +145,7 @@ class FitRun:
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers(self.model))
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
         if saved is not None:
-            self._check_same_data(saved)
-
-    def _check_same_data(self, saved: dict) -> None:
-        """Raise ``RunDirError`` where a resume reads other data than the run was started on (a
-        folder that gained images, renamed classes): its split, order and labels would change."""
-        names = saved.get("class_names")
-        if names is not None and list(names) != list(self.data.class_names):
-            raise RunDirError(
-                f"--resume: {self.cfg.data} has classes {list(self.data.class_names)}, the run in {self.out} "
-                f"was started on {list(names)}"
-            )
-        sizes = {name: len(split) for name, split in self.data.splits.items()}
-        if saved.get("split_sizes") not in (None, sizes):
-            raise RunDirError(
-                f"--resume: {self.cfg.data} splits into {sizes} images, the run in {self.out} was started on "
-                f"{saved['split_sizes']}; resume with the same data, or fit into a new --output"
-            )
-        recorded = self.out / "splits.csv"
-        if self.data.index is None or not recorded.is_file():
-            return
-        if not matches_split_file(recorded, self.data.index.splits, self.data.class_names):
-            raise RunDirError(
-                f"--resume: {self.cfg.data} no longer splits as the run's {recorded} records (images added, "
-                "removed or moved); resume with the same data, or fit into a new --output"
-            )
+            check_resumed_data(saved, self.data, cfg.data, self.out)
 
     def _set_input_pipeline(self, saved: dict | None) -> None:
         """Geometry, augmentation and normalization from the model, the modality and the config; a

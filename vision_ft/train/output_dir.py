@@ -13,6 +13,8 @@ from pathlib import Path
 
 from etils import epath
 
+from vision_ft.data.sources import Dataset
+from vision_ft.data.splitting import matches_split_file
 from vision_ft.output_dirs import make_directory
 from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
@@ -115,4 +117,29 @@ def refuse_foreign_entries(out: Path) -> None:
         raise RunDirError(
             f"--output {out} holds files a fit does not write ({shown}); not writing into it: choose an "
             "empty or new directory"
+        )
+
+
+def check_resumed_data(saved: dict, data: Dataset, spec: str, out: Path) -> None:
+    """Raise ``RunDirError`` where a resume reads other data than the run was started on (a
+    folder that gained images, renamed classes): its split, order and labels would change."""
+    names = saved.get("class_names")
+    if names is not None and list(names) != list(data.class_names):
+        raise RunDirError(
+            f"--resume: {spec} has classes {list(data.class_names)}, the run in {out} was started on "
+            f"{list(names)}"
+        )
+    sizes = {name: len(split) for name, split in data.splits.items()}
+    if saved.get("split_sizes") not in (None, sizes):
+        raise RunDirError(
+            f"--resume: {spec} splits into {sizes} images, the run in {out} was started on "
+            f"{saved['split_sizes']}; resume with the same data, or fit into a new --output"
+        )
+    recorded = out / "splits.csv"
+    if data.index is None or not recorded.is_file():
+        return
+    if not matches_split_file(recorded, data.index.splits, data.class_names):
+        raise RunDirError(
+            f"--resume: {spec} no longer splits as the run's {recorded} records (images added, "
+            "removed or moved); resume with the same data, or fit into a new --output"
         )
