@@ -157,6 +157,33 @@ def test_pth_tensor_outside_its_storage_is_refused(tmp_path, offset, size, strid
     assert str(path) in str(err.value) and "conv1.weight" in str(err.value)
 
 
+class _TensorWithState(_CraftedTensor):
+    """Adds pickle's BUILD step, which sets attributes on the rebuilt object, as a crafted file can."""
+
+    def __init__(self, storage: _CraftedStorage, offset, size, stride, state: dict):
+        super().__init__(storage, offset, size, stride)
+        self.state = state
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.rebuild_args, self.state
+
+
+def test_pth_cannot_set_attributes_on_tensors(tmp_path):
+    # _rebuild_parameter (allowed, and an identity) set as the tensor's own _check_layout used to switch
+    # the bounds check off, so the 8-element view read 4 floats of heap past the storage
+    storage = _CraftedStorage([1.0, 2.0, 3.0, 4.0])
+    bypass = {"_check_layout": torch._utils._rebuild_parameter}
+    path = _write_crafted_pth(
+        tmp_path / "crafted.pth",
+        storage,
+        **{"conv1.weight": _TensorWithState(storage, 0, (8,), (1,), bypass)},
+    )
+    with pytest.raises(UnsafePickleError, match="sets attributes on a LazyTensor"):
+        load_torch_state_dict(path)
+    with pytest.raises(WeightSourceError, match="refused"):
+        vision_ft.create_model("resnet18", pretrained=path)
+
+
 class _RunsCode:
     def __init__(self, marker: Path):
         self.marker = marker

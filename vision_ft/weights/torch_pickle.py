@@ -39,8 +39,18 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The file asks for a Python global that a plain state dict never needs."""
 
 
+class _RefusesPickleState:
+    # pickle's BUILD opcode would otherwise write whatever a file says into an object's __dict__: an
+    # attribute named like a method (say _check_layout, set to an allowed identity function) would
+    # shadow it and switch the bounds check off. torch.save never sends state for these objects.
+    def __setstate__(self, state) -> None:
+        raise UnsafePickleError(
+            f"file sets attributes on a {type(self).__name__.strip('_')}: not a plain state dict"
+        )
+
+
 @dataclass
-class _Storage:
+class _Storage(_RefusesPickleState):
     dtype: type
     key: str
     numel: int | None = None
@@ -48,7 +58,7 @@ class _Storage:
 
 
 @dataclass
-class _LazyTensor:
+class _LazyTensor(_RefusesPickleState):
     storage: _Storage
     offset: int
     size: tuple[int, ...]
@@ -98,7 +108,7 @@ def _rebuild_parameter(data, *_unused):
     return data
 
 
-class _StorageType:
+class _StorageType(_RefusesPickleState):
     def __init__(self, name: str):
         self.dtype = _STORAGE_DTYPES[name]
 
