@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -453,3 +454,33 @@ def test_an_unreadable_image_changes_nothing_in_the_train_step(mixup):
         np.testing.assert_allclose(stats[path], reference[2][path], rtol=1e-5, atol=1e-6, err_msg=path)
     for path in params:
         np.testing.assert_allclose(params[path], reference[1][path], rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_mixup_weighs_each_share_of_an_image_by_its_own_class(monkeypatch):
+    """With class weights (9, 1) and mixup at lambda 1/2, the two images of a batch become the same
+    half-and-half image, which must count as 9 parts class 0 to 1 part class 1: the loss and update
+    equal those of that image given twice with labels 0 and 1. The mixed weight (5 each) used to scale
+    a half-and-half target instead, which weighed the classes 1:1. (96 px: at 32 the last stage is
+    1x1, where two equal images leave BatchNorm's batch statistics nothing but rounding.)"""
+    monkeypatch.setattr(jax.random, "beta", lambda key, a, b, *args, **kwargs: jnp.asarray(0.5, jnp.float32))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.8, (2, 96, 96, 1)).astype(np.float32)
+    labels = np.array([0, 1], np.int32)
+
+    def trained(images, mixup):
+        model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+        trainer = Trainer(
+            model, build_plan(model), optax.sgd(1.0), data_mesh(jax.devices()[:1]),
+            class_weights=np.array([9.0, 1.0]), augment=Augment(hflip=False, mixup=mixup),
+            learning_rate=0.1,
+        )  # fmt: skip
+        metrics = trainer.train_step(images, labels, np.ones(2, np.float32), 0)
+        trainer.write_back(model)
+        return float(metrics["loss"]), numpy_state(model, nnx.Param)
+
+    half_and_half = 0.5 * images[0] + 0.5 * images[1]
+    reference_loss, reference_params = trained(np.stack([half_and_half, half_and_half]), mixup=0.0)
+    loss, params = trained(images, mixup=1.0)
+    assert loss == pytest.approx(reference_loss, rel=1e-5)
+    for path in params:
+        np.testing.assert_allclose(params[path], reference_params[path], rtol=1e-4, atol=1e-6, err_msg=path)
