@@ -268,14 +268,21 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path, resnet18_ckpt):
     del state["layer1.0.conv1.weight"], state["layer4.1.bn2.running_var"]
     state["extra.weight"] = torch.zeros(3)
     state["layer2.0.conv2.weight"] = torch.zeros(128, 128, 1, 1)
+    # a kernel of the wrong rank used to stop the listing with numpy's "axes don't match array"
+    state["layer3.0.conv1.weight"] = torch.zeros(256, 128)
+    state["fc.weight"] = torch.zeros(1000, 512, 1, 1)
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
     with pytest.raises(WeightLoadError) as err:
         vision_ft.create_model("resnet18", pretrained=path)
     message = str(err.value)
-    for fragment in ("layer1.0.conv1.kernel", "layer4.1.bn2.var", "extra.weight", "layer2.0.conv2.weight"):
+    for fragment in (
+        "layer1.0.conv1.kernel", "layer4.1.bn2.var", "extra.weight", "layer2.0.conv2.weight",
+        "layer3.0.conv1.weight: checkpoint (256, 128) vs model (3, 3, 128, 256)",
+        "fc.weight: checkpoint (1000, 512, 1, 1) vs model (512, 1000)",
+    ):  # fmt: skip
         assert fragment in message
-    assert "missing (2)" in message and "unexpected (1)" in message and "shape mismatch (1)" in message
+    assert "missing (2)" in message and "unexpected (1)" in message and "shape mismatch (3)" in message
 
 
 def test_checkpoint_of_another_architecture_is_rejected(tmp_path):

@@ -39,6 +39,9 @@ def _same(w: np.ndarray) -> np.ndarray:
     return w
 
 
+_KERNEL_RANKS = {_conv_kernel: 4, _linear_kernel: 2}
+
+
 # timm parameter name -> (NNX variable name, transform), per module kind
 _SUFFIXES: dict[Kind, dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]]] = {
     Kind.CONV: {"weight": ("kernel", _conv_kernel), "bias": ("bias", _same)},
@@ -155,7 +158,13 @@ def match_state_dict(
         if path is None or path not in shapes:
             unexpected.append(key if hit is None else f"{key} (-> {hit[0]})")
             continue
-        array = hit[2](np.asarray(value))
+        value = np.asarray(value)
+        rank = _KERNEL_RANKS.get(hit[2])
+        if rank is not None and value.ndim != rank:  # the transpose would fail without naming the key
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {shapes[path]}")
+            mismatched_paths.add(path)
+            continue
+        array = hit[2](value)
         if array.shape != shapes[path]:
             mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {shapes[path]}")
             mismatched_paths.add(path)
