@@ -393,3 +393,16 @@ def test_a_run_is_resized_for_inference_as_its_validation_was(fitted, tmp_path):
             del edited["eval_crop_mode"]
         (copy / "config.json").write_text(json.dumps(edited))
         assert from_run(copy).geometry.eval_crop_mode == expected
+
+
+def test_eval_names_an_empty_split_instead_of_unreadable_images(fitted, tmp_path):
+    root, _, _ = fitted
+    for c in ("a", "b"):  # 2 x 4 images: the default val_fraction 0.1 leaves val empty
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    result = cli("eval", "--checkpoint", root / "run", "--data", f"folder:{tmp_path}", "--split", "val")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and errors == [
+        f"error: --split val: the val split of folder:{tmp_path} is empty (no examples)"
+    ], result.output

@@ -86,7 +86,7 @@ def embed(
 
     from vision_ft.data.sources import load_dataset
     from vision_ft.infer.embeddings import FORMATS, Embeddings, embed_split, write_embeddings
-    from vision_ft.infer.evaluate import nothing_readable
+    from vision_ft.infer.evaluate import empty_split, nothing_readable
 
     if output.suffix not in FORMATS:
         raise UserError(f"--output {output}: use a .npz or .parquet file name")
@@ -103,6 +103,11 @@ def embed(
         raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
     if dataset.channels != predictor.channels:
         raise UserError(f"{data} has {dataset.channels} bands; the model takes {predictor.channels}")
+    # an empty split (a small folder's val) adds nothing to --split all, and its (0, 0) embeddings
+    # would not concatenate with the others
+    names = [n for n in names if len(dataset.splits[n])]
+    if not names:
+        raise empty_split(data, split)
     parts, bad = [], {}
     total = sum(len(dataset.splits[n]) for n in names)
     with ProgressBar("embed", total, enabled=not no_progress) as progress:

@@ -59,6 +59,14 @@ def nothing_readable(task: str, bad: dict[str, str]) -> DataError:
     return DataError(f"no readable images to {task}{culprit}")
 
 
+def empty_split(spec: str, split: str) -> DataError:
+    """The error where a split has no examples at all: a small folder's default val_fraction can
+    round the val split down to nothing, which is not a matter of unreadable images."""
+    if split == "all":
+        return DataError(f"--split all: every split of {spec} is empty (no examples)")
+    return DataError(f"--split {split}: the {split} split of {spec} is empty (no examples)")
+
+
 def _check_split_as_fitted(run_dir: Path, config: dict, dataset, spec: str) -> None:
     """Raise ``DataError`` where the run's data, split again now, would not give the split the run
     was evaluated on (a folder that gained an image redraws every class): its test images could
@@ -106,6 +114,8 @@ def evaluate_run(
     dataset = load_dataset(spec, predictor.data_options)
     if split not in dataset.splits:
         raise DataError(f"--split {split}: {spec} has splits {', '.join(dataset.splits)}")
+    if not len(dataset.splits[split]):
+        raise empty_split(spec, split)
     if dataset.channels != predictor.channels:
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
     if data is None:

@@ -30,6 +30,10 @@ def resolve_input(
         name = split or next(s for s in ("test", "val", "train") if s in dataset.splits)
         if name not in dataset.splits:
             raise DataError(f"--split {name}: {text} has splits {', '.join(dataset.splits)}")
+        if not len(dataset.splits[name]):
+            from vision_ft.infer.evaluate import empty_split
+
+            raise empty_split(text, name)
         return dataset.splits[name], tuple(dataset.class_names)
     path = Path(text).expanduser()
     if path.is_file():

@@ -1,0 +1,64 @@
+"""embed, probe and predict on inputs that are small, empty, mixed up or otherwise unusual: each a
+result or one error line with exit code 2, and nothing the user had overwritten."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vision_ft.cli import main
+from vision_ft.data.errors import DataError
+from vision_ft.data.sources import DataOptions
+from vision_ft.infer.embeddings import read_embeddings
+from vision_ft.infer.predict import resolve_input
+
+ZOO = ("--model", "test_resnet", "--pretrained", "false", "--batch-size", 8, "--no-progress")
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    """2 classes x 4 images: the default val_fraction 0.1 leaves the val split empty."""
+    root = tmp_path_factory.mktemp("small") / "images"
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.full((16, 16, 3), 30 * i + 100 * c, np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_an_empty_split_is_left_out_of_all_and_named_when_asked_for(small_folder, tmp_path):
+    spec = f"folder:{small_folder}"
+    out = tmp_path / "all.npz"
+    result = cli("embed", *ZOO, "--data", spec, "--split", "all", "--output", out)
+    assert result.exit_code == 0, result.output  # was a numpy concatenate traceback, exit 1
+    written = read_embeddings(out)
+    assert written.embeddings.shape[0] == 8 and written.labels.shape == (8,)
+    empty = cli("embed", *ZOO, "--data", spec, "--split", "val", "--output", tmp_path / "val.npz")
+    assert empty.exit_code == 2 and error_lines(empty) == [
+        f"error: --split val: the val split of {spec} is empty (no examples)"
+    ], empty.output
+    assert not (tmp_path / "val.npz").exists()
+    with pytest.raises(DataError, match="the val split of .* is empty"):
+        resolve_input(spec, DataOptions(), "val")
+
+
+def test_multi_label_rows_embed_with_an_empty_split(small_folder, tmp_path):
+    manifest = tmp_path / "labels.csv"
+    # stratified on each row's first label, 4 and 4 as the folder: val is empty again
+    rows = [f"{p},{'dog|cat' if p.parent.name == 'dog' else 'cat'}" for p in small_folder.rglob("*.png")]
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "all.npz"
+    result = cli("embed", *ZOO, "--data", f"csv:{manifest}", "--split", "all", "--output", out)
+    assert result.exit_code == 0, result.output  # zeros(0) labels met (N, 2) multi-hot ones
+    assert read_embeddings(out).labels.shape == (8, 2)
