@@ -11,10 +11,31 @@ from PIL import Image
 from vision_ft.cli import main
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import DataOptions
-from vision_ft.infer.embeddings import read_embeddings
+from vision_ft.infer.embeddings import Embeddings, read_embeddings, write_embeddings
 from vision_ft.infer.predict import resolve_input
 
 ZOO = ("--model", "test_resnet", "--pretrained", "false", "--batch-size", 8, "--no-progress")
+
+
+# what embed records of a zoo model's embeddings (see cli/inference.py _metadata)
+MADE_BY = {
+    "source": "test_resnet (False)", "model": "ResNet", "input_size": [3, 32, 32],
+    "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center", "mean": [0.5] * 3,
+    "std": [0.25] * 3, "class_names": None, "data": "folder:/images", "split": "train", "tta": "none",
+    "layer": None, "dataset_classes": ["cat", "dog"], "multi_label": False, "checkpoint": None,
+    "zoo_model": "test_resnet", "pretrained": "false", "in_chans": 3, "precision": "fp32",
+}  # fmt: skip
+
+
+def blob_file(path, split: str, n: int, seed: int, **metadata):
+    """Two separable blobs of 4-dimensional embeddings, as embed writes them; ``metadata`` overrides
+    ``MADE_BY``."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    x = (rng.normal(size=(n, 4)) + 3 * labels[:, None]).astype(np.float32)
+    ids = np.asarray([f"/images/{split}/{i}.png" for i in range(n)])
+    write_embeddings(path, Embeddings(x, labels, ids, {**MADE_BY, "split": split, **metadata}))
+    return path
 
 
 def cli(*args):
@@ -62,3 +83,29 @@ def test_multi_label_rows_embed_with_an_empty_split(small_folder, tmp_path):
     result = cli("embed", *ZOO, "--data", f"csv:{manifest}", "--split", "all", "--output", out)
     assert result.exit_code == 0, result.output  # zeros(0) labels met (N, 2) multi-hot ones
     assert read_embeddings(out).labels.shape == (8, 2)
+
+
+def test_the_probe_refuses_files_made_another_way(tmp_path):
+    train = blob_file(tmp_path / "train.npz", "train", 40, 0)
+    # each file's own data spec, split and precision do not change what a feature means
+    val = blob_file(tmp_path / "val.npz", "val", 20, 1, data="folder:/elsewhere", precision="bf16")
+    assert cli("probe", "--train", train, "--val", val, "--output", tmp_path / "ok").exit_code == 0
+    cases = {
+        "tta": "flip",
+        "layer": 2,
+        "pretrained": "true",
+        "mean": [0.485, 0.456, 0.406],
+        "crop_pct": 1.0,
+        "dataset_classes": ["dog", "cat"],  # label 0 would mean another class
+    }
+    for key, value in cases.items():
+        other = blob_file(tmp_path / f"val_{key}.npz", "val", 20, 1, **{key: value})
+        result = cli("probe", "--train", train, "--val", other, "--output", tmp_path / f"p_{key}")
+        assert result.exit_code == 2 and error_lines(result) == [
+            f"error: {other}: {key} {value!r}, but {MADE_BY[key]!r} in the train file {train}; a probe "
+            "needs embeddings made the same way"
+        ], (key, result.output)
+        assert not (tmp_path / f"p_{key}").exists()
+    test = blob_file(tmp_path / "test.npz", "test", 20, 2, checkpoint="/runs/other")
+    result = cli("probe", "--train", train, "--val", val, "--test", test, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and f"{test}: checkpoint '/runs/other'" in result.output, result.output

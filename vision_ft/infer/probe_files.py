@@ -19,6 +19,13 @@ from vision_ft.train.report import write_json
 from vision_ft.weights.sources import pretrained_from_text
 
 PROBE_FILE, SOURCE_FILE = "probe.npz", "probe.json"
+# embed's metadata that decides what a feature or a label index means: files that differ in any of
+# them cannot share a probe. Not the data spec or split (each file's own), nor the precision (bf16
+# and fp32 embeddings of one model agree closely, and predict computes at its own --precision)
+SAME_IN_EVERY_FILE = (
+    "checkpoint", "zoo_model", "pretrained", "model", "in_chans", "layer", "tta", "input_size",
+    "interpolation", "crop_pct", "crop_mode", "mean", "std", "dataset_classes", "multi_label",
+)  # fmt: skip
 
 
 def _class_names(train: Embeddings, others: list[Embeddings]) -> tuple[str, ...]:
@@ -27,6 +34,19 @@ def _class_names(train: Embeddings, others: list[Embeddings]) -> tuple[str, ...]
     if names and len(names) >= num_classes:
         return tuple(names)
     return tuple(f"class {i}" for i in range(num_classes))
+
+
+def _check_made_alike(train_path: Path, train: Embeddings, others: dict[Path, Embeddings]) -> None:
+    """Raise ``DataError`` where a file's metadata says its embeddings were made otherwise than
+    train's (another model, layer, preprocessing or class list). A field either file lacks (arrays
+    made elsewhere) is not compared."""
+    for path, part in others.items():
+        for key in SAME_IN_EVERY_FILE:
+            if key in train.metadata and key in part.metadata and train.metadata[key] != part.metadata[key]:
+                raise DataError(
+                    f"{path}: {key} {part.metadata[key]!r}, but {train.metadata[key]!r} in the train "
+                    f"file {train_path}; a probe needs embeddings made the same way"
+                )
 
 
 def _public(metrics: dict) -> dict:
@@ -43,6 +63,7 @@ def run_probe(
     train, val = read_embeddings(train_path), read_embeddings(val_path)
     test = read_embeddings(test_path) if test_path is not None else None
     splits = [e for e in (val, test) if e is not None]
+    _check_made_alike(train_path, train, dict(zip((val_path, test_path), splits, strict=False)))
     for path, part in zip((train_path, val_path, test_path), [train, *splits], strict=False):
         if part.labels.ndim != 1:
             raise DataError(
