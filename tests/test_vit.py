@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from safetensors.torch import save_file
 
 import vision_ft
 from tests.parity import (
@@ -19,6 +20,7 @@ from tests.parity import (
 )
 from vision_ft.models.vit import bicubic_matrix, resample_abs_pos_embed
 from vision_ft.train.groups import layer_ids, param_paths
+from vision_ft.weights.mapping import WeightLoadError
 
 CLASSIC = [
     f"vit_{size}_patch{patch}_{res}"
@@ -133,6 +135,29 @@ def test_pos_embed_resample_functional():
     ours = resample_abs_pos_embed(posemb, (5, 4), antialias=False)
     assert ours.dtype == np.float32 and np.max(np.abs(ours - ref)) < 1e-5
     assert np.array_equal(ours[:, :1], posemb[:, :1])
+
+
+@pytest.mark.parametrize("layout", ["distilled", "flat_pos_embed"])
+def test_checkpoint_of_another_vit_layout_is_a_load_error(layout, tmp_path):
+    # DeiT's distillation token adds a pos_embed row; the filter used to stop on a grid it could not
+    # infer with "give old_size", advice for a caller of resample_abs_pos_embed, not for a user
+    state = {
+        k: v.clone()
+        for k, v in perturbed_timm_model("vit_tiny_patch16_224", img_size=32).state_dict().items()
+    }
+    if layout == "distilled":
+        state["dist_token"] = torch.zeros(1, 1, 192)
+        state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], state["pos_embed"]], dim=1)
+        expected = ("unexpected (1): dist_token", "pos_embed: checkpoint (1, 6, 192) vs model (1, 5, 192)")
+    else:
+        state["pos_embed"] = state["pos_embed"][0]
+        expected = ("pos_embed: checkpoint (5, 192) vs model (1, 5, 192)",)
+    path = tmp_path / f"{layout}.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightLoadError) as err:
+        vision_ft.create_model("vit_tiny_patch16_224", pretrained=path, img_size=32)
+    for fragment in expected:
+        assert fragment in str(err.value)
 
 
 @pytest.mark.parametrize("in_chans", [1, 4])

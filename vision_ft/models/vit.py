@@ -380,7 +380,7 @@ def checkpoint_filter(state: StateDict, model: VisionTransformer, antialias: boo
         state = _convert_dinov2(state)
     state = {k: v for k, v in state.items() if "pre_logits" not in k}
     pos = state.get("pos_embed")
-    if pos is None:
+    if pos is None or np.ndim(pos) != 3:
         return state
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     n_patches = pos.shape[1] - num_prefix
@@ -390,6 +390,10 @@ def checkpoint_filter(state: StateDict, model: VisionTransformer, antialias: boo
         cfg_size = _to_2tuple(model.config.img_size)
         grid = (cfg_size[0] // weight.shape[-2], cfg_size[1] // weight.shape[-1])
         old_size = grid if grid[0] * grid[1] == n_patches else None
+    if old_size is None and (n_patches < 1 or math.isqrt(n_patches) ** 2 != n_patches):
+        # a grid this cannot infer is another layout (DeiT's distillation token, DINOv2's registers
+        # into a model without): left as it is, the mapping lists it with the checkpoint's other misfits
+        return state
     target_len = model.pos_embed.shape[1]
     if pos.shape[1] != target_len or (old_size is not None and old_size != model.grid_size):
         state["pos_embed"] = resample_abs_pos_embed(
