@@ -120,3 +120,28 @@ def test_a_second_fit_loads_its_compiled_steps_from_the_default_cache(tmp_path):
     new_programs = {p.name.rsplit("-", 1)[0] for p in cache.iterdir()} - programs_before
     assert [name.split("-")[0] for name in new_programs] == ["jit_learning_rate_table"], new_programs
     assert json.loads((tmp_path / "run3" / "final.json").read_text())["test"] != results[0]["test"]
+
+
+def test_no_home_directory_leaves_compilations_uncached(monkeypatch):
+    """Without HOME or XDG_CACHE_HOME, for a uid with no passwd entry (a container's arbitrary
+    uid), Path.home() raises RuntimeError: it escaped the group callback and every command died."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("VISION_FT_COMPILE_CACHE", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert use_persistent_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+        # the same for a directory the user names from the home directory that is not there
+        monkeypatch.setenv("VISION_FT_COMPILE_CACHE", "~/xla")
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.setattr("os.path.expanduser", lambda path: path)  # what it does without a home
+        assert use_persistent_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -65,11 +65,18 @@ def chosen_cache_dir(environ: Mapping[str, str] | None = None) -> Path | None:
 
 def use_persistent_compile_cache() -> Path | None:
     """Point JAX's compilation cache at :func:`chosen_cache_dir`; call before the first compilation.
-    Returns the directory, or None when nothing was set (off, the user's own setting, or a
-    directory that cannot be created: compiling then simply is not cached)."""
+    Returns the directory, or None when nothing was set (off, the user's own setting, no home
+    directory to put it in, or a directory that cannot be created: compiling then simply is not
+    cached)."""
     if jax.config.jax_compilation_cache_dir:  # the user's own (JAX_COMPILATION_CACHE_DIR): JAX uses it
         return None
-    directory = chosen_cache_dir()
+    try:
+        directory = chosen_cache_dir()
+    except RuntimeError as e:
+        # Path.home() and expanduser() raise this without HOME for a uid that has no passwd entry
+        # (containers run as an arbitrary uid); this runs before every command, so it must not fail.
+        log.debug("compilation cache off: %s", e)
+        return None
     if directory is None:
         return None
     try:
