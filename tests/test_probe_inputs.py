@@ -3,6 +3,8 @@ result or one error line with exit code 2, and nothing the user had overwritten.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -13,6 +15,9 @@ from vision_ft.data.errors import DataError
 from vision_ft.data.sources import DataOptions
 from vision_ft.infer.embeddings import Embeddings, read_embeddings, write_embeddings
 from vision_ft.infer.predict import resolve_input
+from vision_ft.infer.predictor import embedding_dim, from_pretrained
+from vision_ft.infer.probe_files import PROBE_FILE, SOURCE_FILE
+from vision_ft.train.probe import LinearProbe
 
 ZOO = ("--model", "test_resnet", "--pretrained", "false", "--batch-size", 8, "--no-progress")
 
@@ -109,3 +114,26 @@ def test_the_probe_refuses_files_made_another_way(tmp_path):
     test = blob_file(tmp_path / "test.npz", "test", 20, 2, checkpoint="/runs/other")
     result = cli("probe", "--train", train, "--val", val, "--test", test, "--output", tmp_path / "p")
     assert result.exit_code == 2 and f"{test}: checkpoint '/runs/other'" in result.output, result.output
+
+
+def test_predict_refuses_a_probe_the_model_cannot_feed(small_folder, tmp_path):
+    predictor = from_pretrained("test_resnet", False)
+    assert embedding_dim(predictor) == 96 and embedding_dim(predictor, 1) == 48  # as embed writes them
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / SOURCE_FILE).write_text(json.dumps(MADE_BY))
+    five = LinearProbe(np.zeros((5, 2), np.float32), np.zeros(2, np.float32), np.zeros(5, np.float32),
+                       np.ones(5, np.float32), 0.1, ("cat", "dog"))  # fmt: skip
+    five.save(probe_dir / PROBE_FILE)
+    out = tmp_path / "preds.csv"
+    result = cli("predict", "--probe", probe_dir, "--input", small_folder, "--output", out)
+    assert result.exit_code == 2 and error_lines(result) == [
+        f"error: --probe {probe_dir}: its probe takes embeddings of dimension 5, but test_resnet (False) "
+        "gives 96"
+    ], result.output  # was a traceback, exit 1, after embedding every image
+    assert not out.exists()
+    (probe_dir / SOURCE_FILE).write_text(json.dumps({**MADE_BY, "layer": 7}))
+    result = cli("predict", "--probe", probe_dir, "--input", small_folder, "--output", out)
+    assert result.exit_code == 2 and error_lines(result) == [
+        f"error: {probe_dir / SOURCE_FILE}: layer 7: this model has 4 stages/blocks (0..3)"
+    ], result.output

@@ -167,6 +167,23 @@ def compiled_forward(
     return forward, mesh.devices.size
 
 
+def embedding_dim(predictor: Predictor, layer: int | None = None) -> int:
+    """The dimension of the embeddings ``compiled_forward`` gives, from shapes alone (no compute):
+    what a probe must take, known before any image is read."""
+    size = predictor.geometry.img_size
+    image = jax.ShapeDtypeStruct((1, size, size, predictor.channels), jnp.float32)
+    model = predictor.model
+    if layer is None:
+        pooled = jax.eval_shape(
+            lambda x: model.forward_head(model.forward_features(x), pre_logits=True), image
+        )
+        return int(pooled.shape[-1])
+    stages = jax.eval_shape(lambda x: model.forward_intermediates(x), image)
+    if not -len(stages) <= layer < len(stages):
+        raise ValueError(f"layer {layer}: this model has {len(stages)} stages/blocks (0..{len(stages) - 1})")
+    return int(jax.eval_shape(lambda f: model.pool_intermediate(f), stages[layer]).shape[-1])
+
+
 def run_split(
     predictor: Predictor,
     split: ExampleSplit,

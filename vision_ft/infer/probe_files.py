@@ -11,7 +11,7 @@ import numpy as np
 
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import Embeddings, read_embeddings
-from vision_ft.infer.predictor import Predictor, from_pretrained, from_run
+from vision_ft.infer.predictor import Predictor, embedding_dim, from_pretrained, from_run
 from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.probe import LinearProbe, fit_knn, fit_linear_probe, knn_probabilities
@@ -134,6 +134,15 @@ def load_probe_dir(directory: Path, *, precision: str = "fp32") -> tuple[Predict
     predictor.tta_flip = source.get("tta") == "flip"
     predictor.tta_shift = 0.0  # embed averages mirrors only, whatever the run evaluated with
     predictor.layer = source.get("layer")
+    try:
+        dim = embedding_dim(predictor, predictor.layer)
+    except ValueError as e:
+        raise DataError(f"{directory / SOURCE_FILE}: {e}") from None
+    if dim != probe.weights.shape[0]:  # a run directory fitted again, or a probe.npz from elsewhere
+        raise DataError(
+            f"--probe {directory}: its probe takes embeddings of dimension {probe.weights.shape[0]}, but "
+            f"{predictor.source} gives {dim}"
+        )
     return predictor, probe
 
 
