@@ -145,3 +145,28 @@ def test_no_home_directory_leaves_compilations_uncached(monkeypatch):
         assert jax.config.jax_compilation_cache_dir is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_directory_that_cannot_be_written_is_not_used(monkeypatch, tmp_path):
+    """An existing directory we cannot write passed mkdir(exist_ok=True); JAX then warned on every
+    compilation that it could not take the size bound's lock file there. (The tests run as root,
+    who may write anywhere, hence os.access stands in for a chmod 555 directory.)"""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("VISION_FT_COMPILE_CACHE", raising=False)
+    readonly = chosen_cache_dir()
+    readonly.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != readonly and real_access(path, mode))
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    try:
+        assert use_persistent_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+        assert jax.config.jax_compilation_cache_max_size == -1
+        # one we can write, named by the user, is still used
+        monkeypatch.setenv("VISION_FT_COMPILE_CACHE", str(tmp_path / "mine"))
+        assert use_persistent_compile_cache() == tmp_path / "mine"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_compilation_cache_max_size", before[1])

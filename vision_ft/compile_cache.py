@@ -66,8 +66,8 @@ def chosen_cache_dir(environ: Mapping[str, str] | None = None) -> Path | None:
 def use_persistent_compile_cache() -> Path | None:
     """Point JAX's compilation cache at :func:`chosen_cache_dir`; call before the first compilation.
     Returns the directory, or None when nothing was set (off, the user's own setting, no home
-    directory to put it in, or a directory that cannot be created: compiling then simply is not
-    cached)."""
+    directory to put it in, or a directory that cannot be created or written: compiling then
+    simply is not cached)."""
     if jax.config.jax_compilation_cache_dir:  # the user's own (JAX_COMPILATION_CACHE_DIR): JAX uses it
         return None
     try:
@@ -83,6 +83,12 @@ def use_persistent_compile_cache() -> Path | None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         log.debug("compilation cache off: %s", e)
+        return None
+    # mkdir accepts a directory that exists but is not ours to write (another user's, read-only).
+    # JAX has no read-only mode: every compilation would warn that it cannot take the size bound's
+    # lock or store its program, so such a directory is not used at all.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        log.debug("compilation cache off: %s is not writable", directory)
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     # Only our own directory is bounded: JAX's eviction needs an access-time file beside every
