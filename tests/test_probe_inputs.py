@@ -32,13 +32,13 @@ MADE_BY = {
 }  # fmt: skip
 
 
-def blob_file(path, split: str, n: int, seed: int, **metadata):
+def blob_file(path, split: str, n: int, seed: int, ids=None, **metadata):
     """Two separable blobs of 4-dimensional embeddings, as embed writes them; ``metadata`` overrides
     ``MADE_BY``."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
     x = (rng.normal(size=(n, 4)) + 3 * labels[:, None]).astype(np.float32)
-    ids = np.asarray([f"/images/{split}/{i}.png" for i in range(n)])
+    ids = np.asarray(ids if ids is not None else [f"/images/{split}/{i}.png" for i in range(n)])
     write_embeddings(path, Embeddings(x, labels, ids, {**MADE_BY, "split": split, **metadata}))
     return path
 
@@ -137,3 +137,27 @@ def test_predict_refuses_a_probe_the_model_cannot_feed(small_folder, tmp_path):
     assert result.exit_code == 2 and error_lines(result) == [
         f"error: {probe_dir / SOURCE_FILE}: layer 7: this model has 4 stages/blocks (0..3)"
     ], result.output
+
+
+def test_the_probe_refuses_val_or_test_examples_it_is_fitted_on(tmp_path):
+    val_ids = [f"/images/val/{i}.png" for i in range(20)]
+    everything = [f"/images/train/{i}.png" for i in range(30)] + val_ids[:10]  # embed --split all
+    train = blob_file(tmp_path / "all.npz", "all", 40, 0, ids=everything)
+    val = blob_file(tmp_path / "val.npz", "val", 20, 1, ids=val_ids)
+    result = cli("probe", "--train", train, "--val", val, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and error_lines(result) == [
+        f"error: {val}: 10 of its 20 examples are in the train file {train} too (first: "
+        "/images/val/0.png); a probe must be scored on examples it was not fitted on"
+    ], result.output
+    test = blob_file(tmp_path / "test.npz", "test", 20, 2, ids=everything[5:25])
+    clean = blob_file(tmp_path / "clean.npz", "val", 20, 1, ids=[f"/new/{i}.png" for i in range(20)])
+    result = cli("probe", "--train", train, "--val", clean, "--test", test, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and f"error: {test}: 20 of its 20 examples" in result.output
+    # npz: ids number the rows of their own file: train[3] of two arrays are two images
+    rows = [f"train[{i}]" for i in range(40)]
+    train = blob_file(tmp_path / "a.npz", "train", 40, 0, ids=rows, data="npz:a.npz")
+    other = blob_file(tmp_path / "b.npz", "train", 20, 1, ids=rows[:20], data="npz:b.npz")
+    assert cli("probe", "--train", train, "--val", other, "--output", tmp_path / "ok").exit_code == 0
+    same = blob_file(tmp_path / "a_val.npz", "all", 20, 1, ids=rows[:20], data="npz:a.npz")
+    result = cli("probe", "--train", train, "--val", same, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and "20 of its 20 examples are in the train file" in result.output

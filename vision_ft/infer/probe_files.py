@@ -49,6 +49,24 @@ def _check_made_alike(train_path: Path, train: Embeddings, others: dict[Path, Em
                 )
 
 
+def _check_disjoint(train_path: Path, train: Embeddings, others: dict[Path, Embeddings]) -> None:
+    """Raise ``DataError`` where a val or test example is in the train file too (a train file from
+    ``embed --split all``): scored on what it was fitted on, the probe would look better than it is.
+    Only ids embed wrote are compared, and not the ``train[i]`` of two different npz: files, which
+    name rows of different arrays."""
+    train_ids = set(train.ids.tolist())
+    for path, part in others.items():
+        specs = (train.metadata.get("data"), part.metadata.get("data"))
+        if None in specs or (specs[0] != specs[1] and all(s.startswith("npz:") for s in specs)):
+            continue
+        shared = [i for i in part.ids.tolist() if i in train_ids]
+        if shared:
+            raise DataError(
+                f"{path}: {len(shared)} of its {len(part)} examples are in the train file {train_path} "
+                f"too (first: {shared[0]}); a probe must be scored on examples it was not fitted on"
+            )
+
+
 def _public(metrics: dict) -> dict:
     keep = ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix", "count")
     return {k: metrics[k] for k in keep}
@@ -63,7 +81,9 @@ def run_probe(
     train, val = read_embeddings(train_path), read_embeddings(val_path)
     test = read_embeddings(test_path) if test_path is not None else None
     splits = [e for e in (val, test) if e is not None]
-    _check_made_alike(train_path, train, dict(zip((val_path, test_path), splits, strict=False)))
+    others = dict(zip((val_path, test_path), splits, strict=False))
+    _check_made_alike(train_path, train, others)
+    _check_disjoint(train_path, train, others)
     for path, part in zip((train_path, val_path, test_path), [train, *splits], strict=False):
         if part.labels.ndim != 1:
             raise DataError(
