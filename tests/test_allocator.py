@@ -1,19 +1,21 @@
 """The `vision-ft` executable restarts itself once with tcmalloc where the system has it."""
 
+import ctypes.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from vision_ft import cpu_runtime
 from vision_ft.allocator import APPLIED, OPT_OUT, QUIET, find_tcmalloc, preload_environment
 
 LIB = "libtcmalloc_minimal.so.4"
 
 
 def test_restart_environment_preloads_tcmalloc_once_and_keeps_the_user_s_settings():
-    env = preload_environment({"PATH": "/bin", "LD_PRELOAD": "libmine.so"}, LIB)
-    assert env["LD_PRELOAD"] == f"{LIB}:libmine.so" and env["PATH"] == "/bin"
+    env = preload_environment({"PATH": "/bin", "LD_PRELOAD": ""}, LIB)
+    assert env["LD_PRELOAD"] == LIB and env["PATH"] == "/bin"
     assert env[APPLIED] == LIB
     assert preload_environment(env, LIB) is None  # the restarted process goes on
     assert preload_environment({}, LIB)["LD_PRELOAD"] == LIB
@@ -27,6 +29,52 @@ def test_restart_environment_preloads_tcmalloc_once_and_keeps_the_user_s_setting
 )
 def test_no_restart_without_tcmalloc_or_when_the_user_opts_out(environ, library):
     assert preload_environment(environ, library) is None
+
+
+@pytest.mark.parametrize(
+    "preload", ["/usr/lib/libjemalloc.so.2", "libasan.so.8", "libfaketime.so.1:libmine.so"]
+)
+def test_a_user_s_own_ld_preload_is_left_alone(preload):
+    """tcmalloc was put before the user's libraries: it took over their allocator (jemalloc), and
+    AddressSanitizer aborts unless its runtime comes first."""
+    assert preload_environment({"PATH": "/bin", "LD_PRELOAD": preload}, LIB) is None
+
+
+def _other_malloc_in_use(env: dict) -> str:
+    code = "from vision_ft.allocator import other_malloc_in_use; print(other_malloc_in_use())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(ctypes.util.find_library("asan") is None, reason="no AddressSanitizer runtime here")
+def test_an_allocator_the_user_preloads_is_recognised():
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    assert _other_malloc_in_use(env) == "False"
+    asan = {**env, "LD_PRELOAD": ctypes.util.find_library("asan"), "ASAN_OPTIONS": "detect_leaks=0"}
+    assert _other_malloc_in_use(asan) == "True"
+
+
+class FakeLibc:
+    """Records mallopt calls instead of changing this process's allocator."""
+
+    def __init__(self, *args):
+        self.calls = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_the_cli_reports_the_user_s_allocator_and_leaves_it_untouched(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(cpu_runtime.ctypes, "CDLL", lambda *args: libc)
+    monkeypatch.setattr(cpu_runtime, "tcmalloc_in_use", lambda: False)
+    monkeypatch.setattr(cpu_runtime, "other_malloc_in_use", lambda: True)
+    assert cpu_runtime.keep_freed_host_memory() == cpu_runtime.PRELOADED
+    assert libc.calls == []
+    monkeypatch.setattr(cpu_runtime, "other_malloc_in_use", lambda: False)  # glibc's own malloc
+    assert cpu_runtime.keep_freed_host_memory() == cpu_runtime.GLIBC_KEPT
+    assert len(libc.calls) == 3
 
 
 def test_the_executable_s_entry_imports_nothing_heavy_before_it_restarts():

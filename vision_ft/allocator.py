@@ -11,11 +11,14 @@ s instead of 296 s, with byte-identical metrics, and peak RSS 5.3 GB instead of 
 The allocator is fixed when a process starts, so ``vision-ft`` starts itself once more with
 tcmalloc in ``LD_PRELOAD`` before anything heavy is imported. Nothing is installed: this applies
 where the system has it (Debian and Ubuntu: ``libtcmalloc-minimal4``), and
-``VISION_FT_MALLOC=system`` keeps the system's allocator.
+``VISION_FT_MALLOC=system`` keeps the system's allocator. A user's own ``LD_PRELOAD`` is left as
+it is, and tcmalloc not added: a library put before it would take over an allocator the user chose
+(jemalloc) and stop AddressSanitizer, whose runtime must be loaded first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import os
 import sys
@@ -41,16 +44,13 @@ def find_tcmalloc() -> str | None:
 
 def preload_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
     """The environment to start the command again in, or None to go on as it is: no tcmalloc, the
-    user opted out, or this process is already the restarted one."""
+    user opted out, the user preloads libraries of their own, or this process is already the
+    restarted one."""
     if library is None or environ.get(OPT_OUT, "").lower() == "system" or APPLIED in environ:
         return None
-    preload = environ.get("LD_PRELOAD", "")
-    return {
-        **QUIET,
-        **environ,
-        "LD_PRELOAD": f"{library}:{preload}" if preload else library,
-        APPLIED: library,
-    }
+    if environ.get("LD_PRELOAD", "").strip():
+        return None
+    return {**QUIET, **environ, "LD_PRELOAD": library, APPLIED: library}
 
 
 def tcmalloc_in_use() -> bool:
@@ -60,6 +60,18 @@ def tcmalloc_in_use() -> bool:
             return any("libtcmalloc" in line for line in maps)
     except OSError:
         return False
+
+
+def other_malloc_in_use() -> bool:
+    """Whether a library loaded before the C library (the user's ``LD_PRELOAD``: jemalloc,
+    AddressSanitizer) serves ``malloc``: the process's first ``malloc`` is then not libc's own."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        first, libc = ctypes.CDLL(None).malloc, ctypes.CDLL("libc.so.6").malloc
+    except (OSError, AttributeError):
+        return False
+    return ctypes.cast(first, ctypes.c_void_p).value != ctypes.cast(libc, ctypes.c_void_p).value
 
 
 def restart_with_tcmalloc() -> None:

@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from vision_ft.allocator import tcmalloc_in_use
+from vision_ft.allocator import other_malloc_in_use, tcmalloc_in_use
 
 # YNNPACK library fusions XLA's CPU backend may use: reductions only, not dots or convolutions (its
 # defaults add both). Eigen's GEMM ran the matmuls of ViT-S at 165-179 GFLOP/s on two cores where
@@ -38,18 +38,22 @@ _M_ARENA_MAX = -8
 
 
 TCMALLOC, GLIBC_KEPT, UNCHANGED = "tcmalloc", "glibc, freed memory kept", "system allocator, unchanged"
+PRELOADED = "the allocator in LD_PRELOAD, unchanged (no tcmalloc)"
 
 
 def keep_freed_host_memory() -> str:
     """Configure glibc's allocator to keep and reuse freed memory; call it before JAX starts its
     threads (before the first JAX computation). Returns which allocator now serves the process:
     ``TCMALLOC`` (``allocator.py``; it keeps freed memory itself, nothing to configure),
-    ``GLIBC_KEPT``, or ``UNCHANGED`` (not glibc on Linux, or glibc refused a setting).
+    ``GLIBC_KEPT``, ``PRELOADED`` (the user's ``LD_PRELOAD`` brings its own ``malloc``), or
+    ``UNCHANGED`` (not glibc on Linux, or glibc refused a setting).
     The process keeps its peak memory for its lifetime; ``malloc_trim(0)`` gives it back."""
     if tcmalloc_in_use():
         return TCMALLOC
     if not sys.platform.startswith("linux"):
         return UNCHANGED
+    if other_malloc_in_use():  # glibc's settings would tune an allocator nothing uses
+        return PRELOADED
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
