@@ -96,3 +96,38 @@ def test_cli_runs_on_tcmalloc_where_installed(opt_out):
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     assert ("host memory: tcmalloc" in out.stderr) != opt_out
+
+
+# mallopt(param, value) as malloc.h numbers the parameters
+ARENA, MMAP, TRIM = (-8, 1), (-4, 0), (-1, -1)
+
+
+@pytest.mark.parametrize(
+    "environ, applied",
+    [
+        ({}, [ARENA, MMAP, TRIM]),
+        ({"MALLOC_ARENA_MAX": "4"}, [MMAP, TRIM]),
+        ({"MALLOC_MMAP_MAX_": "65536"}, [ARENA, TRIM]),
+        ({"MALLOC_MMAP_THRESHOLD_": "131072"}, [ARENA, TRIM]),  # no mmap at all would void it
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, [ARENA, MMAP]),
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=1"}, [MMAP]),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.pthread.rseq=0"}, [ARENA, TRIM]),
+        ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0", "MALLOC_ARENA_MAX": ""}, [ARENA, MMAP, TRIM]),
+    ],
+)
+def test_glibc_settings_the_user_made_in_the_environment_are_kept(monkeypatch, environ, applied):
+    """mallopt overrode a user's MALLOC_ARENA_MAX / MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_ /
+    GLIBC_TUNABLES=glibc.malloc.*: only the parameters the environment leaves unset are set."""
+    for name in ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                 "MALLOC_TRIM_THRESHOLD_"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    libc = FakeLibc()
+    monkeypatch.setattr(cpu_runtime.ctypes, "CDLL", lambda *args: libc)
+    monkeypatch.setattr(cpu_runtime, "tcmalloc_in_use", lambda: False)
+    monkeypatch.setattr(cpu_runtime, "other_malloc_in_use", lambda: False)
+    allocator = cpu_runtime.keep_freed_host_memory()
+    assert libc.calls == applied
+    assert allocator.startswith(cpu_runtime.GLIBC_KEPT)
+    assert (allocator == cpu_runtime.GLIBC_KEPT) == (len(applied) == 3), allocator

@@ -11,7 +11,9 @@ and the next step reuses them.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from collections.abc import Mapping
 
 import jax
 
@@ -36,6 +38,33 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+# What keep_freed_host_memory sets, and the glibc tunables by which a user may have set the same
+# thing (GLIBC_TUNABLES=glibc.malloc.NAME=..., or the older variable). An mmap threshold counts for
+# mmap_max: no mmap at all would quietly void the threshold the user chose.
+_SETTINGS = (
+    # thread arenas cannot grow past 64 MB heaps and fall back to mmap
+    ("arena_max", _M_ARENA_MAX, 1, {"arena_max"}),
+    ("mmap_max", _M_MMAP_MAX, 0, {"mmap_max", "mmap_threshold"}),
+    # -1 becomes SIZE_MAX: never trim the heap's top on free
+    ("trim_threshold", _M_TRIM_THRESHOLD, -1, {"trim_threshold"}),
+)
+_VARIABLES = {
+    "arena_max": "MALLOC_ARENA_MAX",
+    "mmap_max": "MALLOC_MMAP_MAX_",
+    "mmap_threshold": "MALLOC_MMAP_THRESHOLD_",
+    "trim_threshold": "MALLOC_TRIM_THRESHOLD_",
+}
+
+
+def _malloc_tunables_set(environ: Mapping[str, str]) -> set[str]:
+    """The glibc.malloc tunables the environment sets, by either spelling."""
+    tunables = {tunable for tunable, variable in _VARIABLES.items() if environ.get(variable)}
+    for item in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name.startswith("glibc.malloc.") and value:
+            tunables.add(name.removeprefix("glibc.malloc."))
+    return tunables
+
 
 TCMALLOC, GLIBC_KEPT, UNCHANGED = "tcmalloc", "glibc, freed memory kept", "system allocator, unchanged"
 PRELOADED = "the allocator in LD_PRELOAD, unchanged (no tcmalloc)"
@@ -45,8 +74,10 @@ def keep_freed_host_memory() -> str:
     """Configure glibc's allocator to keep and reuse freed memory; call it before JAX starts its
     threads (before the first JAX computation). Returns which allocator now serves the process:
     ``TCMALLOC`` (``allocator.py``; it keeps freed memory itself, nothing to configure),
-    ``GLIBC_KEPT``, ``PRELOADED`` (the user's ``LD_PRELOAD`` brings its own ``malloc``), or
-    ``UNCHANGED`` (not glibc on Linux, or glibc refused a setting).
+    ``GLIBC_KEPT`` (naming the settings the environment chose, which are left as they are:
+    ``MALLOC_ARENA_MAX``, ``GLIBC_TUNABLES=glibc.malloc.arena_max=...`` and the like),
+    ``PRELOADED`` (the user's ``LD_PRELOAD`` brings its own ``malloc``), or ``UNCHANGED`` (not
+    glibc on Linux, or glibc refused a setting).
     The process keeps its peak memory for its lifetime; ``malloc_trim(0)`` gives it back."""
     if tcmalloc_in_use():
         return TCMALLOC
@@ -58,9 +89,9 @@ def keep_freed_host_memory() -> str:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return UNCHANGED
-    settings = (
-        (_M_ARENA_MAX, 1),  # thread arenas cannot grow past 64 MB heaps and fall back to mmap
-        (_M_MMAP_MAX, 0),
-        (_M_TRIM_THRESHOLD, -1),  # -1 becomes SIZE_MAX: never trim the heap's top on free
-    )
-    return GLIBC_KEPT if all(mallopt(param, value) == 1 for param, value in settings) else UNCHANGED
+    users = _malloc_tunables_set(os.environ)
+    left = [name for name, _, _, tunables in _SETTINGS if users & tunables]
+    for name, param, value, _ in _SETTINGS:
+        if name not in left and mallopt(param, value) != 1:
+            return UNCHANGED
+    return f"{GLIBC_KEPT}, but {', '.join(left)} as the environment sets it" if left else GLIBC_KEPT
