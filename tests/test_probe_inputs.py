@@ -3,6 +3,7 @@ result or one error line with exit code 2, and nothing the user had overwritten.
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from tests.train_fixtures import write_synthetic_npz
 from vision_ft.cli import main
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import DataOptions
@@ -161,3 +163,28 @@ def test_the_probe_refuses_val_or_test_examples_it_is_fitted_on(tmp_path):
     same = blob_file(tmp_path / "a_val.npz", "all", 20, 1, ids=rows[:20], data="npz:a.npz")
     result = cli("probe", "--train", train, "--val", same, "--output", tmp_path / "p")
     assert result.exit_code == 2 and "20 of its 20 examples are in the train file" in result.output
+
+
+def probe_dir_for(path, class_names, dim: int = 96, **metadata):
+    """A probe directory as ``probe`` writes it, for test_resnet's embeddings."""
+    path.mkdir()
+    (path / SOURCE_FILE).write_text(json.dumps({**MADE_BY, **metadata}))
+    weights = np.random.default_rng(0).normal(size=(dim, len(class_names))).astype(np.float32)
+    LinearProbe(weights, np.zeros(len(class_names), np.float32), np.zeros(dim, np.float32),
+                np.ones(dim, np.float32), 0.1, tuple(class_names)).save(path / PROBE_FILE)  # fmt: skip
+    return path
+
+
+def test_predict_names_labels_and_predictions_alike(small_folder, tmp_path):
+    unnamed = write_synthetic_npz(tmp_path / "arrays.npz", sizes=(8, 8, 8), channels=3)
+    named_probe = probe_dir_for(tmp_path / "named", ("cat", "dog"))
+    unnamed_probe = probe_dir_for(tmp_path / "unnamed", ("class 0", "class 1"))
+    cases = [(named_probe, f"npz:{unnamed}", "test"), (unnamed_probe, f"folder:{small_folder}", "train")]
+    for probe_dir, data, split in cases:
+        out = tmp_path / f"{probe_dir.name}.csv"
+        result = cli("predict", "--probe", probe_dir, "--input", data, "--split", split, "--output", out)
+        assert result.exit_code == 0, result.output
+        rows = list(csv.DictReader(out.open()))
+        # the label column said "class 0" where the predictions said "cat" (or the other way round)
+        assert {r["label"] for r in rows} == {"cat", "dog"}, (data, rows[0])
+        assert {r["predicted"] for r in rows} <= {"cat", "dog"} and "p_cat" in rows[0]

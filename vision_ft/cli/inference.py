@@ -189,7 +189,7 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir, precision) -
 def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, precision) -> None:
     """Class probabilities and top-k for new images, with the run's own preprocessing."""
     from vision_ft.infer.evaluate import predict_logits
-    from vision_ft.infer.predict import resolve_input, write_predictions
+    from vision_ft.infer.predict import named_alike, resolve_input, write_predictions
 
     if (checkpoint is None) == (probe_dir is None):
         raise UserError("give exactly one of --checkpoint or --probe")
@@ -208,6 +208,7 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, pre
     examples, label_names = resolve_input(input_, predictor.data_options, split)
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
+    label_names, names = named_alike(label_names, names)
     write_predictions(
         output, ids, logits, names, labels=labels if label_names else None, label_names=label_names,
         top_k=top_k, multi_label=predictor.multi_label and probe is None,

@@ -164,7 +164,7 @@ def evaluate_run(
     return report
 
 
-def _generic(names: tuple[str, ...]) -> bool:
+def unnamed_classes(names: tuple[str, ...]) -> bool:
     # arrays without class names (an .npz file) get "class 0", "class 1", ...
     return names == tuple(f"class {i}" for i in range(len(names)))
 
@@ -174,7 +174,7 @@ def run_class_order(spec: str, data_names: tuple[str, ...], run_names: tuple[str
     they are already the same. Unnamed classes match by position; different classes are an error."""
     if len(data_names) != len(run_names):
         raise DataError(f"{spec} has {len(data_names)} classes; the run was trained on {len(run_names)}")
-    if data_names == run_names or _generic(data_names) or _generic(run_names):
+    if data_names == run_names or unnamed_classes(data_names) or unnamed_classes(run_names):
         return None
     if sorted(data_names) != sorted(run_names):
         raise DataError(

@@ -15,6 +15,7 @@ from vision_ft.data.files import FileSplit
 from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.records import Record
 from vision_ft.data.sources import KINDS, DataOptions, load_dataset
+from vision_ft.infer.evaluate import empty_split, unnamed_classes
 from vision_ft.train.multilabel import THRESHOLD
 
 
@@ -31,8 +32,6 @@ def resolve_input(
         if name not in dataset.splits:
             raise DataError(f"--split {name}: {text} has splits {', '.join(dataset.splits)}")
         if not len(dataset.splits[name]):
-            from vision_ft.infer.evaluate import empty_split
-
             raise empty_split(text, name)
         return dataset.splits[name], tuple(dataset.class_names)
     path = Path(text).expanduser()
@@ -49,6 +48,22 @@ def resolve_input(
             raise DataError(f"--input {path}: no image files in this folder")
         return FileSplit([Record(str(f.absolute()), -1) for f in files], window=options.window), None
     raise DataError(f"--input {text}: no such file or folder, and not a npz:/folder:/csv:/tfds: spec")
+
+
+def named_alike(
+    label_names: tuple[str, ...] | None, class_names: tuple[str, ...]
+) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+    """(names of the label column, names of the predictions): where one side is unnamed ("class 0",
+    from an npz: file) and the class counts agree, both take the other side's names, matched by
+    position as eval matches them, so that a label and its prediction read alike. Otherwise as given
+    (a folder of some of the run's classes numbers them otherwise)."""
+    if label_names is None or len(label_names) != len(class_names):
+        return label_names, class_names
+    if unnamed_classes(label_names):
+        return class_names, class_names
+    if unnamed_classes(class_names):
+        return label_names, label_names
+    return label_names, class_names
 
 
 def write_predictions(
