@@ -1,10 +1,15 @@
-"""The `vision-ft` executable restarts itself once with tcmalloc where the system has it."""
+"""The `vision-ft` executable restarts itself once with tcmalloc where the system has it; otherwise
+glibc's malloc keeps freed memory (cpu_runtime), which also holds XLA's CPU compiler options."""
 
 import ctypes.util
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from vision_ft import cpu_runtime
@@ -131,3 +136,15 @@ def test_glibc_settings_the_user_made_in_the_environment_are_kept(monkeypatch, e
     assert libc.calls == applied
     assert allocator.startswith(cpu_runtime.GLIBC_KEPT)
     assert (allocator == cpu_runtime.GLIBC_KEPT) == (len(applied) == 3), allocator
+
+
+def test_the_lowest_jax_allowed_knows_the_cpu_compiler_options():
+    """xla_cpu_experimental_ynn_fusion_type came with jaxlib 0.8.1 (jaxlib 0.8.0 refuses it: 'No
+    such compile option'), yet pyproject allowed jax>=0.5, whose every CPU fit step would fail."""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    bound = re.search(r'"jax>=([0-9.]+)"', pyproject).group(1)
+    assert tuple(int(part) for part in bound.split(".")) >= (0, 8, 1), bound
+    # and the jax installed here takes them: a later one that drops the experimental option fails here
+    options = cpu_runtime.compiler_options()
+    assert options and "xla_cpu_experimental_ynn_fusion_type" in options
+    assert float(jax.jit(lambda x: x.sum(), compiler_options=options)(jnp.ones(4))) == 4.0

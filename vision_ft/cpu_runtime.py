@@ -23,6 +23,8 @@ from vision_ft.allocator import other_malloc_in_use, tcmalloc_in_use
 # defaults add both). Eigen's GEMM ran the matmuls of ViT-S at 165-179 GFLOP/s on two cores where
 # YNNPACK's reached 85-162. Train steps, alternated in one process (best of 4): ViT-S 7.38 -> 6.98 s,
 # ResNet-50 8.52 -> 7.63 s (convolutions too on Eigen; 8.00 s with YNNPACK's), lite0 unchanged.
+# The option came with jaxlib 0.8.1, hence pyproject's lower bound: older ones refuse a compilation
+# that names an option they do not know ("No such compile option"), so every CPU step would fail.
 YNN_FUSIONS = ("LIBRARY_FUSION_TYPE_REDUCE",)
 
 
