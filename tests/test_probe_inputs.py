@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.train_fixtures import write_synthetic_npz
 from vision_ft.cli import main
+from vision_ft.cli.inference import _recorded_weights
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import DataOptions
 from vision_ft.infer.embeddings import Embeddings, read_embeddings, write_embeddings
@@ -188,3 +189,18 @@ def test_predict_names_labels_and_predictions_alike(small_folder, tmp_path):
         # the label column said "class 0" where the predictions said "cat" (or the other way round)
         assert {r["label"] for r in rows} == {"cat", "dog"}, (data, rows[0])
         assert {r["predicted"] for r in rows} <= {"cat", "dog"} and "p_cat" in rows[0]
+
+
+def test_embed_records_a_weights_file_by_its_absolute_path(small_folder, tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    from tests.parity import save_checkpoint
+
+    weights = save_checkpoint(timm.create_model("test_resnet"), tmp_path, "weights")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "train.npz"
+    result = cli("embed", *ZOO[:2], "--pretrained", weights.name, "--data", f"folder:{small_folder}",
+                 "--output", out, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # predict --probe loads these weights again, perhaps from another directory
+    assert read_embeddings(out).metadata["pretrained"] == str(weights)
+    assert _recorded_weights("True") == "true" and _recorded_weights("hf-hub:timm/x") == "hf-hub:timm/x"

@@ -46,6 +46,19 @@ def _predictor(
     return predictor
 
 
+def _recorded_weights(pretrained: str) -> str:
+    """``--pretrained`` as embed records it: a weights file by its absolute path, as ``checkpoint``
+    is, since predict --probe loads the weights again from wherever it is run."""
+    from vision_ft.weights.sources import pretrained_from_text
+
+    value = pretrained_from_text(pretrained)
+    if isinstance(value, bool):
+        return str(value).lower()  # "True" and "true" must not look like two sources to probe
+    if value.startswith("hf-hub:"):
+        return value
+    return str(Path(value).expanduser().absolute())
+
+
 def _metadata(predictor, **extra) -> dict:
     cfg = predictor.model.pretrained_cfg
     return {
@@ -131,7 +144,8 @@ def embed(
             predictor, data=data, split=split, tta=tta, layer=layer,
             dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
-            pretrained=pretrained if model else None, in_chans=predictor.channels, precision=precision,
+            pretrained=_recorded_weights(pretrained) if model else None, in_chans=predictor.channels,
+            precision=precision,
         ),
     )  # fmt: skip
     if not is_primary():
