@@ -12,7 +12,7 @@ from vision_ft.train.config import ConfigError, FitConfig, load_config
 from vision_ft.train.loop import FitRun
 from vision_ft.train.optimizer import UpdateWindows, build_optimizer, learning_rate_by_step, warmup_cosine
 from vision_ft.train.phases import num_layers, phase_optimizer, plan_phases
-from vision_ft.train.rules import ParamSetting, build_plan
+from vision_ft.train.rules import ParamSetting, RuleError, build_plan
 from vision_ft.train.step import Trainer, data_mesh
 
 
@@ -143,6 +143,9 @@ def test_fine_tune_trains_the_head_then_everything_at_rates_falling_100x_to_the_
         (dict(head_lr_mult=0.0), "head_lr_mult"),
         (dict(eval_batch_size=0), "eval_batch_size"),
         (dict(save_every_steps=-5), "save_every_steps"),
+        # a negative multiplier froze the parameters it matched, silently
+        (dict(lr_rules=(("head", -1.0), (".*", 1.0))), "lr_rules: the multiplier of rule 'head' is -1.0"),
+        (dict(lr_rules=((".*", float("nan")),)), r"lr_rules: the multiplier of rule '\.\*' is nan"),
     ],
 )
 def test_config_refuses_out_of_range_settings(setting, culprit):
@@ -181,6 +184,24 @@ def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, c
     path.write_text("pretrained: false\nlr_rules: [[head, 10], ['.*', 0.5]]\n")
     loaded = load_config(path)
     assert loaded.pretrained == "false" and loaded.lr_rules == (("head", 10.0), (".*", 0.5))
+
+
+def test_a_negative_lr_multiplier_is_refused_naming_its_rule(tmp_path):
+    """A negative multiplier froze the parameters it matched (only those above 0 train) where the
+    user surely meant them to train; 0 still freezes them."""
+    path = tmp_path / "config.yaml"
+    path.write_text("lr_rules: [[head, 10], [stem, -0.5], ['.*', 1]]\n")
+    with pytest.raises(ConfigError, match="rule 'stem' is -0.5") as refused:
+        load_config(path)
+    assert "\n" not in str(refused.value)
+    path.write_text("lr_rules: [[head, 0], ['.*', 1]]\n")
+    assert load_config(path).lr_rules == (("head", 0.0), (".*", 1.0))
+
+    model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+    with pytest.raises(RuleError, match="LR rule 'head': multiplier -1.0"):
+        build_plan(model, lr_rules=[("head", -1.0), (".*", 1.0)])
+    plan = build_plan(model, lr_rules=[("head", 0.0), (".*", 1.0)])
+    assert {p for p, setting in plan.items() if not setting.trainable} == {"fc.bias", "fc.kernel"}
 
 
 def test_auto_class_weights_are_inverse_frequencies_of_the_labelled_examples():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,14 @@ class FitConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for pattern, scale in self.lr_rules:
+            # a negative multiplier froze its parameters (the plan trains only those above 0), and
+            # NaN compares false both ways
+            if not (math.isfinite(scale) and scale >= 0):
+                raise ConfigError(
+                    f"lr_rules: the multiplier of rule {pattern!r} is {scale}; it must be a finite "
+                    "number >= 0 (0 freezes the parameters it matches)"
+                )
         return self
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ fails and names the parameters left over.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ def build_plan(
         frozen |= hit
     scales: dict[str, float] = {}
     for pattern, scale in lr_rules:
+        # a negative multiplier would freeze silently (only parameters above 0 train); NaN too
+        if not (math.isfinite(scale) and scale >= 0):
+            raise RuleError(f"LR rule {pattern!r}: multiplier {scale} must be finite and >= 0 (0 freezes)")
         for path in resolve_pattern(model, pattern, paths):
             scales.setdefault(path, float(scale))
     unmatched = [p for p in paths if p not in scales]
