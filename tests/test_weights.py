@@ -26,6 +26,7 @@ from tests.parity import (
     save_checkpoint,
     torch_outputs,
 )
+from vision_ft.weights import sources
 from vision_ft.weights.adapt import adapt_input_conv
 from vision_ft.weights.mapping import WeightLoadError
 from vision_ft.weights.sources import WeightSourceError
@@ -311,6 +312,15 @@ def test_bad_sources_give_clear_errors(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:-50])
     with pytest.raises(WeightSourceError, match="could not be read"):
         vision_ft.create_model("resnet18", pretrained=truncated)
+
+
+def test_damaged_offline_package_is_a_source_error(tmp_path, monkeypatch):
+    # the package's file was read without read_checkpoint's wrapping: a damaged install gave a traceback
+    damaged = tmp_path / "efficientnet_lite0.pth"
+    damaged.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(sources, "offline_package_checkpoint", lambda name: damaged)
+    with pytest.raises(WeightSourceError, match=f"checkpoint {damaged} could not be read"):
+        vision_ft.create_model("tf_efficientnet_lite0", pretrained=True)
 
 
 def test_adapt_input_conv_refuses_stems_it_cannot_adapt():

@@ -142,7 +142,7 @@ def resolve_source(pretrained: bool | str | Path, model_name: str, hub_id: str |
         package_file = offline_package_checkpoint(model_name)
         if package_file is not None:
             return WeightSource(
-                load_torch_state_dict(package_file),
+                read_checkpoint(package_file),
                 f"offline package {OFFLINE_PACKAGES[model_name]} ({package_file.name})",
             )
         if hub_id is None:
