@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,30 @@ def test_embed_records_a_weights_file_by_its_absolute_path(small_folder, tmp_pat
     # predict --probe loads these weights again, perhaps from another directory
     assert read_embeddings(out).metadata["pretrained"] == str(weights)
     assert _recorded_weights("True") == "true" and _recorded_weights("hf-hub:timm/x") == "hf-hub:timm/x"
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_a_failed_write_leaves_no_file_to_block_the_rerun(tmp_path, monkeypatch, suffix):
+    data = Embeddings(np.ones((3, 4), np.float32), np.arange(3), np.asarray(["a", "b", "c"]), {"k": 1})
+    path = tmp_path / f"e{suffix}"
+
+    def disk_full(*args, **kwargs):  # a first few bytes written, then the disk is full
+        where = args[-1]  # savez(file, ...) and write_table(table, where)
+        if hasattr(where, "write"):
+            where.write(b"PK\x03\x04")
+        else:
+            Path(where).write_bytes(b"PAR1")
+        raise OSError(28, "No space left on device")
+
+    if suffix == ".npz":
+        monkeypatch.setattr(np, "savez", disk_full)
+    else:
+        import pyarrow.parquet as pq
+
+        monkeypatch.setattr(pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_embeddings(path, data)
+    assert not path.exists()
+    monkeypatch.undo()
+    write_embeddings(path, data)
+    assert read_embeddings(path).metadata == {"k": 1}

@@ -75,25 +75,36 @@ def write_embeddings(path: str | Path, data: Embeddings) -> None:
         raise EmbeddingFileError(f"--output {path} exists; not overwriting it")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(data.metadata)
-    if path.suffix == ".npz":
-        with open(path, "xb") as f:
-            np.savez(
-                f, embeddings=data.embeddings, labels=data.labels, ids=data.ids, metadata=np.asarray(meta)
-            )
-        return
+    table = _parquet_table(data, meta) if path.suffix == ".parquet" else None
+    # "xb": another file of that name, made meanwhile, is never overwritten
+    with open(path, "xb") as f:
+        try:
+            if table is None:
+                np.savez(
+                    f, embeddings=data.embeddings, labels=data.labels, ids=data.ids, metadata=np.asarray(meta)
+                )
+            else:
+                import pyarrow.parquet as pq
+
+                pq.write_table(table, f)
+        except BaseException:
+            f.close()
+            path.unlink(missing_ok=True)  # a partial file would block the rerun ("exists; not overwriting")
+            raise
+
+
+def _parquet_table(data: Embeddings, meta: str):
     try:
         import pyarrow as pa
-        import pyarrow.parquet as pq
     except ImportError:
         raise EmbeddingFileError("parquet output needs pyarrow: pip install pyarrow") from None
-    table = pa.table(
+    return pa.table(
         {
             "id": pa.array(data.ids.tolist(), pa.string()),
             "label": _column(data.labels),
             "embedding": _column(data.embeddings),
         }
     ).replace_schema_metadata({"vision_ft": meta})
-    pq.write_table(table, path)
 
 
 def _column(values: np.ndarray):
