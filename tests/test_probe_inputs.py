@@ -232,3 +232,12 @@ def test_a_failed_write_leaves_no_file_to_block_the_rerun(tmp_path, monkeypatch,
     monkeypatch.undo()
     write_embeddings(path, data)
     assert read_embeddings(path).metadata == {"k": 1}
+
+
+def test_multi_label_files_are_named_as_such_before_any_comparison(tmp_path):
+    path = tmp_path / "multi.npz"
+    multi_hot = np.array([[1, 0], [0, 1], [1, 1]])
+    write_embeddings(path, Embeddings(np.ones((3, 4), np.float32), multi_hot, np.asarray(["a", "b", "c"]),
+                                      {**MADE_BY, "multi_label": True}))  # fmt: skip
+    result = cli("probe", "--train", path, "--val", path, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and "multi-label embeddings" in result.output, result.output

@@ -81,14 +81,14 @@ def run_probe(
     train, val = read_embeddings(train_path), read_embeddings(val_path)
     test = read_embeddings(test_path) if test_path is not None else None
     splits = [e for e in (val, test) if e is not None]
-    others = dict(zip((val_path, test_path), splits, strict=False))
-    _check_made_alike(train_path, train, others)
-    _check_disjoint(train_path, train, others)
     for path, part in zip((train_path, val_path, test_path), [train, *splits], strict=False):
         if part.labels.ndim != 1:
             raise DataError(
                 f"{path}: multi-label embeddings; the probe is a multinomial (one label per image) model"
             )
+    others = dict(zip((val_path, test_path), splits, strict=False))
+    _check_made_alike(train_path, train, others)
+    _check_disjoint(train_path, train, others)
     for path, part in zip((val_path, test_path), splits, strict=False):
         if part.embeddings.shape[1] != train.embeddings.shape[1]:
             raise DataError(
