@@ -241,3 +241,20 @@ def test_multi_label_files_are_named_as_such_before_any_comparison(tmp_path):
                                       {**MADE_BY, "multi_label": True}))  # fmt: skip
     result = cli("probe", "--train", path, "--val", path, "--output", tmp_path / "p")
     assert result.exit_code == 2 and "multi-label embeddings" in result.output, result.output
+
+
+def test_parquet_output_without_pyarrow_fails_before_any_embedding(tmp_path, monkeypatch):
+    import sys
+
+    import vision_ft.cli.inference as commands
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+
+    def load_model(*args):
+        raise AssertionError("the model was loaded before pyarrow was looked for")
+
+    monkeypatch.setattr(commands, "_predictor", load_model)
+    result = cli("embed", *ZOO, "--data", "npz:x.npz", "--output", tmp_path / "e.parquet")
+    assert result.exit_code == 2 and error_lines(result) == [
+        "error: parquet output needs pyarrow: pip install pyarrow"
+    ], result.output

@@ -98,11 +98,10 @@ def embed(
     import numpy as np
 
     from vision_ft.data.sources import load_dataset
-    from vision_ft.infer.embeddings import FORMATS, Embeddings, embed_split, write_embeddings
+    from vision_ft.infer.embeddings import Embeddings, check_output_format, embed_split, write_embeddings
     from vision_ft.infer.evaluate import empty_split, nothing_readable
 
-    if output.suffix not in FORMATS:
-        raise UserError(f"--output {output}: use a .npz or .parquet file name")
+    check_output_format(output)
     refuse_unwritable_file(output)
     start_processes(coordinator, num_processes, process_id)
     from vision_ft.train.distributed import is_primary

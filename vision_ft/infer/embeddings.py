@@ -66,6 +66,18 @@ def embed_split(
     return result, bad
 
 
+def check_output_format(path: Path) -> None:
+    """Raise ``EmbeddingFileError`` where ``path`` could not be written: checked before embedding,
+    so a missing pyarrow does not surface only after all the work."""
+    if path.suffix not in FORMATS:
+        raise EmbeddingFileError(f"--output {path}: use a .npz or .parquet file name")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise EmbeddingFileError("parquet output needs pyarrow: pip install pyarrow") from None
+
+
 def write_embeddings(path: str | Path, data: Embeddings) -> None:
     """Write ``.npz`` (arrays plus JSON metadata, no pickles) or ``.parquet``; never overwrite."""
     path = Path(path)
