@@ -1,6 +1,8 @@
 """Checkpoint reading and timm's loading semantics, exercised on ResNet-18 at small inputs."""
 
+import argparse
 import collections
+import copy
 import io
 import os
 import pickle
@@ -205,6 +207,41 @@ def test_pth_reader_never_executes_code(tmp_path, zip_format):
     assert not marker.exists()
     with pytest.raises(WeightSourceError, match="refused"):
         vision_ft.create_model("resnet18", pretrained=path)
+
+
+def test_timm_training_checkpoint_loads_its_weights(tmp_path, resnet18_ckpt):
+    """timm's train.py saves model_best.pth.tar: the weights beside the optimizer's state, the run's
+    argparse.Namespace and an EMA. The suffix was unknown and the Namespace refused as unsafe."""
+    ref = copy.deepcopy(resnet18_ckpt[0])  # the fixture's model serves other tests
+    optimizer = torch.optim.AdamW(ref.parameters())
+    ref(torch.zeros(1, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    ema_state = {key: torch.zeros_like(value) for key, value in ref.state_dict().items()}
+    args = argparse.Namespace(model="resnet18", lr=0.1, sched="cosine", input_size=None, mean=(0.5,))
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(
+        {
+            "epoch": 3, "arch": "resnet18", "state_dict": ref.state_dict(),
+            "optimizer": optimizer.state_dict(), "version": 2, "args": args,
+            "state_dict_ema": ema_state, "metric": 71.5,
+        },
+        path,
+    )  # fmt: skip
+    loaded = load_torch_state_dict(path)
+    assert set(loaded) == set(ref.state_dict())
+    np.testing.assert_array_equal(loaded["fc.weight"], ref.fc.weight.detach().numpy())
+    plain = tmp_path / "weights.pth"
+    torch.save(ref.state_dict(), plain)
+    x = _batch(3)
+    a = jax_outputs(vision_ft.create_model("resnet18", pretrained=path), x)
+    b = jax_outputs(vision_ft.create_model("resnet18", pretrained=plain), x)
+    np.testing.assert_array_equal(a[0], b[0])
+    # what a Namespace holds is still unpickled under the allow-list
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": ref.state_dict(), "args": argparse.Namespace(x=_RunsCode(marker))}, path)
+    with pytest.raises(UnsafePickleError, match="posix.system"):
+        load_torch_state_dict(path)
+    assert not marker.exists()
 
 
 def test_pth_and_safetensors_load_identically(tmp_path, resnet18_ckpt):

@@ -60,14 +60,15 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
             from safetensors.numpy import load_file
 
             return dict(load_file(str(path)))
-        if path.suffix in _TORCH_SUFFIXES:
+        if path.suffix in _TORCH_SUFFIXES or path.name.endswith(".pth.tar"):  # timm train.py's own
             return load_torch_state_dict(path)
     except UnsafePickleError as e:
         raise WeightSourceError(f"checkpoint {path} refused: {e}") from None
     except Exception as e:  # corrupt or truncated files surface as many different errors
         raise WeightSourceError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
     raise WeightSourceError(
-        f"checkpoint {path}: unknown format {path.suffix!r}; expected .safetensors, .pth, .pt or .bin"
+        f"checkpoint {path}: unknown format {path.suffix!r}; "
+        "expected .safetensors, .pth, .pth.tar, .pt or .bin"
     )
 
 

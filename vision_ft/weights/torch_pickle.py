@@ -108,6 +108,14 @@ def _rebuild_parameter(data, *_unused):
     return data
 
 
+class _Unused:
+    """Stands in for an object a training checkpoint keeps beside its weights (timm's train.py saves
+    its ``argparse.Namespace`` of arguments): built empty, its state dropped, never called."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
 class _StorageType(_RefusesPickleState):
     def __init__(self, name: str):
         self.dtype = _STORAGE_DTYPES[name]
@@ -127,6 +135,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_parameter
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
+        if (module, name) == ("argparse", "Namespace"):
+            return _Unused
         raise UnsafePickleError(f"refusing to load global {module}.{name}: not part of a plain state dict")
 
     def persistent_load(self, pid):
@@ -193,11 +203,11 @@ def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     ``state_dict``/``model`` keys (training checkpoints) are unwrapped."""
     path = Path(path)
     obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-    obj = _materialize(obj)
     for wrapper in ("state_dict", "model", "model_ema"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]
+            obj = obj[wrapper]  # the weights alone: a training checkpoint's optimizer state is not read
             break
+    obj = _materialize(obj)
     if not isinstance(obj, dict):
         raise pickle.UnpicklingError(f"expected a state dict, found {type(obj).__name__}")
     state = {}
