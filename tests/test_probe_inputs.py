@@ -258,3 +258,32 @@ def test_parquet_output_without_pyarrow_fails_before_any_embedding(tmp_path, mon
     assert result.exit_code == 2 and error_lines(result) == [
         "error: parquet output needs pyarrow: pip install pyarrow"
     ], result.output
+
+
+def test_the_probe_refuses_empty_files_and_a_train_file_predict_cannot_use(tmp_path):
+    train = blob_file(tmp_path / "train.npz", "train", 40, 0)
+    val = blob_file(tmp_path / "val.npz", "val", 20, 1)
+    empty = tmp_path / "empty.npz"
+    write_embeddings(empty, Embeddings(np.zeros((0, 4), np.float32), np.zeros(0, int), np.zeros(0, str), {}))
+    for args, culprit in (
+        ((empty, val), empty),  # was "error: max() arg is an empty sequence" with all three empty
+        ((train, empty), empty),
+        ((empty, empty), empty),
+    ):
+        result = cli("probe", "--train", args[0], "--val", args[1], "--output", tmp_path / "p")
+        assert result.exit_code == 2 and error_lines(result) == [
+            f"error: {culprit}: no examples in this embeddings file"
+        ], result.output
+    result = cli("probe", "--train", train, "--val", val, "--test", empty, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and f"error: {empty}: no examples" in result.output
+    for name, metadata in (("bare", {}), ("no_weights", {**MADE_BY, "pretrained": None})):
+        made_elsewhere = tmp_path / f"{name}.npz"
+        copy = read_embeddings(train)
+        write_embeddings(made_elsewhere, Embeddings(copy.embeddings, copy.labels, copy.ids, metadata))
+        result = cli("probe", "--train", made_elsewhere, "--val", val, "--output", tmp_path / "p")
+        missing = "pretrained, zoo_model, in_chans" if name == "bare" else "pretrained"
+        assert result.exit_code == 2 and error_lines(result) == [
+            f"error: {made_elsewhere}: its metadata names no checkpoint, and misses {missing}; predict "
+            "could not embed new images as it was made (use files from vision-ft embed)"
+        ], result.output
+        assert not (tmp_path / "p").exists()

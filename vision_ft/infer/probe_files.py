@@ -82,10 +82,18 @@ def run_probe(
     test = read_embeddings(test_path) if test_path is not None else None
     splits = [e for e in (val, test) if e is not None]
     for path, part in zip((train_path, val_path, test_path), [train, *splits], strict=False):
+        if not len(part):
+            raise DataError(f"{path}: no examples in this embeddings file")
         if part.labels.ndim != 1:
             raise DataError(
                 f"{path}: multi-label embeddings; the probe is a multinomial (one label per image) model"
             )
+    missing = _missing_source(train.metadata)
+    if missing:  # checked now: the probe directory would be one predict --probe cannot load
+        raise DataError(
+            f"{train_path}: its metadata names no checkpoint, and misses {', '.join(missing)}; predict "
+            "could not embed new images as it was made (use files from vision-ft embed)"
+        )
     others = dict(zip((val_path, test_path), splits, strict=False))
     _check_made_alike(train_path, train, others)
     _check_disjoint(train_path, train, others)
@@ -174,8 +182,13 @@ def _probe_source(path: Path) -> dict:
         raise DataError(f"{path}: unreadable ({e})") from None
     if not isinstance(source, dict):
         raise DataError(f"{path}: not the metadata of a probe's embeddings (a JSON object)")
-    needed = () if source.get("checkpoint") else ("pretrained", "zoo_model", "in_chans")
-    missing = [key for key in needed if key not in source]
+    missing = _missing_source(source)
     if missing:
         raise DataError(f"{path}: names no checkpoint, and misses {', '.join(missing)}")
     return source
+
+
+def _missing_source(metadata: dict) -> list[str]:
+    """What ``metadata`` lacks to make its model again: a run directory, or a zoo model and weights."""
+    needed = () if metadata.get("checkpoint") else ("pretrained", "zoo_model", "in_chans")
+    return [key for key in needed if metadata.get(key) is None]
