@@ -187,6 +187,28 @@ def test_pth_cannot_set_attributes_on_tensors(tmp_path):
         vision_ft.create_model("resnet18", pretrained=path)
 
 
+class _ViewPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _CraftedStorage):  # the last entry: (view key, offset, size) into storage "0"
+            return ("storage", torch.FloatStorage, "0", "cpu", obj.values.size, ("1", 2, 2))
+        return None
+
+
+def test_legacy_pth_storage_view_is_refused(tmp_path):
+    # pre-1.6 files could put a tensor on a view of a storage; its offset counts from the view's start,
+    # which was ignored, so the tensor silently read from the storage's start
+    storage = _CraftedStorage([1.0, 2.0, 3.0, 4.0])
+    path = tmp_path / "legacy_view.pth"
+    with open(path, "wb") as f:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        _ViewPickler(f, protocol=2).dump({"w": _CraftedTensor(storage, 0, (2,), (1,))})
+        pickle.dump(["0"], f, protocol=2)
+        f.write(np.int64(4).tobytes() + storage.values.tobytes())
+    with pytest.raises(pickle.UnpicklingError, match="storage 0 is a view into another storage"):
+        load_torch_state_dict(path)
+
+
 class _RunsCode:
     def __init__(self, marker: Path):
         self.marker = marker

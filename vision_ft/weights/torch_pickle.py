@@ -145,6 +145,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         storage_type, key = pid[1], str(pid[2])
         if not isinstance(storage_type, _StorageType):
             raise UnsafePickleError(f"unsupported storage type {storage_type!r}")
+        if len(pid) > 5 and pid[5] is not None:
+            # a tensor on part of a storage (pre-1.6 files): its offsets count from the view's start
+            raise pickle.UnpicklingError(
+                f"storage {key} is a view into another storage, which this reader does not support; "
+                "load the file in PyTorch and save it again (torch.save writes no views since 1.6)"
+            )
         if key not in self._storages:
             numel = int(pid[4]) if len(pid) > 4 else None
             self._storages[key] = _Storage(storage_type.dtype, key, numel)
