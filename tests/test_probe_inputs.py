@@ -287,3 +287,27 @@ def test_the_probe_refuses_empty_files_and_a_train_file_predict_cannot_use(tmp_p
             "could not embed new images as it was made (use files from vision-ft embed)"
         ], result.output
         assert not (tmp_path / "p").exists()
+
+
+def test_the_knn_report_gives_the_loss_of_its_own_sweep_row(tmp_path):
+    rng = np.random.default_rng(0)
+    axes = np.eye(4, dtype=np.float32)
+
+    def file(name, labels, directions):
+        x = axes[directions] + 0.01 * rng.normal(size=(len(labels), 4)).astype(np.float32)
+        ids = np.asarray([f"/images/{name}/{i}.png" for i in range(len(labels))])
+        write_embeddings(tmp_path / name, Embeddings(x, np.asarray(labels), ids, MADE_BY))
+        return tmp_path / name
+
+    labels = np.arange(40) % 2
+    train = file("train.npz", labels, labels)
+    # one class-0 example among class 1's: no neighbour votes for its class at k=1, which is chosen
+    # (every k is as accurate, and ties go to the smaller k)
+    val = file("val.npz", labels[:20], np.where(np.arange(20) == 0, 1, labels[:20]))
+    result = cli("probe", "--train", train, "--val", val, "--output", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    final = json.loads((tmp_path / "p" / "final.json").read_text())
+    knn = final["knn"]
+    assert knn["k"] == 1 and knn["best_val"]["accuracy"] == 0.95
+    row = next(r for r in knn["k_sweep"] if r["k"] == knn["k"])
+    assert knn["best_val"]["loss"] == pytest.approx(row["loss"], rel=1e-6)

@@ -7,14 +7,18 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vision_ft.data.errors import DataError
 from vision_ft.infer.embeddings import Embeddings, read_embeddings
 from vision_ft.infer.predictor import Predictor, embedding_dim, from_pretrained, from_run
 from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.metrics import classification_metrics
-from vision_ft.train.probe import LinearProbe, fit_knn, fit_linear_probe, knn_probabilities
+from vision_ft.train.probe import (
+    LinearProbe,
+    fit_knn,
+    fit_linear_probe,
+    knn_log_probabilities,
+    knn_probabilities,
+)
 from vision_ft.train.report import write_json
 from vision_ft.weights.sources import pretrained_from_text
 
@@ -114,7 +118,7 @@ def run_probe(
         probs = knn_probabilities(
             train.embeddings, train.labels, part.embeddings, k=k, num_classes=len(names)
         )
-        return _public(classification_metrics(part.labels, np.log(np.clip(probs, 1e-12, None))))
+        return _public(classification_metrics(part.labels, knn_log_probabilities(probs)))
 
     linear = {
         "l2": probe.l2,

@@ -362,6 +362,12 @@ def knn_probabilities(
     return _vote(sims, train_y[idx], num_classes, temperature)
 
 
+def knn_log_probabilities(probs: np.ndarray) -> np.ndarray:
+    """Log of k-NN probabilities, floored: one floor for the k sweep and for the probe's reports, so
+    the chosen k's reported loss is its sweep row's."""
+    return np.log(np.maximum(probs, _PROB_FLOOR))
+
+
 def fit_knn(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -390,7 +396,6 @@ def fit_knn(
     sweep = []
     for k in clipped:
         probs = _vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
-        log_probs = np.log(np.maximum(probs, _PROB_FLOOR))
-        sweep.append({"k": k, **classification_metrics(val_y, log_probs)})
+        sweep.append({"k": k, **classification_metrics(val_y, knn_log_probabilities(probs))})
     best = max(sweep, key=lambda row: (row["accuracy"], -row["k"]))
     return best["k"], sweep
