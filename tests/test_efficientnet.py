@@ -201,6 +201,14 @@ def test_package_layout_mismatch_raises():
         vision_ft.create_model("tf_efficientnet_lite2", pretrained=lite1)
 
 
+def test_package_layout_into_a_non_tf_model_is_refused():
+    # same shapes, so TF-trained weights loaded into symmetric padding and eps 1e-5 without complaint
+    state = {"_conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}
+    model = nnx.eval_shape(lambda: vision_ft.create_model("efficientnet_b0"))
+    with pytest.raises(WeightLoadError, match="load it into tf_efficientnet_b0 instead of efficientnet_b0"):
+        checkpoint_filter(state, model)
+
+
 def test_filter_passes_timm_layout_through():
     model = nnx.eval_shape(lambda: vision_ft.create_model("tf_efficientnet_lite0"))
     state = {"conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}

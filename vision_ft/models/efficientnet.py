@@ -356,6 +356,14 @@ def checkpoint_filter(state: StateDict, model: EfficientNet) -> StateDict:
     loader adapts or drops those). timm-layout checkpoints pass through unchanged."""
     if "_conv_stem.weight" not in state:
         return state
+    if not model.config.tf_port:
+        # that port's weights are TensorFlow's (and so are its models): with this model's symmetric
+        # padding and BatchNorm eps 1e-5 they would load without complaint and compute something else
+        name = next(name for name, config in CONFIGS.items() if config == model.config)
+        raise WeightLoadError(
+            f"checkpoint in the '_conv_stem' layout holds TensorFlow-trained weights, which need TF's "
+            f"'SAME' padding and BatchNorm eps; load it into tf_{name} instead of {name}"
+        )
     expected = model.timm_state_dict_shapes()
     if model.classifier is None:  # the checkpoint still holds its classifier; the loader drops it
         expected["classifier.weight"] = (-1, model.num_features)
