@@ -311,3 +311,20 @@ def test_the_knn_report_gives_the_loss_of_its_own_sweep_row(tmp_path):
     assert knn["k"] == 1 and knn["best_val"]["accuracy"] == 0.95
     row = next(r for r in knn["k_sweep"] if r["k"] == knn["k"])
     assert knn["best_val"]["loss"] == pytest.approx(row["loss"], rel=1e-6)
+
+
+def test_predict_input_folders_skip_hidden_folders_and_files(tmp_path):
+    folder = tmp_path / "new"
+    (folder / "visit2").mkdir(parents=True)
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / "visit2" / ".cache").mkdir()
+    image = Image.fromarray(np.zeros((8, 8), np.uint8))
+    hidden = (".ipynb_checkpoints/a-checkpoint.png", "visit2/.cache/b.png", ".c.png")
+    for name in ("a.png", "visit2/b.png", *hidden):
+        image.save(folder / name)
+    examples, label_names = resolve_input(str(folder), DataOptions(), None)
+    assert label_names is None
+    assert [examples.example_id(i) for i in range(len(examples))] == [
+        str(folder / "a.png"),
+        str(folder / "visit2" / "b.png"),
+    ]

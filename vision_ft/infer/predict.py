@@ -38,12 +38,16 @@ def resolve_input(
     if path.is_file():
         return FileSplit([Record(str(path.absolute()), -1)], window=options.window), None
     if path.is_dir():
-        files = sorted(
-            Path(root) / name
-            for root, dirs, names in os.walk(path)
-            for name in names
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
-        )
+        files = []
+        for root, dirs, names in os.walk(path):
+            # hidden folders hold copies (.ipynb_checkpoints) or tool state, not images to predict
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [
+                Path(root) / n
+                for n in names
+                if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")
+            ]
+        files.sort()
         if not files:
             raise DataError(f"--input {path}: no image files in this folder")
         return FileSplit([Record(str(f.absolute()), -1) for f in files], window=options.window), None
