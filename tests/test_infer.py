@@ -406,3 +406,17 @@ def test_eval_names_an_empty_split_instead_of_unreadable_images(fitted, tmp_path
     assert result.exit_code == 2 and errors == [
         f"error: --split val: the val split of folder:{tmp_path} is empty (no examples)"
     ], result.output
+
+
+def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path):
+    root, cfg, _ = fitted
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == cfg.data
+    # as if the data had gained images since the fit: its test split is no longer the run's
+    config["split_sizes"] = {**config["split_sizes"], "train": config["split_sizes"]["train"] - 1}
+    (run / "config.json").write_text(json.dumps(config))
+    for extra in ((), ("--data", cfg.data)):  # --data skipped the check
+        result = cli("eval", "--checkpoint", run, *extra)
+        assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output

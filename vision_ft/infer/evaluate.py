@@ -118,7 +118,7 @@ def evaluate_run(
         raise empty_split(spec, split)
     if dataset.channels != predictor.channels:
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
-    if data is None:
+    if spec == config["data"]:  # --data naming the run's own data, too, must split as it did
         _check_split_as_fitted(run_dir, config, dataset, spec)
     if dataset.multi_label and not predictor.multi_label:
         raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
