@@ -118,6 +118,7 @@ def test_crafted_pth_with_valid_layouts_loads_as_torch_does(tmp_path):
     for key, tensor in expected.items():
         np.testing.assert_array_equal(loaded[key], tensor.numpy(), err_msg=key)
     np.testing.assert_array_equal(loaded["transposed"], [[2.0, 4.0], [3.0, 5.0]])
+    assert loaded["transposed"].flags.c_contiguous
 
 
 @pytest.mark.parametrize(

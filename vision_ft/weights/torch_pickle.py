@@ -75,7 +75,9 @@ class _LazyTensor(_RefusesPickleState):
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=tuple(s * itemsize for s in self.stride)
         )
-        return np.array(view)
+        # C order whatever the file's strides (channels-last, transposed): np.array would keep them,
+        # and safetensors.numpy.save_file, for one, writes an array's memory as if it were C order
+        return np.ascontiguousarray(view)
 
     def _check_layout(self, key: str, storage_numel: int) -> None:
         # as_strided reads wherever offset, size and stride point, so a crafted file could make it
