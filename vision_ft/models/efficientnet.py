@@ -364,6 +364,7 @@ def checkpoint_filter(state: StateDict, model: EfficientNet) -> StateDict:
             f"checkpoint in the '_conv_stem' layout holds TensorFlow-trained weights, which need TF's "
             f"'SAME' padding and BatchNorm eps; load it into tf_{name} instead of {name}"
         )
+    state = _in_package_order(state)
     expected = model.timm_state_dict_shapes()
     if model.classifier is None:  # the checkpoint still holds its classifier; the loader drops it
         expected["classifier.weight"] = (-1, model.num_features)
@@ -388,6 +389,37 @@ def checkpoint_filter(state: StateDict, model: EfficientNet) -> StateDict:
             + (" ..." if len(problems) > 10 else "")
         )
     return renamed
+
+
+# the package layout's modules in the order they are registered, which is the order its .pth keeps
+_PACKAGE_TOP = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_fc")
+_PACKAGE_BLOCK = (
+    "_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_se_reduce", "_se_expand", "_project_conv", "_bn2"
+)  # fmt: skip
+_PACKAGE_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _in_package_order(state: StateDict) -> StateDict:
+    """The package layout maps onto timm's by position, and a safetensors file sorts its keys by name
+    (``_bn0`` first, ``_blocks.10`` before ``_blocks.2``): put them back in module order. Keys this
+    does not know keep the order they came in, for the count and shape checks to report."""
+
+    def position(key: str) -> tuple[int, ...]:
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] in _PACKAGE_TOP and parts[1] in _PACKAGE_TENSORS:
+            return (_PACKAGE_TOP.index(parts[0]), 0, 0, _PACKAGE_TENSORS.index(parts[1]))
+        if (
+            len(parts) == 4 and parts[0] == "_blocks" and parts[1].isdigit()
+            and parts[2] in _PACKAGE_BLOCK and parts[3] in _PACKAGE_TENSORS
+        ):  # fmt: skip
+            block = (int(parts[1]), _PACKAGE_BLOCK.index(parts[2]), _PACKAGE_TENSORS.index(parts[3]))
+            return (_PACKAGE_TOP.index("_blocks"), *block)
+        raise KeyError(key)
+
+    try:
+        return dict(sorted(state.items(), key=lambda item: position(item[0])))
+    except KeyError:
+        return state
 
 
 def _describe(model: EfficientNet) -> str:
