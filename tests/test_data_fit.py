@@ -1,6 +1,7 @@
 """`fit` end to end on every --data kind: JPEG folders, 13-band GeoTIFFs, DICOM through a CSV, TFDS;
 bad images skipped and reported, or fatal with a one-line error; per-band statistics."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from PIL import Image
 from tests.test_decode import _write_dicom
 from tests.test_tfds_source import _prepare
 from tests.train_fixtures import tiny_config
+from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import Geometry
 from vision_ft.data.sources import load_dataset
 from vision_ft.data.stats import band_statistics
@@ -164,6 +166,21 @@ def test_on_bad_image_fail_is_one_line_exit_2(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "River_" in errors[0] and "Traceback" not in out.stderr
     assert "on_bad_image: fail" in errors[0]
+
+
+def test_on_bad_image_fail_stops_on_a_csv_row_naming_a_missing_file(tmp_path, caplog):
+    """Rows left out while the CSV is indexed (missing file, unknown label) were counted in final.json
+    but neither logged nor fatal, even with on_bad_image: fail."""
+    root = _eurosat_folder(tmp_path / "eurosat", per_class=4)
+    rows = [f"{path},{path.parent.name}" for path in sorted(root.rglob("*.jpg"))]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(["path,label", *rows, f"{root}/Forest/gone.jpg,Forest"]) + "\n")
+    cfg = tiny_config(tmp_path, data=f"csv:{manifest}", epochs=1, batch_size=8, on_bad_image="fail")
+    with pytest.raises(BadImageError, match=r"gone\.jpg: .*\(on_bad_image: fail\)"):
+        FitRun(cfg, progress=False)
+    with caplog.at_level("WARNING", logger="vision_ft"):
+        FitRun(dataclasses.replace(cfg, on_bad_image="skip", output=str(tmp_path / "skip")), progress=False)
+    assert any("gone.jpg" in record.getMessage() for record in caplog.records)
 
 
 def test_the_band_count_is_read_across_the_split_not_from_its_first_class(tmp_path):

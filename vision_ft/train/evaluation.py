@@ -30,6 +30,13 @@ class BadExamples:
     the run instead."""
 
     def __init__(self, known: dict[str, str], on_bad_image: str):
+        # ``known``: left out while the data was indexed (a CSV row naming a missing file, an unknown
+        # label), so no batch will ever meet them; they are judged as the batches' unusable images are
+        if known and on_bad_image == "fail":
+            path, reason = next(iter(known.items()))
+            raise BadImageError(path, f"{reason} (on_bad_image: fail)")
+        for path, reason in known.items():
+            log.warning("skipping unusable example %s: %s", path, reason)
         self.reasons = dict(known)
         self.on_bad_image = on_bad_image
 
