@@ -62,7 +62,7 @@ class FitConfig:
     normalize: str = "auto"  # "pretrained", "dataset" (per-band statistics of train), "auto"
     mean: tuple[float, ...] | None = None  # explicit per-band statistics (e.g. from vision-ft stats)
     std: tuple[float, ...] | None = None
-    # augmentation; None takes the modality's preset (see train/augment_presets.py)
+    # augmentation; None takes the modality's preset (see data/presets.py)
     modality: str = "auto"  # "auto", "natural", "overhead" (satellite, histology), "medical"
     random_crop: bool | None = None  # random resized crop on the host
     crop_scale: tuple[float, float] = (0.35, 1.0)
