@@ -232,7 +232,7 @@ def test_pth_reader_never_executes_code(tmp_path, zip_format):
         vision_ft.create_model("resnet18", pretrained=path)
 
 
-def test_timm_training_checkpoint_loads_its_weights(tmp_path, resnet18_ckpt):
+def test_timm_training_checkpoint_loads_its_weights(tmp_path, resnet18_ckpt, monkeypatch):
     """timm's train.py saves model_best.pth.tar: the weights beside the optimizer's state, the run's
     argparse.Namespace and an EMA. The suffix was unknown and the Namespace refused as unsafe."""
     ref = copy.deepcopy(resnet18_ckpt[0])  # the fixture's model serves other tests
@@ -250,9 +250,21 @@ def test_timm_training_checkpoint_loads_its_weights(tmp_path, resnet18_ckpt):
         },
         path,
     )  # fmt: skip
+    read = []
+    real_read = zipfile.ZipFile.read
+    monkeypatch.setattr(
+        zipfile.ZipFile, "read", lambda self, name: read.append(name) or real_read(self, name)
+    )
     loaded = load_torch_state_dict(path)
+    monkeypatch.undo()
     assert set(loaded) == set(ref.state_dict())
     np.testing.assert_array_equal(loaded["fc.weight"], ref.fc.weight.detach().numpy())
+    # only the weights' storages are read, not the optimizer's or the EMA's
+    with zipfile.ZipFile(path) as archive:
+        stored = [name for name in archive.namelist() if "/data/" in name]
+    read_storages = [name for name in read if "/data/" in name]
+    assert len(read_storages) == len(ref.state_dict()) < len(stored)
+    assert loaded["fc.weight"].flags.writeable  # copies, not views of the file's read-only buffer
     plain = tmp_path / "weights.pth"
     torch.save(ref.state_dict(), plain)
     x = _batch(3)

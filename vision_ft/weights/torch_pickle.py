@@ -75,9 +75,9 @@ class _LazyTensor(_RefusesPickleState):
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=tuple(s * itemsize for s in self.stride)
         )
-        # C order whatever the file's strides (channels-last, transposed): np.array would keep them,
+        # C order whatever the file's strides (channels-last, transposed): order "K" would keep them,
         # and safetensors.numpy.save_file, for one, writes an array's memory as if it were C order
-        return np.ascontiguousarray(view)
+        return np.array(view, order="C")  # a copy: a view would share the file's read-only buffer
 
     def _check_layout(self, key: str, storage_numel: int) -> None:
         # as_strided reads wherever offset, size and stride point, so a crafted file could make it
@@ -170,6 +170,23 @@ def _materialize(obj, key: str = ""):
     return obj
 
 
+def _weights_of(obj: object) -> object:
+    """The state dict itself: a training checkpoint keeps it under one of these keys."""
+    for wrapper in ("state_dict", "model", "model_ema"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            return obj[wrapper]
+    return obj
+
+
+def _storage_keys(obj: object) -> set[str]:
+    """The storages ``obj``'s tensors are views of: only these are read (a training checkpoint's
+    optimizer state, twice the weights for Adam, stays on disk)."""
+    if isinstance(obj, _LazyTensor):
+        return {obj.storage.key}
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else ()
+    return set().union(*(_storage_keys(v) for v in values))
+
+
 def _load_zip(path: Path) -> object:
     storages: dict[str, _Storage] = {}
     with zipfile.ZipFile(path) as archive:
@@ -178,8 +195,9 @@ def _load_zip(path: Path) -> object:
         if pkl_name is None:
             raise pickle.UnpicklingError("zip archive has no data.pkl: not a PyTorch checkpoint")
         prefix = pkl_name[: -len("data.pkl")]
-        obj = _RestrictedUnpickler(io.BytesIO(archive.read(pkl_name)), storages).load()
-        for storage in storages.values():
+        obj = _weights_of(_RestrictedUnpickler(io.BytesIO(archive.read(pkl_name)), storages).load())
+        for key in _storage_keys(obj):
+            storage = storages[key]
             raw = archive.read(f"{prefix}data/{storage.key}")
             storage.data = np.frombuffer(raw, dtype=storage.dtype)
     return obj
@@ -193,12 +211,16 @@ def _load_legacy(path: Path) -> object:
             raise pickle.UnpicklingError("not a PyTorch checkpoint (bad magic number)")
         _RestrictedUnpickler(f, storages).load()  # protocol version
         _RestrictedUnpickler(f, storages).load()  # sys info (endianness, type sizes)
-        obj = _RestrictedUnpickler(f, storages).load()
+        obj = _weights_of(_RestrictedUnpickler(f, storages).load())
+        needed = _storage_keys(obj)
         keys = _RestrictedUnpickler(f, storages).load()
         for key in keys:
             storage = storages[str(key)]
             (numel,) = struct.unpack("<q", f.read(8))
             nbytes = numel * np.dtype(storage.dtype).itemsize
+            if storage.key not in needed:
+                f.seek(nbytes, io.SEEK_CUR)
+                continue
             raw = f.read(nbytes)
             if len(raw) != nbytes:
                 raise pickle.UnpicklingError("file is truncated")
@@ -211,10 +233,6 @@ def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     ``state_dict``/``model`` keys (training checkpoints) are unwrapped."""
     path = Path(path)
     obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-    for wrapper in ("state_dict", "model", "model_ema"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]  # the weights alone: a training checkpoint's optimizer state is not read
-            break
     obj = _materialize(obj)
     if not isinstance(obj, dict):
         raise pickle.UnpicklingError(f"expected a state dict, found {type(obj).__name__}")
