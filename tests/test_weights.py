@@ -265,6 +265,11 @@ def test_timm_training_checkpoint_loads_its_weights(tmp_path, resnet18_ckpt, mon
     read_storages = [name for name in read if "/data/" in name]
     assert len(read_storages) == len(ref.state_dict()) < len(stored)
     assert loaded["fc.weight"].flags.writeable  # copies, not views of the file's read-only buffer
+    # the pre-1.6 format steps over the storages it does not need
+    legacy = tmp_path / "legacy.pth.tar"
+    torch.save(torch.load(path, weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    for key, value in load_torch_state_dict(legacy).items():
+        np.testing.assert_array_equal(value, loaded[key], err_msg=key)
     plain = tmp_path / "weights.pth"
     torch.save(ref.state_dict(), plain)
     x = _batch(3)
