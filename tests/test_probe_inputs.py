@@ -115,6 +115,14 @@ def test_the_probe_refuses_files_made_another_way(tmp_path):
             "needs embeddings made the same way"
         ], (key, result.output)
         assert not (tmp_path / f"p_{key}").exists()
+    # one source however a file recorded it (embed kept --pretrained as typed; a run's path through ..)
+    (tmp_path / "run").mkdir()
+    same = {"pretrained": ("False", "false"), "checkpoint": (str(tmp_path / "run"), f"{tmp_path}/run/../run")}
+    for key, (recorded, again) in same.items():
+        first = blob_file(tmp_path / f"train_{key}.npz", "train", 40, 0, **{key: recorded})
+        second = blob_file(tmp_path / f"val_same_{key}.npz", "val", 20, 1, **{key: again})
+        result = cli("probe", "--train", first, "--val", second, "--output", tmp_path / f"same_{key}")
+        assert result.exit_code == 0, (key, result.output)
     test = blob_file(tmp_path / "test.npz", "test", 20, 2, checkpoint="/runs/other")
     result = cli("probe", "--train", train, "--val", val, "--test", test, "--output", tmp_path / "p")
     assert result.exit_code == 2 and f"{test}: checkpoint '/runs/other'" in result.output, result.output

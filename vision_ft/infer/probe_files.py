@@ -46,11 +46,23 @@ def _check_made_alike(train_path: Path, train: Embeddings, others: dict[Path, Em
     made elsewhere) is not compared."""
     for path, part in others.items():
         for key in SAME_IN_EVERY_FILE:
-            if key in train.metadata and key in part.metadata and train.metadata[key] != part.metadata[key]:
+            if key not in train.metadata or key not in part.metadata:
+                continue
+            if _comparable(key, train.metadata[key]) != _comparable(key, part.metadata[key]):
                 raise DataError(
                     f"{path}: {key} {part.metadata[key]!r}, but {train.metadata[key]!r} in the train "
                     f"file {train_path}; a probe needs embeddings made the same way"
                 )
+
+
+def _comparable(key: str, value):
+    """One weights source, however a file recorded it: embed used to keep --pretrained as typed
+    ("True", a relative path), and a run reached through a symlink or ``..`` is the same run."""
+    if key not in ("checkpoint", "pretrained") or not isinstance(value, str):
+        return value
+    if value.lower() in ("true", "false"):
+        return value.lower()
+    return value if value.startswith("hf-hub:") else str(Path(value).expanduser().resolve())
 
 
 def _check_disjoint(train_path: Path, train: Embeddings, others: dict[Path, Embeddings]) -> None:
