@@ -356,8 +356,8 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path, resnet18_ckpt):
     message = str(err.value)
     for fragment in (
         "layer1.0.conv1.kernel", "layer4.1.bn2.var", "extra.weight", "layer2.0.conv2.weight",
-        "layer3.0.conv1.weight: checkpoint (256, 128) vs model (3, 3, 128, 256)",
-        "fc.weight: checkpoint (1000, 512, 1, 1) vs model (512, 1000)",
+        "layer3.0.conv1.weight: checkpoint (256, 128), 2-D where the model's (3, 3, 128, 256) kernel",
+        "fc.weight: checkpoint (1000, 512, 1, 1), 4-D where the model's (512, 1000) kernel takes a 2-D",
     ):  # fmt: skip
         assert fragment in message
     assert "missing (2)" in message and "unexpected (1)" in message and "shape mismatch (3)" in message

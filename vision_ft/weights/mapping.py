@@ -161,7 +161,10 @@ def match_state_dict(
         value = np.asarray(value)
         rank = _KERNEL_RANKS.get(hit[2])
         if rank is not None and value.ndim != rank:  # the transpose would fail without naming the key
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {shapes[path]}")
+            mismatched.append(
+                f"{key}: checkpoint {tuple(value.shape)}, {value.ndim}-D where the model's {shapes[path]} "
+                f"kernel takes a {rank}-D tensor"
+            )
             mismatched_paths.add(path)
             continue
         array = hit[2](value)
