@@ -13,6 +13,7 @@ from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import Geometry, sharded_eval_batches, unusable_reason
 from vision_ft.train import report
 from vision_ft.train.clinical import clinical_report
+from vision_ft.train.distributed import is_primary
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.multilabel import multilabel_clinical_report, multilabel_metrics
 from vision_ft.train.step import Trainer
@@ -35,7 +36,7 @@ class BadExamples:
         if known and on_bad_image == "fail":
             path, reason = next(iter(known.items()))
             raise BadImageError(path, f"{reason} (on_bad_image: fail)")
-        for path, reason in known.items():
+        for path, reason in known.items() if is_primary() else ():  # every process indexed the same
             log.warning("skipping unusable example %s: %s", path, reason)
         self.reasons = dict(known)
         self.on_bad_image = on_bad_image
