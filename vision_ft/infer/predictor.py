@@ -117,15 +117,7 @@ def compiled_forward(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}")
     if layer is not None:
-        size = predictor.geometry.img_size
-        probe = jax.eval_shape(
-            lambda x: predictor.model.forward_intermediates(x),
-            jax.ShapeDtypeStruct((1, size, size, predictor.channels), jnp.float32),
-        )
-        if not -len(probe) <= layer < len(probe):
-            raise ValueError(
-                f"--layer {layer}: this model has {len(probe)} stages/blocks (0..{len(probe) - 1})"
-            )
+        _stage_output(predictor, layer, option="--layer")  # a stage the model lacks fails before compiling
     mesh = data_mesh(devices)
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, state = nnx.split(predictor.model)
@@ -170,18 +162,29 @@ def compiled_forward(
 def embedding_dim(predictor: Predictor, layer: int | None = None) -> int:
     """The dimension of the embeddings ``compiled_forward`` gives, from shapes alone (no compute):
     what a probe must take, known before any image is read."""
-    size = predictor.geometry.img_size
-    image = jax.ShapeDtypeStruct((1, size, size, predictor.channels), jnp.float32)
     model = predictor.model
     if layer is None:
         pooled = jax.eval_shape(
-            lambda x: model.forward_head(model.forward_features(x), pre_logits=True), image
+            lambda x: model.forward_head(model.forward_features(x), pre_logits=True), _one_image(predictor)
         )
         return int(pooled.shape[-1])
-    stages = jax.eval_shape(lambda x: model.forward_intermediates(x), image)
+    stage = _stage_output(predictor, layer, option="layer")
+    return int(jax.eval_shape(lambda f: model.pool_intermediate(f), stage).shape[-1])
+
+
+def _one_image(predictor: Predictor) -> jax.ShapeDtypeStruct:
+    size = predictor.geometry.img_size
+    return jax.ShapeDtypeStruct((1, size, size, predictor.channels), jnp.float32)
+
+
+def _stage_output(predictor: Predictor, layer: int, *, option: str) -> jax.ShapeDtypeStruct:
+    """The shape of stage (or block) ``layer``'s output; ``ValueError`` naming ``option`` where the
+    model has no such stage."""
+    stages = jax.eval_shape(lambda x: predictor.model.forward_intermediates(x), _one_image(predictor))
     if not -len(stages) <= layer < len(stages):
-        raise ValueError(f"layer {layer}: this model has {len(stages)} stages/blocks (0..{len(stages) - 1})")
-    return int(jax.eval_shape(lambda f: model.pool_intermediate(f), stages[layer]).shape[-1])
+        last = len(stages) - 1
+        raise ValueError(f"{option} {layer}: this model has {len(stages)} stages/blocks (0..{last})")
+    return stages[layer]
 
 
 def run_split(
