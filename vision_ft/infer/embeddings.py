@@ -81,8 +81,7 @@ def check_output_format(path: Path) -> None:
 def write_embeddings(path: str | Path, data: Embeddings) -> None:
     """Write ``.npz`` (arrays plus JSON metadata, no pickles) or ``.parquet``; never overwrite."""
     path = Path(path)
-    if path.suffix not in FORMATS:
-        raise EmbeddingFileError(f"--output {path}: use a .npz or .parquet file name")
+    check_output_format(path)
     if path.exists():
         raise EmbeddingFileError(f"--output {path} exists; not overwriting it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,10 +105,8 @@ def write_embeddings(path: str | Path, data: Embeddings) -> None:
 
 
 def _parquet_table(data: Embeddings, meta: str):
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise EmbeddingFileError("parquet output needs pyarrow: pip install pyarrow") from None
+    import pyarrow as pa  # there: check_output_format looked
+
     return pa.table(
         {
             "id": pa.array(data.ids.tolist(), pa.string()),
