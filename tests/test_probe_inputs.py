@@ -14,7 +14,6 @@ from PIL import Image
 
 from tests.train_fixtures import write_synthetic_npz
 from vision_ft.cli import main
-from vision_ft.cli.inference import _recorded_weights
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import DataOptions
 from vision_ft.infer.embeddings import Embeddings, read_embeddings, write_embeddings
@@ -22,6 +21,7 @@ from vision_ft.infer.predict import resolve_input
 from vision_ft.infer.predictor import embedding_dim, from_pretrained
 from vision_ft.infer.probe_files import PROBE_FILE, SOURCE_FILE
 from vision_ft.train.probe import LinearProbe
+from vision_ft.weights.sources import recorded_pretrained
 
 ZOO = ("--model", "test_resnet", "--pretrained", "false", "--batch-size", 8, "--no-progress")
 
@@ -212,7 +212,7 @@ def test_embed_records_a_weights_file_by_its_absolute_path(small_folder, tmp_pat
     assert result.exit_code == 0, result.output
     # predict --probe loads these weights again, perhaps from another directory
     assert read_embeddings(out).metadata["pretrained"] == str(weights)
-    assert _recorded_weights("True") == "true" and _recorded_weights("hf-hub:timm/x") == "hf-hub:timm/x"
+    assert recorded_pretrained("True") == "true" and recorded_pretrained("hf-hub:timm/x") == "hf-hub:timm/x"
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])

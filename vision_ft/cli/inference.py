@@ -46,19 +46,6 @@ def _predictor(
     return predictor
 
 
-def _recorded_weights(pretrained: str) -> str:
-    """``--pretrained`` as embed records it: a weights file by its absolute path, as ``checkpoint``
-    is, since predict --probe loads the weights again from wherever it is run."""
-    from vision_ft.weights.sources import pretrained_from_text
-
-    value = pretrained_from_text(pretrained)
-    if isinstance(value, bool):
-        return str(value).lower()  # "True" and "true" must not look like two sources to probe
-    if value.startswith("hf-hub:"):
-        return value
-    return str(Path(value).expanduser().absolute())
-
-
 def _metadata(predictor, **extra) -> dict:
     cfg = predictor.model.pretrained_cfg
     return {
@@ -100,6 +87,7 @@ def embed(
     from vision_ft.data.sources import load_dataset
     from vision_ft.infer.embeddings import Embeddings, check_output_format, embed_split, write_embeddings
     from vision_ft.infer.evaluate import empty_split, nothing_readable
+    from vision_ft.weights.sources import recorded_pretrained
 
     check_output_format(output)
     refuse_unwritable_file(output)
@@ -143,7 +131,7 @@ def embed(
             predictor, data=data, split=split, tta=tta, layer=layer,
             dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
-            pretrained=_recorded_weights(pretrained) if model else None, in_chans=predictor.channels,
+            pretrained=recorded_pretrained(pretrained) if model else None, in_chans=predictor.channels,
             precision=precision,
         ),
     )  # fmt: skip

@@ -20,7 +20,7 @@ from vision_ft.train.probe import (
     knn_probabilities,
 )
 from vision_ft.train.report import write_json
-from vision_ft.weights.sources import pretrained_from_text
+from vision_ft.weights.sources import pretrained_from_text, recorded_pretrained
 
 PROBE_FILE, SOURCE_FILE = "probe.npz", "probe.json"
 # embed's metadata that decides what a feature or a label index means: files that differ in any of
@@ -58,11 +58,11 @@ def _check_made_alike(train_path: Path, train: Embeddings, others: dict[Path, Em
 def _comparable(key: str, value):
     """One weights source, however a file recorded it: embed used to keep --pretrained as typed
     ("True", a relative path), and a run reached through a symlink or ``..`` is the same run."""
-    if key not in ("checkpoint", "pretrained") or not isinstance(value, str):
-        return value
-    if value.lower() in ("true", "false"):
-        return value.lower()
-    return value if value.startswith("hf-hub:") else str(Path(value).expanduser().resolve())
+    if key == "pretrained" and isinstance(value, str):
+        value = recorded_pretrained(value)
+    if key in ("checkpoint", "pretrained") and isinstance(value, str) and Path(value).is_absolute():
+        return str(Path(value).resolve())
+    return value
 
 
 def _check_disjoint(train_path: Path, train: Embeddings, others: dict[Path, Embeddings]) -> None:

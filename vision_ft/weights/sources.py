@@ -135,6 +135,17 @@ def pretrained_from_text(text: str) -> bool | str:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def recorded_pretrained(text: str) -> str:
+    """``--pretrained`` as a run's files record it: "true"/"false" in lower case, hub specs as typed,
+    a weights file by its absolute path (it is loaded again from wherever a later command runs)."""
+    value = pretrained_from_text(text)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value.startswith("hf-hub:"):
+        return value
+    return str(Path(value).expanduser().absolute())
+
+
 def resolve_source(pretrained: bool | str | Path, model_name: str, hub_id: str | None) -> WeightSource | None:
     """Turn create_model's ``pretrained`` argument into loaded tensors and a description."""
     if pretrained is False or pretrained is None:
