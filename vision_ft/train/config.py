@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message names it."""
 
 
+def valid_lr_multiplier(scale: float) -> bool:
+    """Finite and >= 0: a negative multiplier would freeze its parameters silently (only those above
+    0 train; 0 is how a rule freezes), and NaN compares false both ways."""
+    return math.isfinite(scale) and scale >= 0
+
+
 @dataclass(frozen=True)
 class FitConfig:
     # what to train
@@ -172,9 +178,7 @@ class FitConfig:
             if not ok:
                 raise ConfigError(message)
         for pattern, scale in self.lr_rules:
-            # a negative multiplier froze its parameters (the plan trains only those above 0), and
-            # NaN compares false both ways
-            if not (math.isfinite(scale) and scale >= 0):
+            if not valid_lr_multiplier(scale):
                 raise ConfigError(
                     f"lr_rules: the multiplier of rule {pattern!r} is {scale}; it must be a finite "
                     "number >= 0 (0 freezes the parameters it matches)"

@@ -8,13 +8,13 @@ fails and names the parameters left over.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flax import nnx
 
+from vision_ft.train.config import valid_lr_multiplier
 from vision_ft.train.groups import GROUP_RANGE, layer_decay_scales, named_group, param_paths
 from vision_ft.weights.mapping import format_path
 
@@ -75,8 +75,7 @@ def build_plan(
         frozen |= hit
     scales: dict[str, float] = {}
     for pattern, scale in lr_rules:
-        # a negative multiplier would freeze silently (only parameters above 0 train); NaN too
-        if not (math.isfinite(scale) and scale >= 0):
+        if not valid_lr_multiplier(scale):
             raise RuleError(f"LR rule {pattern!r}: multiplier {scale} must be finite and >= 0 (0 freezes)")
         for path in resolve_pattern(model, pattern, paths):
             scales.setdefault(path, float(scale))
