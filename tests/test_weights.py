@@ -272,10 +272,7 @@ def test_timm_training_checkpoint_loads_its_weights(tmp_path, resnet18_ckpt, mon
         np.testing.assert_array_equal(value, loaded[key], err_msg=key)
     plain = tmp_path / "weights.pth"
     torch.save(ref.state_dict(), plain)
-    x = _batch(3)
-    a = jax_outputs(vision_ft.create_model("resnet18", pretrained=path), x)
-    b = jax_outputs(vision_ft.create_model("resnet18", pretrained=plain), x)
-    np.testing.assert_array_equal(a[0], b[0])
+    _assert_same_resnet18(path, plain)
     # what a Namespace holds is still unpickled under the allow-list
     marker = tmp_path / "pwned"
     torch.save({"state_dict": ref.state_dict(), "args": argparse.Namespace(x=_RunsCode(marker))}, path)
@@ -288,9 +285,14 @@ def test_pth_and_safetensors_load_identically(tmp_path, resnet18_ckpt):
     ref, st_path = resnet18_ckpt
     pth_path = tmp_path / "ckpt.pth"
     torch.save(ref.state_dict(), pth_path)
+    _assert_same_resnet18(st_path, pth_path)
+
+
+def _assert_same_resnet18(path: Path, other: Path) -> None:
+    """resnet18 from either checkpoint file gives bit-identical logits."""
     x = _batch(3)
-    a = jax_outputs(vision_ft.create_model("resnet18", pretrained=st_path), x)
-    b = jax_outputs(vision_ft.create_model("resnet18", pretrained=pth_path), x)
+    a = jax_outputs(vision_ft.create_model("resnet18", pretrained=path), x)
+    b = jax_outputs(vision_ft.create_model("resnet18", pretrained=other), x)
     np.testing.assert_array_equal(a[0], b[0])
 
 
