@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
 from vision_ft.cli import main
 from vision_ft.data.errors import DataError
 from vision_ft.data.npz import load_npz
-from vision_ft.data.sources import load_dataset
+from vision_ft.data.pipeline import Geometry
+from vision_ft.data.sources import DataOptions, load_dataset
+from vision_ft.data.stats import band_statistics
 
 
 def _valid_arrays(n_train: int = 6, n_val: int = 4) -> dict[str, np.ndarray]:
@@ -184,3 +187,37 @@ def test_splits_whose_images_have_other_band_counts_are_refused_unless_grey_and_
         load_npz(path)
     np.savez(path, **{**arrays, "val_images": np.zeros((4, 8, 8, 3), np.uint8)})  # converted to grey
     assert load_npz(path)["val"][0].shape == (4, 8, 8, 3)
+
+
+def _small_png_folder(root, per_class):
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_stats_names_an_empty_split_in_one_line(tmp_path):
+    """Three images a class draw no validation images at 0.1: stats fell through to a ValueError
+    (a traceback, exit 1)."""
+    root = _small_png_folder(tmp_path / "small", per_class=3)
+    result = CliRunner().invoke(main, ["stats", "--data", f"folder:{root}", "--split", "val"])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "the val split of folder:" in lines[0] and "is empty" in lines[0]
+
+
+def test_stats_draws_the_split_fit_draws(tmp_path):
+    """stats drew folder splits with seed 0 and fit's default fractions whatever the fit would use, so
+    its "train" statistics took in images that fit then validated and tested on."""
+    root = _small_png_folder(tmp_path / "folder", per_class=10)
+    options = DataOptions(val_fraction=0.2, test_fraction=0.3, seed=3)
+    train = load_dataset(f"folder:{root}", options).splits["train"]
+    expected, _, _ = band_statistics(train, Geometry(16, "bicubic", 1.0, channels=1))
+    args = ["stats", "--data", f"folder:{root}", "--img-size", "16", "--val-fraction", "0.2",
+            "--test-fraction", "0.3", "--seed", "3"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"# {len(train)} images") and len(train) == 10
+    np.testing.assert_allclose(yaml.safe_load(result.output)["mean"], expected, rtol=1e-6)

@@ -18,11 +18,17 @@ from vision_ft.train.config import FitConfig
     "--img-size", type=click.IntRange(min=16), default=FitConfig.img_size, help="Input side, as fit's."
 )
 @click.option("--split", default="train")
+# drawn as fit draws them, so that the train split's statistics leave out its val and test images
+@click.option("--val-fraction", type=float, default=FitConfig.val_fraction, help="As fit's.")
+@click.option("--test-fraction", type=float, default=FitConfig.test_fraction, help="As fit's.")
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=FitConfig.seed, help="As fit's (folder/CSV splits)."
+)
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--window", help="DICOM window CENTER,WIDTH.")
 @click.option("--output", type=click.Path(path_type=Path), help="Also write the statistics as YAML.")
 @user_errors_exit_2
-def stats(data, model, img_size, split, data_dir, window, output) -> None:
+def stats(data, model, img_size, split, val_fraction, test_fraction, seed, data_dir, window, output) -> None:
     """Per-band mean and std of a split, in the scale the model is fed (for non-RGB data).
 
     Pass them to fit as `mean:` / `std:` in a config; fit computes them itself for data with other
@@ -33,15 +39,19 @@ def stats(data, model, img_size, split, data_dir, window, output) -> None:
     from vision_ft.data.pipeline import Geometry
     from vision_ft.data.sources import DataOptions, load_dataset
     from vision_ft.data.stats import band_statistics
+    from vision_ft.infer.evaluate import empty_split
     from vision_ft.models.registry import get_model_entry
     from vision_ft.train.config import load_config
 
     if output is not None:
         refuse_unwritable_file(output)  # before the pass over the split, not after
     window_values = load_config(None, {"window": window}).window
-    dataset = load_dataset(data, DataOptions(data_dir=data_dir, window=window_values))
+    options = DataOptions(val_fraction, test_fraction, seed, data_dir, window_values)
+    dataset = load_dataset(data, options)
     if split not in dataset.splits:
         raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
+    if not len(dataset.splits[split]):
+        raise empty_split(data, split)
     interpolation = get_model_entry(model).default_cfg.interpolation
     geometry = Geometry(img_size, interpolation, 1.0, channels=dataset.channels)
     mean, std, used = band_statistics(dataset.splits[split], geometry)

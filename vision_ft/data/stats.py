@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import ExampleSplit, Geometry, eval_batches
 
 
@@ -24,7 +25,7 @@ def band_statistics(
         pixels += images.shape[0] * images.shape[1] * images.shape[2]
         examples += len(images)
     if not examples:
-        raise ValueError("no readable examples to compute statistics from")
+        raise DataError(f"none of the {len(split)} images could be read to compute band statistics from")
     mean = total / pixels
     std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
     std = np.where(std > 1e-8, std, 1.0)  # a constant band is centred, not blown up
