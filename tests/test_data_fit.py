@@ -17,7 +17,7 @@ from PIL import Image
 from tests.test_decode import _write_dicom
 from tests.test_tfds_source import _prepare
 from tests.train_fixtures import tiny_config
-from vision_ft.data.errors import BadImageError
+from vision_ft.data.errors import BadImageError, DataError
 from vision_ft.data.pipeline import Geometry
 from vision_ft.data.sources import load_dataset
 from vision_ft.data.stats import band_statistics
@@ -192,3 +192,17 @@ def test_the_band_count_is_read_across_the_split_not_from_its_first_class(tmp_pa
         for i in range(10):
             Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
     assert load_dataset(f"folder:{tmp_path}").channels == 3
+
+
+def test_a_drawn_split_left_empty_is_refused_before_training(tmp_path):
+    """Four images a class give a 0.1 validation share nothing (round(0.4) = 0): the fit trained a
+    whole epoch, then stopped on a traceback evaluating the empty split, its run half-written."""
+    root = _eurosat_folder(tmp_path / "eurosat", per_class=4)
+    cfg = tiny_config(tmp_path, data=f"folder:{root}", epochs=1, batch_size=8, val_fraction=0.1)
+    refused = r"the val split of folder:.* is empty .*--val-fraction 0\.1 .* 5 images"
+    with pytest.raises(DataError, match=refused):
+        FitRun(cfg, progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+    cfg = dataclasses.replace(cfg, val_fraction=0.25, test_fraction=0.1)
+    with pytest.raises(DataError, match=r"the test split .* is empty .*--test-fraction 0\.1 "):
+        FitRun(cfg, progress=False)

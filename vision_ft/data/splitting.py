@@ -86,6 +86,22 @@ def stratified_split(
     }
 
 
+def refuse_empty_held_out(sizes: dict[str, int], spec: str, fractions: dict[str, float]) -> None:
+    """Stop a fit before it trains when its val or test split has no examples: it would be evaluated
+    after the first epoch or at the end. Where fit draws the split, a class of fewer than
+    ``0.5 / fraction`` examples gives it none (``round`` half up)."""
+    for split, fraction in fractions.items():
+        if sizes.get(split, 1) > 0:
+            continue
+        hint = ""
+        if fraction > 0:
+            hint = (
+                f": where fit draws it, --{split}-fraction {fraction:g} gives none to a class of fewer "
+                f"than {math.ceil(0.5 / fraction - 1e-9)} images; raise it, or set it to 0"
+            )
+        raise DataError(f"the {split} split of {spec} is empty (no examples){hint}")
+
+
 def _label_cell(record: Record, class_names: Sequence[str] | None) -> str:
     indices = record.labels or (record.label,)
     if class_names is None:

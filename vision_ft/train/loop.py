@@ -17,7 +17,7 @@ from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import eval_geometry, may_be_unusable, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset
-from vision_ft.data.splitting import write_split_file
+from vision_ft.data.splitting import refuse_empty_held_out, write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
 from vision_ft.progress import ProgressBar
@@ -141,6 +141,11 @@ class FitRun:
         self.steps_per_epoch = len(train) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
+        refuse_empty_held_out(
+            {name: len(split) for name, split in self.data.splits.items()},
+            cfg.data,
+            {"val": cfg.val_fraction, "test": cfg.test_fraction},
+        )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers(self.model))
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
