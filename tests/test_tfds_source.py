@@ -220,6 +220,11 @@ def test_a_held_out_split_trained_on_is_not_also_val_or_test(data_dir):
     assert splits["test"][0]["id"].startswith("tiny_catalog/gray:test[")
     splits, _ = load_tfds("tiny_catalog/rgb:train+test", data_dir=data_dir, val_fraction=0.2)
     assert set(splits) == {"train", "val"} and len(splits["train"]) + len(splits["val"]) == TRAIN + TEST
+    # TFDS's "all" is every split together: it left validation and test to select and test on
+    splits, _ = load_tfds("tiny_catalog/gray:all", data_dir=data_dir, val_fraction=0.2, test_fraction=0.1)
+    assert set(splits) == {"train", "val", "test"}
+    assert sum(len(split) for split in splits.values()) == TRAIN + VALIDATION + TEST
+    assert all(split[0]["id"].startswith("tiny_catalog/gray:all[") for split in splits.values())
 
 
 def test_validation_split_is_val_and_grayscale_keeps_a_channel_axis(data_dir):

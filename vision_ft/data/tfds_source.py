@@ -220,6 +220,8 @@ def load_tfds(
     # a split trained on cannot also select or test the model ("train+validation", a common recipe):
     # the held-out split it names is carved from the training data instead, as where there is none
     trained_on = {part.split("[")[0].strip() for part in train_split.split("+")}
+    if "all" in trained_on:  # TFDS's name for every split together
+        trained_on = set(available)
     val_split = next((name for name in _VAL_SPLITS if name in available and name not in trained_on), None)
     has_test = "test" in available and "test" not in trained_on
     carve = {
