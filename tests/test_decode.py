@@ -181,6 +181,31 @@ def test_geotiff_nodata_value_takes_the_band_mean(tmp_path: Path) -> None:
     np.testing.assert_allclose(image, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("written", ["-3.40282346639e+038", "-3.4028235e+38", "0.1"])
+def test_float_geotiff_nodata_matches_as_the_band_stores_it(tmp_path: Path, written: str) -> None:
+    """ArcGIS writes float32's lowest value as -3.40282346639e+038, and 0.1 has no float32 of its own:
+    the tag's text, read as a double, matched no pixel, so ~-3.4e38 reached the model."""
+    value = np.float32(float(written))
+    data = np.array([[[value], [0.5]], [[0.25], [0.75]]], np.float32)
+    nodata = [(42113, "s", 0, written, True)]
+    tifffile.imwrite(tmp_path / "f.tif", data, photometric="minisblack", extratags=nodata)
+    image = read_image(tmp_path / "f.tif")
+    np.testing.assert_allclose(image[..., 0], [[0.5, 0.5], [0.25, 0.75]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("extrasamples", [1, 2])  # associated and unassociated alpha
+def test_grey_tiff_with_alpha_drops_it_as_png_does(tmp_path: Path, extrasamples: int) -> None:
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
+    pixels = np.stack([grey, np.full_like(grey, 255)], axis=-1)
+    tifffile.imwrite(tmp_path / "la.tif", pixels, photometric="minisblack", extrasamples=[extrasamples])
+    image = read_image(tmp_path / "la.tif")
+    assert image.shape == (4, 4, 1)
+    np.testing.assert_array_equal(image[..., 0], grey / np.float32(255))
+    rgba = np.concatenate([_rgb()[:4, :4], pixels[..., 1:]], axis=-1)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=[extrasamples])
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif"), rgba[..., :3] / np.float32(255))
+
+
 def test_int16_tiff_keeps_sign(tmp_path: Path) -> None:
     data = np.array([[-32767, -100], [0, 32767]], np.int16)
     tifffile.imwrite(tmp_path / "dem.tif", data)

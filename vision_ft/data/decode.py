@@ -238,15 +238,41 @@ def _read_tiff(path: Path) -> np.ndarray:
         if photometric == _TIFF_PALETTE and colormap is not None:
             # TIFF colormaps are 16-bit by definition (TIFF 6.0, ColorMap)
             return np.moveaxis(colormap[:, image[..., 0]], 0, -1).astype(np.float32) / 65535.0
-        if photometric == _TIFF_RGB and image.shape[-1] == 4 and extrasamples[:1] in ((1,), (2,)):
-            image = image[..., :3]  # alpha dropped, as for PNG
+        image = _without_alpha(image, photometric, extrasamples)
         scaled = _scale_tiff_values(image, bits, path)
         if photometric == _TIFF_MINISWHITE and image.dtype.kind in "ub":
             scaled = 1.0 - scaled  # "min is white": 0 is the brightest value
         invalid = ~np.isfinite(scaled)
         if nodata is not None:
-            invalid |= image.astype(np.float64) == nodata
+            invalid |= _is_nodata(image, nodata)
         return fill_with_band_means(scaled, invalid) if invalid.any() else scaled
+
+
+_TIFF_ALPHA = (1, 2)  # ExtraSamples: associated, unassociated alpha
+_TIFF_COLOUR_BANDS = {_TIFF_MINISWHITE: 1, 1: 1, _TIFF_RGB: 3}  # 1: MinIsBlack
+
+
+def _without_alpha(image: np.ndarray, photometric: int, extrasamples: tuple[int, ...]) -> np.ndarray:
+    """The image without its alpha samples, as PNG is read (grey + alpha included); the extra samples
+    follow the colour ones, and those not marked alpha (a multispectral file's bands) are kept."""
+    colour = _TIFF_COLOUR_BANDS.get(photometric)
+    if colour is None or image.shape[-1] != colour + len(extrasamples):
+        return image
+    keep = [*range(colour), *(colour + i for i, kind in enumerate(extrasamples) if kind not in _TIFF_ALPHA)]
+    return image[..., keep] if len(keep) < image.shape[-1] else image
+
+
+def _is_nodata(image: np.ndarray, nodata: float) -> np.ndarray:
+    """Where the image holds the GDAL no-data value, compared as the band stores it: the tag's decimal
+    text (ArcGIS's -3.40282346639e+038 for float32's lowest value, or 0.1) is rarely the stored
+    float exactly, and GDAL too compares in the band's type."""
+    if image.dtype.kind != "f":
+        return image.astype(np.float64) == nodata
+    finfo = np.finfo(image.dtype)
+    if abs(nodata) > finfo.max and math.isclose(abs(nodata), float(finfo.max), rel_tol=1e-6):
+        nodata = math.copysign(float(finfo.max), nodata)  # just past it in decimal, as GDAL allows
+    with np.errstate(over="ignore"):
+        return image == image.dtype.type(nodata)
 
 
 _GDAL_NODATA_TAG = 42113
