@@ -146,6 +146,11 @@ def test_fine_tune_trains_the_head_then_everything_at_rates_falling_100x_to_the_
         # a negative multiplier froze the parameters it matched, silently
         (dict(lr_rules=(("head", -1.0), (".*", 1.0))), "lr_rules: the multiplier of rule 'head' is -1.0"),
         (dict(lr_rules=((".*", float("nan")),)), r"lr_rules: the multiplier of rule '\.\*' is nan"),
+        # infinities passed every ">= 0" check: --lr inf trained to NaN, warmup_epochs: .inf crashed
+        (dict(lr=float("inf")), "lr must be a finite number, not inf"),
+        (dict(warmup_epochs=float("inf")), "warmup_epochs must be a finite number"),
+        (dict(mixup=float("inf")), "mixup must be a finite number"),
+        (dict(mean=(0.5, float("inf")), std=(0.2, 0.2)), "mean must hold finite numbers"),
     ],
 )
 def test_config_refuses_out_of_range_settings(setting, culprit):

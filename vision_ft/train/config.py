@@ -114,6 +114,7 @@ class FitConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def validate(self) -> FitConfig:
+        self._refuse_infinities()
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -184,6 +185,16 @@ class FitConfig:
                     "number >= 0 (0 freezes the parameters it matches)"
                 )
         return self
+
+    def _refuse_infinities(self) -> None:
+        """Every float setting finite: an infinity passes the range checks below (inf > 0), and
+        --lr inf then trains to NaN where warmup_epochs: .inf stops on an OverflowError."""
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, not {value}")
+            if isinstance(value, tuple) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ConfigError(f"{name} must hold finite numbers, not {list(value)}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
