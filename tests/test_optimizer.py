@@ -209,6 +209,20 @@ def test_a_negative_lr_multiplier_is_refused_naming_its_rule(tmp_path):
     assert {p for p, setting in plan.items() if not setting.trainable} == {"fc.bias", "fc.kernel"}
 
 
+def test_a_fit_that_would_train_nothing_is_refused_before_it_starts(tmp_path):
+    """Freezing every parameter (or a fine_tune whose head phase is frozen too) logged "0/47
+    trainable", ran every epoch and exited 0 with the random head's results."""
+    model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+    with pytest.raises(RuleError, match="no parameter left to train: --freeze backbone, head"):
+        build_plan(model, freeze=["backbone", "head"])
+    with pytest.raises(RuleError, match=r"no parameter left to train: .*lr_rules \[\('\.\*', 0\.0\)\]"):
+        build_plan(model, lr_rules=[(".*", 0.0)])
+    cfg = tiny_config(tmp_path, recipe="fine_tune", freeze=("head",))
+    with pytest.raises(RuleError, match="phase head: no parameter left to train"):
+        FitRun(cfg, progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_auto_class_weights_are_inverse_frequencies_of_the_labelled_examples():
     """A training split may hold unlabelled records (-1, which the pipeline skips): np.bincount
     raised on them, a traceback."""

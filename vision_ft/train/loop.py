@@ -40,7 +40,7 @@ from vision_ft.train.evaluation import (
 from vision_ft.train.output_dir import check_resumed_data, claim_output_dir
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
-from vision_ft.train.rules import build_plan
+from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import (
     RUN_PREFIX,
     RunDirError,
@@ -148,6 +148,13 @@ class FitRun:
         )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers(self.model))
+        for phase in self.phases:  # the rules checked before anything is written, phase by phase
+            try:
+                build_plan(
+                    self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay
+                )
+            except RuleError as e:
+                raise RuleError(f"phase {phase.name}: {e}" if len(self.phases) > 1 else str(e)) from None
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
         if saved is not None:
             check_resumed_data(saved, self.data, cfg.data, self.out)

@@ -86,9 +86,15 @@ def build_plan(
     if layer_decay is not None and layer_decay != 1.0:
         for path, factor in layer_decay_scales(model, layer_decay).items():
             scales[path] *= factor
-    return {
+    plan = {
         p: ParamSetting(
             trainable=p not in frozen and scales[p] > 0, lr_scale=scales[p], weight_decay=decays(p, shapes[p])
         )
         for p in paths
     }
+    if not any(setting.trainable for setting in plan.values()):
+        culprits = [f"--freeze {', '.join(freeze)}"] if freeze else []
+        if any(scale == 0 for _, scale in lr_rules):
+            culprits.append(f"lr_rules {[tuple(rule) for rule in lr_rules]}")
+        raise RuleError(f"no parameter left to train: {' and '.join(culprits)} freeze all {len(plan)}")
+    return plan
