@@ -16,6 +16,7 @@ from flax import nnx
 
 import vision_ft
 from tests.train_fixtures import numpy_state, tiny_config, write_synthetic_npz
+from vision_ft.output_dirs import OutputDirError
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
 from vision_ft.train.config import load_config, resume_conflicts
 from vision_ft.train.loop import FitRun, RunDirError
@@ -44,6 +45,21 @@ def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, m
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # eval or predict started from another directory
     assert load_run_model(tmp_path / "run") is not None
+
+
+def test_a_checkpoint_dir_that_is_another_runs_or_cannot_be_made_is_named(tmp_path):
+    """A --checkpoint-dir holding another run's checkpoints was blamed on --output ("already holds a
+    run; pass --resume"), and one under a file stopped on a NotADirectoryError traceback."""
+    store = str(tmp_path / "ckpt")
+    FitRun(tiny_config(tmp_path, epochs=1, checkpoint_dir=store), progress=False).run()
+    taken = tiny_config(tmp_path, epochs=1, checkpoint_dir=store, output=str(tmp_path / "new"))
+    with pytest.raises(RunDirError, match=r"--checkpoint-dir .*ckpt already holds a run's checkpoints"):
+        FitRun(taken, progress=False)
+    (tmp_path / "a_file").write_text("mine")
+    blocked = dataclasses.replace(taken, checkpoint_dir=str(tmp_path / "a_file" / "ckpt"))
+    with pytest.raises(OutputDirError, match=r"--checkpoint-dir .*a_file/ckpt cannot be created"):
+        FitRun(blocked, progress=False)
+    assert not (tmp_path / "new").exists() and (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_a_new_run_does_not_write_into_a_directory_of_other_files(tmp_path):

@@ -21,14 +21,14 @@ def refuse_used_directory(path: Path) -> None:
         raise OutputDirError(f"--output {path} exists and is not empty; not overwriting it")
 
 
-def make_directory(path: Path) -> None:
-    """``mkdir -p path``, with the reason in one line where it fails."""
+def make_directory(path: Path, option: str = "--output") -> None:
+    """``mkdir -p path``, with the reason in one line where it fails, naming ``option``."""
     if path.exists() and not path.is_dir():
-        raise OutputDirError(f"--output {path} is a file, not a directory")
+        raise OutputDirError(f"{option} {path} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file on the way, no permission, a read-only file system
-        raise OutputDirError(f"--output {path} cannot be created: {e.strerror}") from None
+        raise OutputDirError(f"{option} {path} cannot be created: {e.strerror}") from None
 
 
 def refuse_unwritable_file(path: Path) -> None:

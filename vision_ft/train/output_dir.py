@@ -82,6 +82,11 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
         log.info("resuming the preempted run in %s", out)
         cfg = dataclasses.replace(cfg, resume=True)
     if has_run and not cfg.resume:
+        if cfg.checkpoint_dir and not (out / "config.json").is_file() and holds_checkpoint(checkpoint_dir):
+            raise RunDirError(
+                f"--checkpoint-dir {checkpoint_dir} already holds a run's checkpoints; choose another "
+                "directory (or resume that run from its own --output)"
+            )
         raise RunDirError(f"--output {out} already holds a run; pass --resume or choose another directory")
     if cfg.resume and not has_run:
         raise RunDirError(f"--resume: {out} holds no run to resume")
@@ -103,6 +108,8 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
             "run's; it continues with the command's",
             out,
         )
+    if cfg.checkpoint_dir and "://" not in cfg.checkpoint_dir:  # Orbax would fail on a traceback
+        make_directory(Path(cfg.checkpoint_dir), "--checkpoint-dir")
     make_directory(out)
     return OutputDir(cfg, checkpoint_dir, saved, saved_by_release)
 
