@@ -148,6 +148,19 @@ def test_new_num_classes_drops_classifier(resnet18_ckpt):
     np.testing.assert_allclose(jax_outputs(headless, x)[0], pre, rtol=1e-6)
 
 
+def test_a_headless_checkpoint_gets_a_new_head(tmp_path, resnet18_ckpt):
+    """Weights saved without a classifier (DINOv2's, a num_classes=0 export) were refused as missing
+    fc.kernel and fc.bias where a head was asked for; timm starts a new one."""
+    ref, _ = resnet18_ckpt
+    path = tmp_path / "headless.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if not k.startswith("fc.")}, path)
+    ours = vision_ft.create_model("resnet18", pretrained=str(path), num_classes=5)
+    x = _batch(3)
+    logits, pre = jax_outputs(ours, x)
+    assert logits.shape == (2, 5)
+    assert relative_error(pre, torch_outputs(ref, x)[1]) <= TOLERANCE
+
+
 def test_num_classes_follows_checkpoint_when_unset(tmp_path):
     ref = perturbed_timm_model("resnet18", num_classes=3)
     path = save_checkpoint(ref, tmp_path)

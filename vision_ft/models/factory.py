@@ -145,10 +145,14 @@ def checkpoint_arrays(
             in_chans, state[first_conv], name=first_conv, source=source.description
         )
     keep_init = []
-    classifier_weight = state.get(f"{cfg.classifier}.weight")
+    prefix = f"{cfg.classifier}."
+    classifier_weight = state.get(f"{prefix}weight")
     if classifier_weight is not None and (num_classes == 0 or classifier_weight.shape[0] != num_classes):
-        prefix = f"{cfg.classifier}."
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        keep_init.append(re.escape(prefix) + ".*")
+    headless = classifier_weight is None and not any(alias in state for alias in entry.classifier_aliases)
+    if headless and num_classes > 0:  # saved without a classifier (DINOv2): a new head, as timm starts
+        log.info("%s holds no classifier: a new %d-class head", source.description, num_classes)
         keep_init.append(re.escape(prefix) + ".*")
     return match_state_dict(
         variable_shapes(model),
