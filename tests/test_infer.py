@@ -408,6 +408,28 @@ def test_eval_names_an_empty_split_instead_of_unreadable_images(fitted, tmp_path
     ], result.output
 
 
+def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, monkeypatch):
+    """With --checkpoint=~/run the shell leaves "~" alone: eval read the run from $HOME but wrote its
+    report into ./~/run, embed recorded .../~/run as the checkpoint, and fit wrote into ./~."""
+    root, cfg, _ = fitted
+    home = tmp_path / "home"
+    shutil.copytree(root / "run", home / "run")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    result = cli("eval", "--checkpoint=~/run", "--output=~/report")
+    assert result.exit_code == 0, result.output
+    assert (home / "report" / "eval.json").is_file() and not (tmp_path / "~").exists()
+    result = cli("embed", "--checkpoint=~/run", "--data", cfg.data, "--split", "val", "--output=~/val.npz")
+    assert result.exit_code == 0, result.output
+    with np.load(home / "val.npz") as embedded:
+        assert json.loads(str(embedded["metadata"]))["checkpoint"] == str(home / "run")
+    args = ["fit", "--model", "test_resnet", "--pretrained", "false", "--data", cfg.data, "--img-size", "32",
+            "--epochs", "1", "--batch-size", "16", "--no-progress", "--output=~/fitted"]  # fmt: skip
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert (home / "fitted" / "final.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path):
     root, cfg, _ = fitted
     run = tmp_path / "run"

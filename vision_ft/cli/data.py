@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.paths import UserPath
 from vision_ft.output_dirs import refuse_unwritable_file
 from vision_ft.train.config import FitConfig
 
@@ -26,7 +25,7 @@ from vision_ft.train.config import FitConfig
 )
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--window", help="DICOM window CENTER,WIDTH.")
-@click.option("--output", type=click.Path(path_type=Path), help="Also write the statistics as YAML.")
+@click.option("--output", type=UserPath(), help="Also write the statistics as YAML.")
 @user_errors_exit_2
 def stats(data, model, img_size, split, val_fraction, test_fraction, seed, data_dir, window, output) -> None:
     """Per-band mean and std of a split, in the scale the model is fed (for non-RGB data).

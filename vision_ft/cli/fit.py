@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.paths import UserPath
 from vision_ft.cli.processes import distributed_options, start_processes
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML file of fit settings.")
+@click.option("--config", "config_path", type=UserPath(), help="YAML file of fit settings.")
 @click.option("--model", help="timm architecture name [tf_efficientnet_lite0].")
 @click.option(
     "--pretrained",
@@ -54,7 +55,7 @@ from vision_ft.cli.processes import distributed_options, start_processes
 )
 @click.option("--train-bn/--no-train-bn", default=None, help="Update BatchNorm statistics of frozen layers.")
 @click.option("--seed", type=int)
-@click.option("--output", help="Run directory [runs/fit].")
+@click.option("--output", type=UserPath(), help="Run directory [runs/fit].")
 @click.option("--checkpoint-dir", help="Where checkpoints go [OUTPUT/checkpoints]; may be gs://BUCKET/PATH.")
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --output exactly.")
 @click.option("--no-progress", is_flag=True, help="Log instead of drawing a progress bar.")
@@ -64,6 +65,8 @@ def fit(
     config_path: Path | None, no_progress: bool, coordinator, num_processes, process_id, **overrides
 ) -> None:
     """Fine-tune a pretrained backbone (default: tf_efficientnet_lite0 on bundled BreastMNIST)."""
+    if overrides["output"] is not None:
+        overrides["output"] = str(overrides["output"])
     from vision_ft.train.config import load_config
     from vision_ft.train.distributed import check_same_settings, is_primary
     from vision_ft.train.loop import FitRun, RunDirError

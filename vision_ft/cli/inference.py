@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.paths import UserPath
 from vision_ft.cli.processes import distributed_options, start_processes
 from vision_ft.infer.precision import PRECISIONS
 from vision_ft.output_dirs import refuse_unwritable_file
@@ -65,10 +66,10 @@ def _metadata(predictor, **extra) -> dict:
 @click.command()
 @click.option("--model", help="A zoo model (with --pretrained) ...")
 @click.option("--pretrained", default="true", help="... its weights [true].")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="... or a fit run directory.")
+@click.option("--checkpoint", type=UserPath(), help="... or a fit run directory.")
 @click.option("--data", required=True, help="A --data spec, as for fit.")
 @click.option("--split", default="train", help="train, val, test or all [train].")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help=".npz or .parquet file.")
+@click.option("--output", required=True, type=UserPath(), help=".npz or .parquet file.")
 @click.option("--tta", type=click.Choice(["none", "flip"]), default="none", help="Average with the mirror.")
 @click.option("--layer", type=int, help="Pooled output of this stage/block instead (0-based, -1 last).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
@@ -146,10 +147,10 @@ def embed(
 
 
 @click.command(name="eval")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A fit run directory.")
+@click.option("--checkpoint", required=True, type=UserPath(), help="A fit run directory.")
 @click.option("--data", help="A --data spec [the run's].")
 @click.option("--split", default="test", help="[test]")
-@click.option("--output", type=click.Path(path_type=Path), help="Report directory [RUN/eval-SPLIT].")
+@click.option("--output", type=UserPath(), help="Report directory [RUN/eval-SPLIT].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory.")
 @precision_option
@@ -178,11 +179,11 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir, precision) -
 
 
 @click.command()
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A fit run directory ...")
-@click.option("--probe", "probe_dir", type=click.Path(path_type=Path), help="... or a probe directory.")
+@click.option("--checkpoint", type=UserPath(), help="A fit run directory ...")
+@click.option("--probe", "probe_dir", type=UserPath(), help="... or a probe directory.")
 @click.option("--input", "input_", required=True, help="An image file, a folder, or a --data spec.")
 @click.option("--split", help="Split of a --data spec [test, else val, else train].")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="CSV file to write.")
+@click.option("--output", required=True, type=UserPath(), help="CSV file to write.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @precision_option
@@ -220,10 +221,10 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, pre
 
 
 @click.command()
-@click.option("--train", "train_path", required=True, type=click.Path(path_type=Path))
-@click.option("--val", "val_path", required=True, type=click.Path(path_type=Path))
-@click.option("--test", "test_path", type=click.Path(path_type=Path))
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to create.")
+@click.option("--train", "train_path", required=True, type=UserPath())
+@click.option("--val", "val_path", required=True, type=UserPath())
+@click.option("--test", "test_path", type=UserPath())
+@click.option("--output", required=True, type=UserPath(), help="Directory to create.")
 @click.option("--select", type=click.Choice(["loss", "auc", "accuracy"]), default="loss")
 @user_errors_exit_2
 def probe(train_path, val_path, test_path, output, select) -> None:

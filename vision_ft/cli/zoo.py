@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.paths import UserPath
 
 
 @click.command()
@@ -43,7 +44,7 @@ def models(pattern: str, pretrained: bool) -> None:
 
 
 @click.command()
-@click.argument("image", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("image", required=False, type=UserPath(dir_okay=False))
 @click.option("--model", "model_name", default="tf_efficientnet_lite0", show_default=True)
 @click.option(
     "--pretrained",
