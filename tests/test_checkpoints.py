@@ -39,9 +39,17 @@ def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usabl
 
 def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    FitRun(tiny_config(tmp_path, epochs=1, checkpoint_dir="ckpt"), progress=False).run()
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["checkpoint_dir"]
-    assert recorded == str(tmp_path / "ckpt")
+    cfg = tiny_config(tmp_path, epochs=1, checkpoint_dir="ckpt", data="npz:data.npz")
+    FitRun(cfg, progress=False).run()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["checkpoint_dir"] == str(tmp_path / "ckpt")
+    # the data too (eval without --data read ./data.npz of wherever it started), and a resume that
+    # names it as it was first typed, or otherwise, is not a change of data
+    assert saved["data"] == f"npz:{tmp_path / 'data.npz'}"
+    assert resume_conflicts(saved, cfg) == resume_conflicts(
+        saved, dataclasses.replace(cfg, data="npz:./data.npz")
+    )
+    assert not any(c.startswith("data") for c in resume_conflicts(saved, cfg))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # eval or predict started from another directory
     assert load_run_model(tmp_path / "run") is not None

@@ -2,10 +2,12 @@
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -419,10 +421,12 @@ def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, mon
     result = cli("eval", "--checkpoint=~/run", "--output=~/report")
     assert result.exit_code == 0, result.output
     assert (home / "report" / "eval.json").is_file() and not (tmp_path / "~").exists()
-    result = cli("embed", "--checkpoint=~/run", "--data", cfg.data, "--split", "val", "--output=~/val.npz")
+    relative = "npz:" + os.path.relpath(cfg.data.removeprefix("npz:"))  # recorded absolute, as runs are
+    result = cli("embed", "--checkpoint=~/run", "--data", relative, "--split", "val", "--output=~/val.npz")
     assert result.exit_code == 0, result.output
     with np.load(home / "val.npz") as embedded:
-        assert json.loads(str(embedded["metadata"]))["checkpoint"] == str(home / "run")
+        metadata = json.loads(str(embedded["metadata"]))
+    assert metadata["checkpoint"] == str(home / "run") and metadata["data"] == cfg.data
     args = ["fit", "--model", "test_resnet", "--pretrained", "false", "--data", cfg.data, "--img-size", "32",
             "--epochs", "1", "--batch-size", "16", "--no-progress", "--output=~/fitted"]  # fmt: skip
     result = cli(*args)
@@ -430,7 +434,7 @@ def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, mon
     assert (home / "fitted" / "final.json").is_file() and not (tmp_path / "~").exists()
 
 
-def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path):
+def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path, monkeypatch):
     root, cfg, _ = fitted
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
@@ -439,6 +443,9 @@ def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path):
     # as if the data had gained images since the fit: its test split is no longer the run's
     config["split_sizes"] = {**config["split_sizes"], "train": config["split_sizes"]["train"] - 1}
     (run / "config.json").write_text(json.dumps(config))
-    for extra in ((), ("--data", cfg.data)):  # --data skipped the check
+    data = Path(cfg.data.removeprefix("npz:"))
+    monkeypatch.chdir(data.parent)
+    # --data skipped the check, and so did the run's own data spelled otherwise
+    for extra in ((), ("--data", cfg.data), ("--data", f"npz:./{data.name}")):
         result = cli("eval", "--checkpoint", run, *extra)
         assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output

@@ -85,7 +85,7 @@ def embed(
     """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
     import numpy as np
 
-    from vision_ft.data.sources import load_dataset
+    from vision_ft.data.sources import load_dataset, recorded_data
     from vision_ft.infer.embeddings import Embeddings, check_output_format, embed_split, write_embeddings
     from vision_ft.infer.evaluate import empty_split, nothing_readable
     from vision_ft.weights.sources import recorded_pretrained
@@ -129,7 +129,7 @@ def embed(
         np.concatenate([p.labels for p in parts]),
         np.concatenate([p.ids for p in parts]),
         _metadata(
-            predictor, data=data, split=split, tta=tta, layer=layer,
+            predictor, data=recorded_data(data), split=split, tta=tta, layer=layer,
             dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
             pretrained=recorded_pretrained(pretrained) if model else None, in_chans=predictor.channels,

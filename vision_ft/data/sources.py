@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,6 +46,16 @@ class Dataset:
     index: IndexedDataset | None = None  # file sources: which file is in which split
     multi_label: bool = False  # labels are (N, classes) multi-hot rows rather than class indices
     skipped: dict[str, str] = field(default_factory=dict)  # left out while indexing: path -> reason
+
+
+def recorded_data(spec: str) -> str:
+    """``--data`` as a run's or an embedding's files record it: a file or folder by its absolute
+    path, so that a later command reads the same data from wherever it starts, and two spellings of
+    one path (``npz:./x.npz``, ``npz:x.npz``) compare equal."""
+    kind, _, location = spec.partition(":")
+    if kind not in ("npz", "folder", "csv") or not location or location.startswith("bundled:"):
+        return spec
+    return f"{kind}:{os.path.abspath(Path(location).expanduser())}"
 
 
 def load_dataset(spec: str, options: DataOptions = DataOptions()) -> Dataset:

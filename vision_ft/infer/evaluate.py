@@ -10,7 +10,7 @@ from scipy.special import expit, softmax
 
 from vision_ft.data.errors import DataError
 from vision_ft.data.pipeline import ExampleSplit, unusable_examples
-from vision_ft.data.sources import load_dataset
+from vision_ft.data.sources import load_dataset, recorded_data
 from vision_ft.data.splitting import matches_split_file
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
 from vision_ft.output_dirs import make_directory, refuse_used_directory
@@ -118,7 +118,8 @@ def evaluate_run(
         raise empty_split(spec, split)
     if dataset.channels != predictor.channels:
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
-    if spec == config["data"]:  # --data naming the run's own data, too, must split as it did
+    # --data naming the run's own data, however spelled, must split as it did
+    if recorded_data(spec) == recorded_data(config["data"]):
         _check_split_as_fitted(run_dir, config, dataset, spec)
     if dataset.multi_label and not predictor.multi_label:
         raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")

@@ -287,7 +287,12 @@ def resume_conflicts(saved: dict, cfg: FitConfig) -> list[str]:
     """Settings of ``cfg`` that differ from those the run was started with, as ``name (run X, now Y)``.
     Not compared: ``tta_flip`` and ``tta_shift`` while unset (the run resolved them at its start)
     and the model of a fine-tune from another run (``run:DIR`` decides it)."""
+    from vision_ft.data.sources import recorded_data
+
     current = cfg.to_dict()
+    # one data path however spelled: a run records it absolute, a resume may name it as first typed
+    current["data"] = recorded_data(cfg.data)
+    saved = {**saved, "data": recorded_data(saved["data"])} if isinstance(saved.get("data"), str) else saved
     skip = set(RESUMABLE_CHANGES)
     skip.update(name for name in ("tta_flip", "tta_shift") if getattr(cfg, name) is None)
     if cfg.pretrained.startswith("run:"):

@@ -16,7 +16,7 @@ from vision_ft import __version__
 from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import eval_geometry, may_be_unusable, prefetch_to_device, train_batches
 from vision_ft.data.presets import resolve_augmentation
-from vision_ft.data.sources import DataOptions, Dataset, load_dataset
+from vision_ft.data.sources import DataOptions, Dataset, load_dataset, recorded_data
 from vision_ft.data.splitting import refuse_empty_held_out, write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
@@ -308,6 +308,8 @@ class FitRun:
                 self.out / "config.json",
                 {
                     **cfg.to_dict(),
+                    # eval and predict read it from wherever they start
+                    "data": recorded_data(cfg.data),
                     "num_classes": self.num_classes,
                     "class_names": list(self.data.class_names),
                     "split_sizes": {name: len(split) for name, split in self.data.splits.items()},
