@@ -175,6 +175,24 @@ def test_the_probe_refuses_val_or_test_examples_it_is_fitted_on(tmp_path):
     assert result.exit_code == 2 and "20 of its 20 examples are in the train file" in result.output
 
 
+def test_the_probe_compares_every_pair_of_files_and_each_file_however_spelled(tmp_path, monkeypatch):
+    """val and test were never compared (a test file that was the val file scored the probe on what
+    chose its L2 and k), and npz:./a.npz was taken for another file than npz:a.npz."""
+    monkeypatch.chdir(tmp_path)
+    train = blob_file(tmp_path / "train.npz", "train", 40, 0, ids=[f"/t/{i}.png" for i in range(40)])
+    val = blob_file(tmp_path / "val.npz", "val", 20, 1, ids=[f"/v/{i}.png" for i in range(20)])
+    result = cli("probe", "--train", train, "--val", val, "--test", val, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and error_lines(result) == [
+        f"error: {val}: 20 of its 20 examples are in the val file {val} too (first: /v/0.png); the test "
+        "split must hold examples that chose none of the probe's settings"
+    ], result.output
+    rows = [f"a.npz:train[{i}]" for i in range(40)]
+    train = blob_file(tmp_path / "a.npz", "train", 40, 0, ids=rows, data="npz:a.npz")
+    same = blob_file(tmp_path / "a_val.npz", "all", 20, 1, ids=rows[:20], data="npz:./a.npz")
+    result = cli("probe", "--train", train, "--val", same, "--output", tmp_path / "p")
+    assert result.exit_code == 2 and "20 of its 20 examples are in the train file" in result.output
+
+
 def probe_dir_for(path, class_names, dim: int = 96, **metadata):
     """A probe directory as ``probe`` writes it, for test_resnet's embeddings."""
     path.mkdir()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from vision_ft.data.errors import DataError
+from vision_ft.data.sources import recorded_data
 from vision_ft.infer.embeddings import Embeddings, read_embeddings
 from vision_ft.infer.predictor import Predictor, embedding_dim, from_pretrained, from_run
 from vision_ft.output_dirs import make_directory, refuse_used_directory
@@ -60,27 +61,39 @@ def _comparable(key: str, value):
     ("True", a relative path), and a run reached through a symlink or ``..`` is the same run."""
     if key == "pretrained" and isinstance(value, str):
         value = recorded_pretrained(value)
+    if key == "data" and isinstance(value, str):  # files embedded before it was recorded absolute
+        value = recorded_data(value)
     if key in ("checkpoint", "pretrained") and isinstance(value, str) and Path(value).is_absolute():
         return str(Path(value).resolve())
     return value
 
 
-def _check_disjoint(train_path: Path, train: Embeddings, others: dict[Path, Embeddings]) -> None:
-    """Raise ``DataError`` where a val or test example is in the train file too (a train file from
-    ``embed --split all``): scored on what it was fitted on, the probe would look better than it is.
-    Only ids embed wrote are compared, and not the ``train[i]`` of two different npz: files, which
-    name rows of different arrays."""
-    train_ids = set(train.ids.tolist())
-    for path, part in others.items():
-        specs = (train.metadata.get("data"), part.metadata.get("data"))
-        if None in specs or (specs[0] != specs[1] and all(s.startswith("npz:") for s in specs)):
-            continue
-        shared = [i for i in part.ids.tolist() if i in train_ids]
-        if shared:
-            raise DataError(
-                f"{path}: {len(shared)} of its {len(part)} examples are in the train file {train_path} "
-                f"too (first: {shared[0]}); a probe must be scored on examples it was not fitted on"
-            )
+_WHY_DISJOINT = {
+    "train": "a probe must be scored on examples it was not fitted on",
+    "val": "the test split must hold examples that chose none of the probe's settings",
+}
+
+
+def _check_disjoint(files: dict[str, tuple[Path, Embeddings]]) -> None:
+    """Raise ``DataError`` where two of the files (by role: train, val, test) share an example (a
+    train file from ``embed --split all``, a test file that is the val file): the probe would look
+    better than it is. Only ids embed wrote are compared, and not the ``train[i]`` of two different
+    npz: files, which name rows of different arrays."""
+    roles = list(files)
+    for n, earlier in enumerate(roles):
+        earlier_path, earlier_part = files[earlier]
+        earlier_ids = set(earlier_part.ids.tolist())
+        for later in roles[n + 1 :]:
+            path, part = files[later]
+            specs = [_comparable("data", e.metadata.get("data")) for e in (earlier_part, part)]
+            if None in specs or (specs[0] != specs[1] and all(s.startswith("npz:") for s in specs)):
+                continue
+            shared = [i for i in part.ids.tolist() if i in earlier_ids]
+            if shared:
+                raise DataError(
+                    f"{path}: {len(shared)} of its {len(part)} examples are in the {earlier} file "
+                    f"{earlier_path} too (first: {shared[0]}); {_WHY_DISJOINT[earlier]}"
+                )
 
 
 def _public(metrics: dict) -> dict:
@@ -112,7 +125,10 @@ def run_probe(
         )
     others = dict(zip((val_path, test_path), splits, strict=False))
     _check_made_alike(train_path, train, others)
-    _check_disjoint(train_path, train, others)
+    roles = {"train": (train_path, train), "val": (val_path, val)}
+    if test is not None:
+        roles["test"] = (test_path, test)
+    _check_disjoint(roles)
     for path, part in zip((val_path, test_path), splits, strict=False):
         if part.embeddings.shape[1] != train.embeddings.shape[1]:
             raise DataError(
