@@ -151,6 +151,45 @@ def _val_split(cfg):
     return load_dataset(cfg.data).splits["val"]
 
 
+def test_predict_lists_a_folder_as_the_folder_source_does(fitted, tmp_path):
+    """predict's own walk knew images by suffix only and followed no symlinked folder: a DICOM named
+    by its UID, or a folder linked in, gave "no image files in this folder"."""
+    from tests.test_decode import _write_dicom
+
+    root, _, _ = fitted
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _write_dicom(scans / "1.2.840.113619.2.5", np.full((16, 16), 700, np.uint16))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "series").symlink_to(scans, target_is_directory=True)
+    for folder, listed in ((scans, "1.2.840.113619.2.5"), (linked, "series/1.2.840.113619.2.5")):
+        out = tmp_path / f"{folder.name}.csv"
+        result = cli("predict", "--checkpoint", root / "run", "--input", folder, "--output", out)
+        assert result.exit_code == 0, result.output
+        assert [r["path"] for r in csv.DictReader(out.open())] == [str(folder / listed)]
+    # options that would do nothing are refused, not dropped
+    result = cli("predict", "--checkpoint", root / "run", "--input", scans, "--split", "val",
+                 "--output", tmp_path / "split.csv")  # fmt: skip
+    assert result.exit_code == 2 and "--split is for a --data spec" in result.output, result.output
+    result = cli("embed", "--checkpoint", root / "run", "--pretrained", "false", "--data", "npz:x.npz",
+                 "--output", tmp_path / "e.npz")  # fmt: skip
+    assert result.exit_code == 2 and "--pretrained is for --model" in result.output, result.output
+
+
+def test_predict_reads_a_tfds_input_from_its_data_dir(fitted, tmp_path):
+    """predict took tfds: inputs but had no --data-dir, so it found only those in TFDS's default place."""
+    from tests.test_tfds_source import TEST, _prepare
+
+    root, _, _ = fitted
+    _prepare(tmp_path / "tfds", "gray")
+    out = tmp_path / "preds.csv"
+    result = cli("predict", "--checkpoint", root / "run", "--input", "tfds:tiny_catalog/gray",
+                 "--data-dir", tmp_path / "tfds", "--output", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader(out.open()))) == TEST
+
+
 def test_predict_on_a_folder_and_on_a_spec(fitted, tmp_path):
     root, cfg, _ = fitted
     folder = tmp_path / "new"

@@ -33,6 +33,9 @@ def _predictor(
 
     if (model is None) == (checkpoint is None):
         raise UserError("give exactly one of --model or --checkpoint")
+    if checkpoint is not None and pretrained is not None:
+        raise UserError("--pretrained is for --model; a run's weights come from --checkpoint")
+    pretrained = pretrained or "true"
     if checkpoint is not None:
         predictor = from_run(checkpoint, precision=precision)
         if data_dir:
@@ -65,7 +68,7 @@ def _metadata(predictor, **extra) -> dict:
 
 @click.command()
 @click.option("--model", help="A zoo model (with --pretrained) ...")
-@click.option("--pretrained", default="true", help="... its weights [true].")
+@click.option("--pretrained", help="... its weights [true].")
 @click.option("--checkpoint", type=UserPath(), help="... or a fit run directory.")
 @click.option("--data", required=True, help="A --data spec, as for fit.")
 @click.option("--split", default="train", help="train, val, test or all [train].")
@@ -132,8 +135,8 @@ def embed(
             predictor, data=recorded_data(data), split=split, tta=tta, layer=layer,
             dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
-            pretrained=recorded_pretrained(pretrained) if model else None, in_chans=predictor.channels,
-            precision=precision,
+            pretrained=recorded_pretrained(pretrained or "true") if model else None,
+            in_chans=predictor.channels, precision=precision,
         ),
     )  # fmt: skip
     if not is_primary():
@@ -186,9 +189,10 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir, precision) -
 @click.option("--output", required=True, type=UserPath(), help="CSV file to write.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
+@click.option("--data-dir", help="TFDS data directory (for a tfds: --input).")
 @precision_option
 @user_errors_exit_2
-def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, precision) -> None:
+def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, data_dir, precision) -> None:
     """Class probabilities and top-k for new images, with the run's own preprocessing."""
     from vision_ft.infer.evaluate import predict_logits
     from vision_ft.infer.predict import named_alike, resolve_input, write_predictions
@@ -207,6 +211,8 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, pre
             predictor, probe = load_probe_dir(probe_dir, precision=precision)
         except ValueError as e:  # an unreadable probe file
             raise UserError(str(e)) from None
+    if data_dir:
+        predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
     examples, label_names = resolve_input(input_, predictor.data_options, split)
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))

@@ -57,7 +57,7 @@ def _directory_identity(path: str) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
-def _image_files(folder: Path) -> list[str]:
+def image_files(folder: Path) -> list[str]:
     """Image files anywhere under ``folder``, sorted so that indexing is deterministic.
 
     Symlinked subfolders are followed (as torchvision's ImageFolder does), but each real folder is
@@ -83,7 +83,7 @@ def _image_files(folder: Path) -> list[str]:
 
 
 def _class_records(class_dir: Path, label: int) -> list[Record]:
-    files = _image_files(class_dir)
+    files = image_files(class_dir)
     if not files:
         raise DataError(f"class folder {class_dir} holds no images")
     return [Record(path, label) for path in files]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit, softmax
 
-from vision_ft.data.decode import IMAGE_SUFFIXES
 from vision_ft.data.errors import DataError
 from vision_ft.data.files import FileSplit
+from vision_ft.data.folder import image_files
 from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.records import Record
 from vision_ft.data.sources import KINDS, DataOptions, load_dataset
@@ -26,7 +25,10 @@ def resolve_input(
     (unlabelled: None), or a split of a --data spec (``split`` defaults to test, else val, else
     train). The data's own names: a folder of some of the run's classes indexes them otherwise."""
     kind = text.partition(":")[0]
-    if kind in KINDS and ":" in text:
+    is_spec = kind in KINDS and ":" in text
+    if split is not None and not is_spec:
+        raise DataError(f"--split is for a --data spec; --input {text} is a file or folder")
+    if is_spec:
         dataset = load_dataset(text, options)
         name = split or next(s for s in ("test", "val", "train") if s in dataset.splits)
         if name not in dataset.splits:
@@ -38,19 +40,11 @@ def resolve_input(
     if path.is_file():
         return FileSplit([Record(str(path.absolute()), -1)], window=options.window), None
     if path.is_dir():
-        files = []
-        for root, dirs, names in os.walk(path):
-            # hidden folders hold copies (.ipynb_checkpoints) or tool state, not images to predict
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            files += [
-                Path(root) / n
-                for n in names
-                if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")
-            ]
-        files.sort()
+        # as the folder: source lists them (DICOM by its marker, symlinked folders, no hidden ones)
+        files = image_files(path.absolute())
         if not files:
             raise DataError(f"--input {path}: no image files in this folder")
-        return FileSplit([Record(str(f.absolute()), -1) for f in files], window=options.window), None
+        return FileSplit([Record(f, -1) for f in files], window=options.window), None
     raise DataError(f"--input {text}: no such file or folder, and not a npz:/folder:/csv:/tfds: spec")
 
 
