@@ -473,6 +473,33 @@ def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, mon
     assert (home / "fitted" / "final.json").is_file() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize(
+    "edit, culprit",
+    [
+        (lambda c: c.pop("data"), "records no data"),
+        (lambda c: c.update(eval_crop_pct="x"), "eval_crop_pct"),
+        (lambda c: c.update(class_names=5), "class_names"),
+        (lambda c: c["pretrained_cfg"].update(mean=[0.5, 0.5, 0.5]), "pretrained_cfg mean"),
+        (lambda c: c.update(tta_shift=None), None),  # unset: no shifted views, as before they existed
+    ],
+)
+def test_a_damaged_run_config_is_named_in_one_line(fitted, tmp_path, edit, culprit):
+    """A hand-edited or damaged config.json stopped eval on a KeyError, TypeError or JAX traceback."""
+    root, _, _ = fitted
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    edit(config)
+    (run / "config.json").write_text(json.dumps(config))
+    result = cli("eval", "--checkpoint", run)
+    if culprit is None:
+        assert result.exit_code == 0, result.output
+        return
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and culprit in errors[0], result.output
+    assert str(run / "config.json") in errors[0] or "--data" in errors[0]
+
+
 def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path, monkeypatch):
     root, cfg, _ = fitted
     run = tmp_path / "run"

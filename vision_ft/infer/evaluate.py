@@ -18,7 +18,7 @@ from vision_ft.train.clinical import clinical_report
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.multilabel import as_multi_hot, multilabel_clinical_report, multilabel_metrics
 from vision_ft.train.report import write_json
-from vision_ft.train.run_dir import read_run_config
+from vision_ft.train.run_dir import RunDirError, read_run_config
 
 log = logging.getLogger("vision_ft.eval")
 
@@ -105,12 +105,14 @@ def evaluate_run(
 ) -> dict:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    spec = data or config.get("data")
+    if not isinstance(spec, str):
+        raise RunDirError(f"{run_dir / 'config.json'} records no data to evaluate on; give --data")
     predictor = from_run(run_dir, precision=precision)
     if data_dir:
         import dataclasses
 
         predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
-    spec = data or config["data"]
     dataset = load_dataset(spec, predictor.data_options)
     if split not in dataset.splits:
         raise DataError(f"--split {split}: {spec} has splits {', '.join(dataset.splits)}")

@@ -78,7 +78,7 @@ def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32
     names = tuple(config["class_names"]) if config.get("class_names") else None
     return Predictor(
         model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")),
-        tta_shift=config.get("tta_shift", 0.0), multi_label=bool(config.get("multi_label")),
+        tta_shift=config.get("tta_shift") or 0.0, multi_label=bool(config.get("multi_label")),
         precision=precision,
     )  # fmt: skip
 

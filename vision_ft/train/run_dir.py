@@ -45,7 +45,35 @@ def read_run_config(run_dir: str | Path) -> dict:
     wrong += [] if isinstance(config["model"], str) else ["model"]
     if wrong:
         raise RunDirError(f"{path}: damaged ({', '.join(f'{k} {config[k]!r}' for k in wrong)})")
+    _check_recorded_settings(path, config)
     return config
+
+
+def _check_recorded_settings(path: Path, config: dict) -> None:
+    """Raise ``RunDirError`` naming the first setting of a damaged or hand-edited ``config.json``
+    that eval, predict, embed or a resume would stop on later, with a traceback."""
+    from vision_ft.train.config import ConfigError, load_config
+
+    try:
+        load_config(None, base=config)  # each fit setting of its type and in its range
+    except ConfigError as e:
+        raise RunDirError(f"{path}: damaged ({e})") from None
+    names = config.get("class_names")
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or (len(names) != config["num_classes"] and not config.get("multi_label"))
+    ):
+        raise RunDirError(f"{path}: damaged (class_names {names!r}: {config['num_classes']} names expected)")
+    recorded = config.get("pretrained_cfg")
+    for key in ("mean", "std"):
+        values = recorded.get(key) if isinstance(recorded, dict) else None
+        numbers = isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+        if recorded is not None and not (numbers and len(values) == config["in_chans"]):
+            raise RunDirError(
+                f"{path}: damaged (pretrained_cfg {key} {values!r}: one number per band expected, "
+                f"{config['in_chans']} bands)"
+            )
 
 
 def _is_positive_int(value) -> bool:
