@@ -109,6 +109,12 @@ def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(
     for split in ("best_val", "test"):
         for key in ("loss", "accuracy", "auc"):
             assert resumed[split][key] == pytest.approx(full[split][key], rel=1e-6, abs=1e-7), (split, key)
+    # the train loss of the epoch it stopped in averages every step of it, as uninterrupted
+    logs = [json_lines(tmp_path / name / "metrics.jsonl") for name in ("full", "run")]
+    train_losses = [[(r["step"], r["loss"]) for r in log if r["split"] == "train"] for log in logs]
+    assert [s for s, _ in train_losses[1]] == [s for s, _ in train_losses[0]]
+    for (_, resumed_loss), (_, full_loss) in zip(train_losses[1], train_losses[0], strict=True):
+        assert resumed_loss == pytest.approx(full_loss, rel=1e-6)
 
 
 _READ_WEIGHTS_ON_ONE_DEVICE = """

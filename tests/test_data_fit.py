@@ -206,3 +206,23 @@ def test_a_drawn_split_left_empty_is_refused_before_training(tmp_path):
     cfg = dataclasses.replace(cfg, val_fraction=0.25, test_fraction=0.1)
     with pytest.raises(DataError, match=r"the test split .* is empty .*--test-fraction 0\.1 "):
         FitRun(cfg, progress=False)
+
+
+def test_unusable_images_met_before_a_resume_are_still_reported(tmp_path, monkeypatch):
+    """A resumed run started its list of unusable images afresh: one that failed while finishing
+    (rerun by the same command) reported none of the images its training had skipped."""
+    root = _eurosat_folder(tmp_path / "eurosat", per_class=8)
+    broken = root / "River" / "River_2.jpg"
+    broken.write_bytes(b"")
+    finish = FitRun._finish
+
+    def fails_once(self, *args, **kwargs):
+        monkeypatch.setattr(FitRun, "_finish", finish)
+        raise MemoryError("while finishing")
+
+    monkeypatch.setattr(FitRun, "_finish", fails_once)
+    cfg = tiny_config(tmp_path, data=f"folder:{root}", epochs=1, batch_size=8, val_fraction=0.0)
+    with pytest.raises(MemoryError):
+        FitRun(cfg, progress=False).run()
+    final = FitRun(cfg, progress=False).run()  # the same command finishes the run
+    assert final["bad_examples"]["count"] == 1 and str(broken) in final["bad_examples"]["examples"]

@@ -40,6 +40,7 @@ from vision_ft.train.evaluation import (
 from vision_ft.train.output_dir import check_resumed_data, claim_output_dir
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
+from vision_ft.train.resume_notes import read_resume_notes, write_resume_notes
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import (
     RUN_PREFIX,
@@ -326,7 +327,9 @@ class FitRun:
             )
         has_val = "val" in self.data.splits
         train_split = self.data.splits["train"]
-        epoch_losses: list[float] = []
+        epoch_losses: list = []
+        if cfg.resume:
+            epoch_losses = self._resumed_notes(step)
         progress = ProgressBar(
             "fit", self.total_steps, enabled=self.progress and is_primary(),
             images_per_unit=cfg.batch_size, fields=("loss",),
@@ -385,6 +388,9 @@ class FitRun:
                 preempted = step < self.total_steps and stop_requested
                 if preempted or end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
                     self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
+                    bad = merged_from_all_processes(self.bad_examples.reasons)  # every process, together
+                    if primary:
+                        write_resume_notes(self.out, step, jax.device_get(epoch_losses), bad)
                 if preempted:
                     progress.close()
                     metrics_log.close()
@@ -403,6 +409,20 @@ class FitRun:
         metrics_log.close()
         self.checkpoints.close()
         return final
+
+    def _resumed_notes(self, step: int) -> list:
+        """The losses of the steps the resumed epoch had run (its train record averages them all),
+        and the unusable images met before the resume (final.json reports them)."""
+        notes = read_resume_notes(self.out, step)
+        self.bad_examples.reasons.update(notes.bad_examples)
+        if notes.epoch_losses is not None:
+            return notes.epoch_losses
+        if step % self.steps_per_epoch:
+            log.warning(
+                "--resume: %s records no train losses for step %d; epoch %d's train loss averages the "
+                "steps after the resume only", self.out, step, step // self.steps_per_epoch + 1,
+            )  # fmt: skip
+        return []
 
     def _resume(self) -> tuple[int, float, Phase, Trainer]:
         """The step, best score, phase and trainer of the latest checkpoint: the trainer of the phase

@@ -20,6 +20,7 @@ from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
 from vision_ft.train.distributed import check_shared_directory, is_primary, process_zero_says, stop_together
 from vision_ft.train.preemption import MARKER, was_preempted
+from vision_ft.train.resume_notes import NOTES_FILE
 from vision_ft.train.run_dir import RunDirError, read_run_config
 
 log = logging.getLogger("vision_ft.fit")
@@ -31,7 +32,7 @@ RUN_ENTRIES = frozenset({
     "config.json", "metrics.jsonl", "metrics.jsonl.tmp", "config.json.tmp", "final.json", "final.json.tmp",
     "splits.csv", "splits.csv.tmp", "checkpoints", "tensorboard", "learning_curves.png",
     "confusion_matrix.png", "roc.png", "test_reliability.png", "test_misclassified.csv",
-    "test_mistakes.csv", MARKER,
+    "test_mistakes.csv", MARKER, NOTES_FILE, f"{NOTES_FILE}.tmp",
 })  # fmt: skip
 
 
