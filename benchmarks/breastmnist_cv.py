@@ -55,6 +55,10 @@ CANDIDATES: dict[str, dict] = {
     "dp02": {"drop_path_rate": 0.2},
     "ls0": {"label_smoothing": 0.0},
     "wd01": {"weight_decay": 0.1},
+    # round 10: fastai's fine_tune (one head-only epoch at 10x, then all at lr/2), with its 100x
+    # stem-to-head spread of rates and without it
+    "fine_tune": {"recipe": "fine_tune"},
+    "fine_tune_flat": {"recipe": "fine_tune", "layer_decay": 1.0},
 }
 
 
