@@ -27,9 +27,18 @@ from vision_ft.train.run_dir import load_run_model
 from vision_ft.train.step import Trainer, data_mesh
 
 
-def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usable(tmp_path):
-    with pytest.raises(RuleError, match="matches no parameter"):
-        FitRun(tiny_config(tmp_path, freeze=("no_such_layer",)), progress=False).run()
+def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usable(tmp_path, monkeypatch):
+    with pytest.raises(RuleError, match="matches no parameter"):  # refused before Orbax's folders
+        FitRun(tiny_config(tmp_path, freeze=("no_such_layer",)), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("in the first step")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    with pytest.raises(MemoryError):
+        FitRun(tiny_config(tmp_path), progress=False).run()
+    monkeypatch.undo()
     assert (tmp_path / "run" / "checkpoints" / "latest").is_dir()  # Orbax made its folders, empty
     with pytest.raises(RunDirError, match="holds no run to resume"):
         FitRun(tiny_config(tmp_path, resume=True), progress=False)

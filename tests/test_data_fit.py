@@ -175,7 +175,9 @@ def test_on_bad_image_fail_stops_on_a_csv_row_naming_a_missing_file(tmp_path, ca
     rows = [f"{path},{path.parent.name}" for path in sorted(root.rglob("*.jpg"))]
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(["path,label", *rows, f"{root}/Forest/gone.jpg,Forest"]) + "\n")
-    cfg = tiny_config(tmp_path, data=f"csv:{manifest}", epochs=1, batch_size=8, on_bad_image="fail")
+    cfg = tiny_config(
+        tmp_path, data=f"csv:{manifest}", epochs=1, batch_size=8, on_bad_image="fail", val_fraction=0.25
+    )
     with pytest.raises(BadImageError, match=r"gone\.jpg: .*\(on_bad_image: fail\)"):
         FitRun(cfg, progress=False)
     with caplog.at_level("WARNING", logger="vision_ft"):
