@@ -369,3 +369,49 @@ def test_the_shared_directory_probe_refreshes_the_directory_above_one_cached_as_
             view.read_text()
         assert _reads_back(view, "token", patience_s=3.0)
     assert not _reads_back(_NfsClientView(probe, set()), "another token", patience_s=0.0)
+
+
+@pytest.mark.parametrize("coordinator", ["localhost", "localhost:abc", ":1234", "localhost:70000"])
+def test_a_coordinator_that_is_not_host_port_is_refused_before_jax_reads_it(coordinator):
+    """JAX split "localhost" on its colon (an IndexError traceback) and crashed on a port of letters."""
+    from vision_ft.train.config import ConfigError
+    from vision_ft.train.distributed import initialize
+
+    with pytest.raises(ConfigError, match=f"--coordinator {coordinator!r}: expected HOST:PORT"):
+        initialize(coordinator, 2, 0)
+
+
+def test_open_mpi_5_is_told_to_pass_the_options_jax_cannot_read(monkeypatch):
+    """Open MPI 5 sets OMPI_COMM_WORLD_SIZE but not the OMPI_MCA_orte_hnp_uri JAX finds it by: JAX
+    stopped on "coordinator_address should be defined", a traceback."""
+    from vision_ft.train.config import ConfigError
+    from vision_ft.train.distributed import initialize
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri", raising=False)
+    with pytest.raises(
+        ConfigError, match="Open MPI 5.*--coordinator HOST:PORT --num-processes 2 --process-id 0"
+    ):
+        initialize()
+
+
+_SIGTERM_AFTER_INITIALIZE = """
+import os, signal, sys, time
+from vision_ft.train.distributed import initialize
+
+initialize(f"localhost:{sys.argv[1]}", 1, 0)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+print("survived")
+"""
+
+
+def test_sigterm_still_ends_a_process_after_the_multi_process_runtime_starts(tmp_path):
+    """jax.distributed.initialize installs a SIGTERM handler that only sets a flag: embed (and fit
+    until its loop watched for SIGTERM itself) ran on through kill, scancel or TPU maintenance."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AFTER_INITIALIZE, str(_free_port())],
+        capture_output=True, text=True, env=_env(1), timeout=120,
+    )  # fmt: skip
+    assert out.returncode == -15 and "survived" not in out.stdout, (out.returncode, out.stderr[-2000:])

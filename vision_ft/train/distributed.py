@@ -8,6 +8,8 @@ import itertools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -24,7 +26,7 @@ def cluster_environment() -> str | None:
     if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
         return "SLURM"
     if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return "Open MPI"
+        return "Open MPI"  # JAX finds it by OMPI_MCA_orte_hnp_uri, which only Open MPI 4 and earlier set
     if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return "TPU VM"
     return None
@@ -38,9 +40,17 @@ def initialize(
     given = [v is not None for v in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
         raise ConfigError("--coordinator, --num-processes and --process-id go together")
+    if coordinator is not None:
+        _check_host_port(coordinator)
     environment = cluster_environment()
     if not any(given) and environment is None:
         return False
+    if not any(given) and environment == "Open MPI" and "OMPI_MCA_orte_hnp_uri" not in os.environ:
+        raise ConfigError(
+            "Open MPI 5 launched this run, which JAX cannot read its processes from: pass --coordinator "
+            f"HOST:PORT --num-processes {os.environ['OMPI_COMM_WORLD_SIZE']} --process-id "
+            f"{os.environ.get('OMPI_COMM_WORLD_RANK', '$OMPI_COMM_WORLD_RANK')} (process 0's host)"
+        )
     if (os.environ.get("JAX_PLATFORMS") or "").startswith("cpu"):
         # CPU devices of different processes talk through gloo (JAX's default there is none)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -50,11 +60,24 @@ def initialize(
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         jax.distributed.initialize()
+    # JAX's preemption manager takes SIGTERM to set a flag nobody here reads: put the default back so
+    # kill, scancel and TPU maintenance end the process again (fit's loop watches for it itself)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     log.info(
         "process %d of %d (%s), %d local of %d devices", jax.process_index(), jax.process_count(),
         environment or "explicit options", jax.local_device_count(), jax.device_count(),
     )  # fmt: skip
     return True
+
+
+def _check_host_port(coordinator: str) -> None:
+    """Refuse a coordinator JAX would split on its last colon with a traceback or a crash."""
+    host, colon, port = coordinator.rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(
+            f"--coordinator {coordinator!r}: expected HOST:PORT (process 0's host and a free port)"
+        )
 
 
 def is_primary() -> bool:
