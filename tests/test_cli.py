@@ -96,3 +96,31 @@ def test_out_of_memory_is_one_line_exit_2():
         assert lines[0].startswith(f"error: {expected}") and "lower --batch-size or --img-size" in lines[0]
     unrelated = CliRunner().invoke(commands, ["other"])
     assert unrelated.exit_code == 1 and isinstance(unrelated.exception, jax.errors.JaxRuntimeError)
+
+
+def test_ctrl_c_exits_with_the_shell_s_interrupt_code():
+    import click
+    from click.testing import CliRunner
+
+    from vision_ft.cli.errors import OneLineErrors
+
+    @click.group(cls=OneLineErrors)
+    def commands():
+        pass
+
+    @commands.command()
+    def long():
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(commands, ["long"])
+    assert result.exit_code == 130 and "error: aborted" in result.output  # was 1, as for a crash
+
+
+def test_no_command_prints_the_help_not_an_error():
+    """With click >= 8.2 a bare `vision-ft` raised NoArgsIsHelpError, a usage error: the whole help
+    came out as one "error:" message with "(see vision-ft --help)" glued to its last line."""
+    out = run_cli()
+    assert out.returncode == 2, out.stderr
+    text = out.stdout + out.stderr
+    assert "Usage:" in text and "Commands:" in text and "fit" in text
+    assert "error:" not in text and "(see " not in text

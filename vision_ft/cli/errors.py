@@ -57,6 +57,9 @@ def user_errors_exit_2(command):
     return wrapper
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class OneLineErrors(click.Group):
     """Click's usage errors, too, become one ``error:`` line with exit code 2."""
 
@@ -65,7 +68,10 @@ class OneLineErrors(click.Group):
             result = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
-            sys.exit(1)
+            sys.exit(130)  # the shell's code for a Ctrl-C
+        except _NO_ARGS_IS_HELP as e:  # a bare `vision-ft`: the help, not an error message (click >= 8.2)
+            click.echo(e.ctx.get_help(), err=True)
+            sys.exit(2)
         except click.ClickException as e:
             hint = f" (see {e.ctx.command_path} --help)" if isinstance(e, click.UsageError) and e.ctx else ""
             click.echo(f"error: {e.format_message()}{hint}", err=True)
