@@ -9,11 +9,13 @@
 #
 # create:  a TPU VM; ACCELERATOR defaults to v4-8 (a v4-32 is a 4-host slice), RUNTIME to
 #          tpu-ubuntu2204-base.
-# install: clones vision-ft (GIT_URL at REF, default main) on every worker (--worker=all) and
-#          installs it with the `tpu` and `lite` extras.
+# install: installs Python 3.11 (vision-ft needs >= 3.11; Ubuntu 22.04's python3 is 3.10), clones
+#          vision-ft (GIT_URL at REF, default main) on every worker (--worker=all) and installs it
+#          with the `tpu` and `lite` extras.
 # launch:  starts `vision-ft fit` on every worker at once, detached, logging to ~/vision-ft-fit.log.
 #          jax.distributed.initialize() finds the slice's hosts by itself; every host runs the same
-#          command. A SIGTERM (maintenance, spot preemption) checkpoints and exits with code 75;
+#          command. On a multi-host slice give --checkpoint-dir gs://BUCKET/RUN: the hosts must share
+#          the checkpoints (each keeps its own --output). A SIGTERM (maintenance, spot preemption) checkpoints and exits with code 75;
 #          launching the same command again resumes.
 # logs:    streams one worker's log (worker 0, which writes the reports, by default).
 # delete:  tears the VM down.
@@ -57,7 +59,7 @@ case "$action" in
         repo=${1:?install needs the GIT_URL of vision-ft}
         ref=${2:-main}
         run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command \
-            "git clone --depth 1 --branch $ref $repo vision-ft && python3 -m venv vision-ft/.venv && vision-ft/.venv/bin/pip install -e 'vision-ft[tpu,lite]'"
+            "sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv && git clone --depth 1 --branch $ref $repo vision-ft && python3.11 -m venv vision-ft/.venv && vision-ft/.venv/bin/pip install -e 'vision-ft[tpu,lite]'"
         ;;
     launch)
         fit_args=""

@@ -30,7 +30,9 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
          "--version=tpu-ubuntu2204-base"),
         (("create", "vm", "us-central2-b", "v4-32"), "--accelerator-type=v4-32"),
         (("install", "vm", "z", "https://example.org/vision-ft.git", "v1"),
-         "--worker=all --command git\\ clone\\ --depth\\ 1\\ --branch\\ v1\\ https://example.org/vision-ft.git"),
+         "--worker=all --command sudo\\ apt-get\\ update\\ -q\\ \\&\\&\\ sudo\\ apt-get\\ install\\ "
+         "-y\\ -q\\ python3.11\\ python3.11-venv\\ \\&\\&\\ git\\ clone\\ --depth\\ 1\\ --branch\\ v1\\ "
+         "https://example.org/vision-ft.git"),
         (("launch", "vm", "z", "--epochs", "3"), "--worker=all --command cd\\ vision-ft\\ \\&\\&\\ nohup\\ "
          ".venv/bin/vision-ft\\ fit\\ --no-progress\\ --epochs\\ 3\\ \\>\\ ~/vision-ft-fit.log"),
         (("logs", "vm", "z"), "--worker=0 --command tail\\ -n\\ +1\\ -f\\ ~/vision-ft-fit.log"),
@@ -42,6 +44,30 @@ def test_dry_run_prints_the_commands(args, expected):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("+ gcloud compute tpus tpu-vm") and expected in lines[0]
+
+
+def test_the_install_makes_its_venv_with_python_3_11():
+    """Ubuntu 22.04 TPU images run Python 3.10, which pip refuses for vision-ft (>= 3.11)."""
+    line = dry_run("install", "vm", "z", "https://example.org/vision-ft.git").stdout
+    assert "python3.11\\ -m\\ venv\\ vision-ft/.venv" in line and "python3\\ -m\\ venv" not in line
+
+
+def test_the_sbatch_script_requeues_a_job_that_checkpointed_at_sigterm(tmp_path):
+    """A job exiting 75 at its time limit's SIGTERM ended FAILED: --requeue requeues after node
+    failures and preemptions, not a job that exits by itself."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit ${FAKE_RC}"), ("scontrol", 'echo "scontrol $*" >> "$LOG"')):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    for rc, requeued in ((75, True), (0, False), (3, False)):
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_RC": str(rc), "LOG": str(log), "SLURM_JOB_ID": "42"}
+        log.write_text("")
+        script = [str(SCRIPTS / "slurm_fit.sbatch"), "c.yaml", "out"]
+        result = subprocess.run(["bash", *script], env=env, capture_output=True, text=True)
+        assert result.returncode == rc, result.stderr
+        assert log.read_text() == ("scontrol requeue 42\n" if requeued else "")
 
 
 def test_bad_usage_exits_2():
