@@ -417,7 +417,7 @@ class FitRun:
         self.bad_examples.reasons.update(notes.bad_examples)
         if notes.epoch_losses is not None:
             return notes.epoch_losses
-        if step % self.steps_per_epoch:
+        if step % self.steps_per_epoch and is_primary():  # hosts with their own --output hold none
             log.warning(
                 "--resume: %s records no train losses for step %d; epoch %d's train loss averages the "
                 "steps after the resume only", self.out, step, step // self.steps_per_epoch + 1,
