@@ -33,9 +33,6 @@ def _predictor(
 
     if (model is None) == (checkpoint is None):
         raise UserError("give exactly one of --model or --checkpoint")
-    if checkpoint is not None and pretrained is not None:
-        raise UserError("--pretrained is for --model; a run's weights come from --checkpoint")
-    pretrained = pretrained or "true"
     if checkpoint is not None:
         predictor = from_run(checkpoint, precision=precision)
         if data_dir:
@@ -99,6 +96,9 @@ def embed(
     from vision_ft.train.distributed import is_primary
 
     no_progress = no_progress or not is_primary()
+    if checkpoint is not None and pretrained is not None:
+        raise UserError("--pretrained is for --model; a run's weights come from --checkpoint")
+    pretrained = pretrained or "true"  # unset by default, so that beside --checkpoint it is refused
     predictor = _predictor(model, pretrained, checkpoint, data, data_dir, precision)
     dataset = load_dataset(data, predictor.data_options)
     names = list(dataset.splits) if split == "all" else [split]
@@ -135,7 +135,7 @@ def embed(
             predictor, data=recorded_data(data), split=split, tta=tta, layer=layer,
             dataset_classes=list(dataset.class_names), multi_label=dataset.multi_label,
             checkpoint=str(checkpoint.absolute()) if checkpoint else None, zoo_model=model,
-            pretrained=recorded_pretrained(pretrained or "true") if model else None,
+            pretrained=recorded_pretrained(pretrained) if model else None,
             in_chans=predictor.channels, precision=precision,
         ),
     )  # fmt: skip
