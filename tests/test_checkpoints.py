@@ -46,6 +46,21 @@ def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usabl
     assert FitRun(tiny_config(tmp_path), progress=False).run()["test"]["auc"] > 0.5
 
 
+def test_a_refused_set_up_leaves_no_new_directory_behind(tmp_path):
+    """The directories a refused fit made (the --output, a new parent, a --checkpoint-dir) were left
+    behind empty: litter that looked like a run had started."""
+    output, store = tmp_path / "new" / "run", tmp_path / "ckpt"
+    cfg = tiny_config(tmp_path, output=str(output), checkpoint_dir=str(store), freeze=("no_such_layer",))
+    with pytest.raises(RuleError, match="matches no parameter"):
+        FitRun(cfg, progress=False)
+    assert not (tmp_path / "new").exists() and not store.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # the user's own empty directory stays
+    with pytest.raises(RuleError, match="matches no parameter"):
+        FitRun(dataclasses.replace(cfg, output=str(kept), checkpoint_dir=None), progress=False)
+    assert kept.is_dir() and not any(kept.iterdir())
+
+
 def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path, epochs=1, checkpoint_dir="ckpt", data="npz:data.npz")

@@ -449,6 +449,20 @@ def test_eval_names_an_empty_split_instead_of_unreadable_images(fitted, tmp_path
     ], result.output
 
 
+def test_an_eval_that_fails_leaves_no_directory_it_made(fitted, tmp_path, monkeypatch):
+    """Only the report directory itself was removed: a new parent of it stayed behind, empty."""
+    import vision_ft.infer.evaluate as evaluate
+
+    def unreadable(*args, **kwargs):
+        raise DataError("an image could not be read")
+
+    monkeypatch.setattr(evaluate, "predict_logits", unreadable)
+    root, _, _ = fitted
+    result = cli("eval", "--checkpoint", root / "run", "--output", tmp_path / "reports" / "test")
+    assert result.exit_code == 2 and "could not be read" in result.output, result.output
+    assert not (tmp_path / "reports").exists()
+
+
 def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, monkeypatch):
     """With --checkpoint=~/run the shell leaves "~" alone: eval read the run from $HOME but wrote its
     report into ./~/run, embed recorded .../~/run as the checkpoint, and fit wrote into ./~."""

@@ -4,6 +4,7 @@ and a one-line error (exit code 2) where the path cannot be one."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from vision_ft.data.errors import DataError
@@ -29,6 +30,25 @@ def make_directory(path: Path, option: str = "--output") -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file on the way, no permission, a read-only file system
         raise OutputDirError(f"{option} {path} cannot be created: {e.strerror}") from None
+
+
+def absent_directories(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet: what ``make_directory`` would create."""
+    absent = []
+    while not path.exists() and path != path.parent:
+        absent.append(path)
+        path = path.parent
+    return absent
+
+
+def remove_empty(directories: Iterable[Path]) -> None:
+    """Remove those of ``directories`` that are still empty, deepest first: a refused command takes
+    back the directories it made, never one that has come to hold anything."""
+    for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
 
 
 def refuse_unwritable_file(path: Path) -> None:

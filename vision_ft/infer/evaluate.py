@@ -13,7 +13,7 @@ from vision_ft.data.pipeline import ExampleSplit, unusable_examples
 from vision_ft.data.sources import load_dataset, recorded_data
 from vision_ft.data.splitting import matches_split_file
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
-from vision_ft.output_dirs import make_directory, refuse_used_directory
+from vision_ft.output_dirs import absent_directories, make_directory, refuse_used_directory, remove_empty
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.multilabel import as_multi_hot, multilabel_clinical_report, multilabel_metrics
@@ -128,13 +128,12 @@ def evaluate_run(
     to_run_classes = run_class_order(spec, dataset.class_names, tuple(predictor.class_names or ()))
     out = Path(output) if output is not None else _free_directory(run_dir, split)
     refuse_used_directory(out)
-    created = not out.exists()
+    made = absent_directories(out)
     make_directory(out)  # before the predictions: an --output that cannot be made fails first
     try:
         ids, labels, logits, bad = predict_logits(predictor, dataset.splits[split], batch_size=batch_size)
     except BaseException:
-        if created and not any(out.iterdir()):  # or the next eval's report would go to eval-SPLIT-2
-            out.rmdir()
+        remove_empty(made)  # or the next eval's report would go to eval-SPLIT-2
         raise
     if to_run_classes is not None:
         labels = reorder_labels(labels, to_run_classes)

@@ -20,6 +20,7 @@ from vision_ft.data.sources import DataOptions, Dataset, load_dataset, recorded_
 from vision_ft.data.splitting import refuse_empty_held_out, write_split_file
 from vision_ft.data.stats import band_statistics
 from vision_ft.models.factory import create_model
+from vision_ft.output_dirs import remove_empty
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
@@ -77,9 +78,13 @@ class FitRun:
             self._set_up(claimed.cfg, claimed.saved)
         except Exception as e:  # re-raised below, on this process and the others
             error = e
-        # a check that fails on one host alone (its data, its run directory, its weights file) stops
-        # every process: the others would wait for it in their first collective
-        stop_together(error, "set-up")
+        try:
+            # a check that fails on one host alone (its data, its run directory, its weights file)
+            # stops every process: the others would wait for it in their first collective
+            stop_together(error, "set-up")
+        except Exception:
+            remove_empty(claimed.made)  # a refused command leaves no new, empty folder behind
+            raise
         cfg = self.cfg
         if self.data.index is not None and is_primary() and not cfg.resume:
             # last, once every check has passed: a refused command leaves the directory as it was; a

@@ -15,7 +15,7 @@ from etils import epath
 
 from vision_ft.data.sources import Dataset
 from vision_ft.data.splitting import matches_split_file
-from vision_ft.output_dirs import make_directory
+from vision_ft.output_dirs import absent_directories, make_directory
 from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
 from vision_ft.train.distributed import check_shared_directory, is_primary, process_zero_says, stop_together
@@ -42,6 +42,7 @@ class OutputDir:
     checkpoint_dir: epath.Path
     saved: dict | None  # the run's config.json where it resumes one
     saved_by_release: str | None  # the release that last wrote the run; None for a new run
+    made: tuple[Path, ...] = ()  # the directories the claim created, for a refused set-up to remove
 
 
 def claim_output_dir(cfg: FitConfig) -> OutputDir:
@@ -109,10 +110,12 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
             "run's; it continues with the command's",
             out,
         )
+    made = [*absent_directories(out)]
     if cfg.checkpoint_dir and "://" not in cfg.checkpoint_dir:  # Orbax would fail on a traceback
+        made += absent_directories(Path(cfg.checkpoint_dir))
         make_directory(Path(cfg.checkpoint_dir), "--checkpoint-dir")
     make_directory(out)
-    return OutputDir(cfg, checkpoint_dir, saved, saved_by_release)
+    return OutputDir(cfg, checkpoint_dir, saved, saved_by_release, tuple(made))
 
 
 def refuse_foreign_entries(out: Path) -> None:
