@@ -221,3 +221,20 @@ def test_stats_draws_the_split_fit_draws(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"# {len(train)} images") and len(train) == 10
     np.testing.assert_allclose(yaml.safe_load(result.output)["mean"], expected, rtol=1e-6)
+
+
+def test_stats_read_the_crop_that_fit_reads(tmp_path):
+    """stats always read the whole image (crop 1.0): with a config's eval_crop_pct, or null for the
+    model's own, fit's statistics came from a center crop that stats could not reproduce."""
+    root = _small_png_folder(tmp_path / "folder", per_class=10)
+    train = load_dataset(f"folder:{root}").splits["train"]
+    base = ["stats", "--data", f"folder:{root}", "--img-size", "16"]
+    for crop, crop_pct in (("0.5", 0.5), ("model", 0.875)):  # tf_efficientnet_lite0's own crop_pct
+        expected, _, _ = band_statistics(train, Geometry(16, "bicubic", crop_pct, channels=1))
+        result = CliRunner().invoke(main, [*base, "--eval-crop-pct", crop])
+        assert result.exit_code == 0, result.output
+        np.testing.assert_allclose(yaml.safe_load(result.output)["mean"], expected, rtol=1e-6)
+    whole, _, _ = band_statistics(train, Geometry(16, "bicubic", 1.0, channels=1))
+    assert not np.allclose(expected, whole)  # the crop matters for these images
+    result = CliRunner().invoke(main, [*base, "--eval-crop-pct", "1.5"])
+    assert result.exit_code == 2 and "--eval-crop-pct" in result.output, result.output
