@@ -90,6 +90,19 @@ def test_average_precision_with_ties_and_without_positives():
     assert np.isnan(average_precision(np.zeros(4), np.arange(4.0)))
 
 
+def test_pooled_calibration_decides_at_the_threshold_the_metrics_use(tmp_path):
+    """A probability of exactly 0.5 is a positive decision in the metrics, the mistakes and predict
+    (``>= THRESHOLD``); the pooled calibration took it as negative (argmax of [0.5, 0.5])."""
+    from vision_ft.train.multilabel import multilabel_clinical_report
+
+    targets = np.array([[1, 0], [1, 1], [0, 0]])
+    probs = np.array([[0.5, 0.2], [0.9, 0.5], [0.1, 0.3]])
+    report = multilabel_clinical_report(targets, probs, ["a", "b", "c"], ["x", "y"], tmp_path)
+    assert report["mistake_count"] == 0
+    middle = [b for b in report["calibration"]["bins"] if b["lower"] < 0.5 <= b["upper"]]
+    assert middle[0]["count"] == 2 and middle[0]["accuracy"] == 1.0
+
+
 def test_positive_weights_and_weighted_loss_match_torch():
     torch = pytest.importorskip("torch")
     targets, logits = _random_case(3)

@@ -169,16 +169,22 @@ def operating_points(
     return result
 
 
-def calibration(labels: np.ndarray, probs: np.ndarray, *, n_bins: int = 15) -> dict:
+def calibration(
+    labels: np.ndarray, probs: np.ndarray, *, n_bins: int = 15, predicted: np.ndarray | None = None
+) -> dict:
     """Expected calibration error of the top-label confidence over equal-width bins (Guo et al., 2017).
 
     Bin m covers ((m-1)/M, m/M]; a confidence of exactly 0 falls in the first. Every bin is listed, empty
     ones with count 0 and NaN confidence/accuracy, so the reliability diagram keeps a fixed x axis.
+    ``predicted`` overrides the argmax decision where ties are broken otherwise (multi-label's 0.5).
     """
     labels, probs = _as_inputs(labels, probs)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    confidence = probs.max(axis=1) if len(labels) else np.zeros(0)
-    correct = (probs.argmax(axis=1) == labels) if len(labels) else np.zeros(0, bool)
+    if predicted is None:
+        predicted = probs.argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
+    predicted = np.asarray(predicted, np.int64)
+    confidence = np.take_along_axis(probs, predicted[:, None], axis=1)[:, 0] if len(labels) else np.zeros(0)
+    correct = predicted == labels
     which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     counts = np.bincount(which, minlength=n_bins)
     conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)

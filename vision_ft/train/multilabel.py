@@ -170,7 +170,11 @@ def multilabel_clinical_report(
             "operating_points": operating_points(targets[:, c], probs[:, c]),
         }
     flat = probs.reshape(-1)
-    calib = calibration(targets.reshape(-1).astype(np.int64), np.stack([1 - flat, flat], axis=1))
+    calib = calibration(
+        targets.reshape(-1).astype(np.int64),
+        np.stack([1 - flat, flat], axis=1),
+        predicted=flat >= THRESHOLD,  # decided as the metrics decide: a tie at 0.5 is positive
+    )
     reliability_png = f"{prefix}_reliability.png"
     plot_reliability(calib, out_dir / reliability_png, f"{prefix} reliability (every class)")
     mistakes = hardest_mistakes(ids, targets, probs, class_names)
