@@ -103,6 +103,18 @@ def test_pooled_calibration_decides_at_the_threshold_the_metrics_use(tmp_path):
     assert middle[0]["count"] == 2 and middle[0]["accuracy"] == 1.0
 
 
+def test_nan_logits_make_every_summary_nan():
+    """NaN scores gave a finite, order-dependent mAP (np.diff of NaNs counted each as a threshold),
+    and a class whose scores held a NaN dropped out of the macro AUC as if it had no positives."""
+    targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    for logits in (np.full((4, 2), np.nan), np.array([[3, -2], [-1, 2], [2, np.nan], [-3, -1]])):
+        m = multilabel_metrics(targets, logits)
+        for key in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "micro_f1", "hamming_accuracy",
+                    "auc", "map"):  # fmt: skip
+            assert np.isnan(m[key]), (key, logits)
+        assert np.isnan(m["per_class"][1]["average_precision"]) and np.isnan(m["per_class"][1]["auc"])
+
+
 def test_positive_weights_and_weighted_loss_match_torch():
     torch = pytest.importorskip("torch")
     targets, logits = _random_case(3)

@@ -20,6 +20,7 @@ from vision_ft.data.npz import ArraySplit
 from vision_ft.data.pipeline import eval_batches, may_be_unusable
 from vision_ft.data.records import Record
 from vision_ft.train.config import load_config
+from vision_ft.train.evaluation import improves_selection, selection_score, worst_selection_score
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.metrics import binary_auc, classification_metrics
@@ -304,6 +305,25 @@ def test_metrics_against_hand_computed_values():
     assert m["balanced_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
     f1_0, f1_1 = 2 * 0.5 * 1 / 1.5, 2 * 1 * (1 / 3) / (4 / 3)
     assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+@pytest.mark.parametrize("select", ["accuracy", "balanced_accuracy", "macro_f1", "auc", "loss"])
+def test_a_diverged_model_scores_nan_and_is_never_kept_as_best(select):
+    """argmax of a NaN row is its first NaN: a model diverged to NaN logits "predicted" class 0 and
+    scored finite accuracy, balanced accuracy and macro-F1, so select_metric accuracy kept it as best."""
+    labels = np.array([0, 0, 0, 1, 2, 0, 1, 0])
+    logits = np.zeros((8, 3))
+    logits[2, 1] = np.nan  # one NaN is enough: the weights that made it are broken
+    m = classification_metrics(labels, logits)
+    for key in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc"):
+        assert np.isnan(m[key]), key
+    score = selection_score(m, select)
+    assert not improves_selection(score, worst_selection_score(select), select)  # not even a first
+
+
+def test_an_empty_split_has_no_accuracy():
+    m = classification_metrics(np.zeros(0, np.int64), np.zeros((0, 3)))
+    assert np.isnan(m["accuracy"]) and m["count"] == 0  # was 0.0, a score select_metric accuracy kept
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

@@ -62,13 +62,17 @@ def classification_metrics(
     f1 = np.divide(
         2 * precision * recall, precision + recall, out=np.zeros(num_classes), where=precision + recall > 0
     )
+    # argmax takes a NaN row's first NaN for its class: a diverged model would score a finite
+    # accuracy, and select_metric accuracy could keep it as best
+    decided = len(labels) > 0 and not np.isnan(logits).any()
+    nan = float("nan")
     return {
-        "loss": float((nll * weights).sum() / weights.sum()),
-        "accuracy": float(correct.sum() / max(len(labels), 1)),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+        "loss": float((nll * weights).sum() / weights.sum()) if len(labels) else nan,
+        "accuracy": float(correct.sum() / len(labels)) if decided else nan,
+        "balanced_accuracy": float(recall[present].mean()) if decided else nan,
         # sklearn's classes: those in the labels or the predictions; a predicted class no example has
         # scores 0 (it is a mistake), one neither true nor predicted says nothing
-        "macro_f1": float(f1[present | (predicted > 0)].mean()) if len(labels) else float("nan"),
+        "macro_f1": float(f1[present | (predicted > 0)].mean()) if decided else nan,
         "auc": roc_auc(labels, softmax(logits, axis=1)),
         "confusion_matrix": cm.tolist(),
         "count": int(len(labels)),

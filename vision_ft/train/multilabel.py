@@ -68,7 +68,7 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the precision-recall step curve, sum of (R_n - R_{n-1}) P_n over distinct
     thresholds (scikit-learn's definition; tied scores form one step). NaN with no positives."""
     positives = np.asarray(labels).astype(bool)
-    if not positives.any():
+    if not positives.any() or np.isnan(scores).any():  # NaNs have no order to step through
         return float("nan")
     order = np.argsort(-np.asarray(scores), kind="stable")
     sorted_scores, hits = np.asarray(scores)[order], positives[order]
@@ -102,17 +102,21 @@ def multilabel_metrics(targets: np.ndarray, logits: np.ndarray, pos_weight: np.n
     aucs = [binary_auc(targets[:, c], probs[:, c]) for c in range(num_classes)]
     aps = [average_precision(targets[:, c], probs[:, c]) for c in range(num_classes)]
     scored = targets.any(axis=0) | preds.any(axis=0)
+    # a NaN probability is no decision (it compares as negative) and no rank: a diverged model's
+    # summaries are NaN, never finite scores select_metric could keep it by
+    nan = float("nan")
+    decided = n > 0 and not np.isnan(logits).any()
     return {
-        "loss": float(binary_cross_entropy(targets, logits, pos_weight).mean()) if n else float("nan"),
-        "accuracy": float((preds == targets).all(axis=1).mean()) if n else float("nan"),
-        "balanced_accuracy": _safe_mean(list((sensitivity + specificity) / 2)),
+        "loss": float(binary_cross_entropy(targets, logits, pos_weight).mean()) if n else nan,
+        "accuracy": float((preds == targets).all(axis=1).mean()) if decided else nan,
+        "balanced_accuracy": _safe_mean(list((sensitivity + specificity) / 2)) if decided else nan,
         # over the classes true or predicted somewhere: a class predicted where no example has it
         # scores 0; sklearn also counts a class neither true nor predicted, as 0
-        "macro_f1": float(f1[scored].mean()) if scored.any() else float("nan"),
-        "micro_f1": float(2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)),
-        "hamming_accuracy": float((preds == targets).mean()) if n else float("nan"),
-        "auc": _safe_mean(aucs),
-        "map": _safe_mean(aps),
+        "macro_f1": float(f1[scored].mean()) if decided and scored.any() else nan,
+        "micro_f1": float(2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)) if decided else nan,
+        "hamming_accuracy": float((preds == targets).mean()) if decided else nan,
+        "auc": _safe_mean(aucs) if decided else nan,
+        "map": _safe_mean(aps) if decided else nan,
         "per_class": [
             {
                 "support": int(targets[:, c].sum()),
