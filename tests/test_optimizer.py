@@ -209,6 +209,21 @@ def test_a_negative_lr_multiplier_is_refused_naming_its_rule(tmp_path):
     assert {p for p, setting in plan.items() if not setting.trainable} == {"fc.bias", "fc.kernel"}
 
 
+def test_an_lr_rule_that_changes_nothing_is_refused():
+    """--freeze refused a pattern matching nothing; an LR rule with timm's name for a parameter
+    (fc.weight for fc.kernel), a typo, or one after a catch-all trained every
+    parameter at 1x without a word."""
+    model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+    with pytest.raises(RuleError, match="LR rule 'fc.weight' matches no parameter"):
+        build_plan(model, lr_rules=[("fc.weight", 10.0), (".*", 1.0)])
+    for rules in ([(".*", 1.0), ("head", 10.0)], [("stem", 0.1), (".*", 1.0), ("head", 10.0)]):
+        with pytest.raises(RuleError, match=r"LR rule 'head' sets nothing: earlier rule '\.\*' matches"):
+            build_plan(model, lr_rules=rules)
+    # a catch-all after rules that cover everything between them is a safety net, not a mistake
+    plan = build_plan(model, lr_rules=[("head", 10.0), ("backbone", 0.1), (".*", 1.0)])
+    assert plan["fc.kernel"].lr_scale == 10.0 and plan["conv1.layers.0.kernel"].lr_scale == 0.1
+
+
 def test_a_fit_that_would_train_nothing_is_refused_before_it_starts(tmp_path):
     """Freezing every parameter (or a fine_tune whose head phase is frozen too) logged "0/47
     trainable", ran every epoch and exited 0 with the random head's results."""

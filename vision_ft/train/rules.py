@@ -74,11 +74,25 @@ def build_plan(
             raise RuleError(f"--freeze {pattern!r} matches no parameter")
         frozen |= hit
     scales: dict[str, float] = {}
+    earlier: list[tuple[str, set[str]]] = []
     for pattern, scale in lr_rules:
         if not valid_lr_multiplier(scale):
             raise RuleError(f"LR rule {pattern!r}: multiplier {scale} must be finite and >= 0 (0 freezes)")
-        for path in resolve_pattern(model, pattern, paths):
-            scales.setdefault(path, float(scale))
+        hit = resolve_pattern(model, pattern, paths)
+        if not hit:
+            raise RuleError(f"LR rule {pattern!r} matches no parameter")
+        # the first matching rule wins, so a rule inside an earlier, broader one is dead: a mistake
+        # where it means another multiplier ('head' after '.*'); a catch-all after rules that cover
+        # everything between them is a safety net, and passes
+        broader = [other for other, matched in earlier if hit <= matched]
+        if broader and any(scales[path] != scale for path in hit):
+            raise RuleError(
+                f"LR rule {pattern!r} sets nothing: earlier rule {broader[0]!r} matches every parameter "
+                "it does, and the first matching rule wins; put it before that one"
+            )
+        earlier.append((pattern, hit))
+        for path in hit - scales.keys():
+            scales[path] = float(scale)
     unmatched = [p for p in paths if p not in scales]
     if unmatched:
         shown = ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
