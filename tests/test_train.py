@@ -409,6 +409,31 @@ def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warm
     np.testing.assert_allclose(np.asarray(run.model(x)), ema_logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_second_phase_ema_warms_up_from_its_own_first_update(tmp_path, accumulate):
+    """A fine_tune's full phase starts a new EMA, but its warmup counted the head phase's updates
+    too: TF's warmup began at (1 + 6) / (10 + 6) instead of at 0.1, as a new average's does."""
+    cfg = tiny_config(
+        tmp_path, recipe="fine_tune", head_epochs=1, epochs=2, ema_decay=0.9, ema_warmup="count",
+        accumulate_steps=accumulate, tta_flip=False, tta_shift=0.0,
+    )  # fmt: skip
+    run = FitRun(cfg, progress=False)
+    full = run.phases[1]
+    assert full.first_step == run.steps_per_epoch == 6
+    trainer = run._trainer(full)
+
+    def fc_kernel(tree):
+        return np.array({format_path(p): v.get_value() for p, v in nnx.to_flat_state(tree)}["fc.kernel"])
+
+    expected = fc_kernel(trainer.trainable)
+    for update in range(3):
+        for step in range(full.first_step + update * accumulate, full.first_step + (update + 1) * accumulate):
+            trainer.train_step(*train_batch(run, step), step)
+        decay = min(0.9, (1 + update) / (10 + update))  # counted from the phase's first update
+        expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
+    np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_compute_keeps_fp32_parameters(tmp_path):
     run = FitRun(tiny_config(tmp_path, precision="bf16", epochs=1), progress=False)
     initial = numpy_state(run.model, nnx.Param)

@@ -226,6 +226,7 @@ class FitRun:
             label_smoothing=cfg.label_smoothing,
             ema_decay=cfg.ema_decay,
             ema_warmup=cfg.ema_warmup,
+            ema_first_step=phase.first_step,
             windows=update_windows(cfg, self.steps_per_epoch),
             tta_flip=cfg.tta_flip,
             tta_shift=cfg.tta_shift,

@@ -216,6 +216,7 @@ class Trainer:
         learning_rate: float | Callable[[int], float] = 1.0,
         ema_decay: float = 0.0,
         ema_warmup: str = "power",
+        ema_first_step: int = 0,
         windows: UpdateWindows | None = None,
         tta_flip: bool = False,
         tta_shift: float = 0.0,
@@ -272,6 +273,7 @@ class Trainer:
         # where tx accumulates gradients, it updates at the steps that close a window; the EMA
         # follows the updates, not the micro-steps, as timm's does
         self.windows = windows
+        self.ema_first_step = ema_first_step  # the train step where this average starts (a phase's)
         self.ema = (
             jax.tree.map(jnp.copy, (self.trainable, self.stats))
             if ema_decay > 0 and not self.abstract
@@ -437,10 +439,14 @@ class Trainer:
         )
         self._wait_for_background()
         if self.ema is not None and (self.windows is None or self.windows.closes_window(step)):
-            # the decay's warmup counts optimizer updates: the train step itself without accumulation
-            updates_before = step if self.windows is None else self.windows.update_index(step)
+            # the decay's warmup counts optimizer updates (the train step itself without accumulation)
+            # since this average began: a phase's new one warms up as a new average does
+            updates_before = self._updates_at(step) - self._updates_at(self.ema_first_step)
             self.ema = self._ema_update(self.ema, self.trainable, self.stats, jnp.float32(updates_before))
         return metrics
+
+    def _updates_at(self, step: int) -> int:
+        return step if self.windows is None else self.windows.update_index(step)
 
     def step_memory(self, images: tuple[int, ...], labels: tuple[int, ...] = ()) -> dict:
         """Per-device bytes of the compiled train step for a global batch of ``images`` (shape NHWC)
