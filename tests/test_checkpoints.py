@@ -35,6 +35,10 @@ def test_a_fit_that_stops_before_its_first_checkpoint_leaves_the_directory_usabl
     def out_of_memory(*args, **kwargs):
         raise MemoryError("in the first step")
 
+    monkeypatch.setattr(FitRun, "_trainer", out_of_memory)  # in the compile, before config.json was
+    with pytest.raises(MemoryError):
+        FitRun(tiny_config(tmp_path), progress=False).run()
+    monkeypatch.undo()
     monkeypatch.setattr(Trainer, "train_step", out_of_memory)
     with pytest.raises(MemoryError):
         FitRun(tiny_config(tmp_path), progress=False).run()
@@ -103,6 +107,32 @@ def test_a_new_run_does_not_write_into_a_directory_of_other_files(tmp_path):
         FitRun(tiny_config(tmp_path), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
     assert (out / "config.json").read_text() == "the user's own"
+
+
+def test_a_new_run_writes_only_where_a_run_was(tmp_path):
+    """Files were told apart by name alone: a user's own splits.csv (the very manifest --data read)
+    or config.json was overwritten, and a folder named config.json or a file named checkpoints
+    stopped the fit on a traceback, half-written."""
+    manifest = tmp_path / "mine" / "splits.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,label\na.png,cat\n")
+    with pytest.raises(RunDirError, match=r"--output .*mine holds splits.csv but no run's config.json"):
+        FitRun(tiny_config(tmp_path, output=str(manifest.parent)), progress=False)
+    own_settings = tmp_path / "settings" / "config.json"
+    own_settings.parent.mkdir()
+    own_settings.write_text('{"my": "settings"}')
+    with pytest.raises(RunDirError, match=r"--output .*settings holds config.json but no run's config.json"):
+        FitRun(tiny_config(tmp_path, output=str(own_settings.parent)), progress=False)
+    for name, folder in (("config.json", True), ("checkpoints", False)):
+        out = tmp_path / f"odd_{name}"
+        out.mkdir()
+        (out / name).mkdir() if folder else (out / name).touch()
+        for resume in (False, True):
+            with pytest.raises(RunDirError, match=rf"--output .*odd_{name}: {name} is a"):
+                FitRun(tiny_config(tmp_path, output=str(out), resume=resume), progress=False)
+        assert [p.name for p in out.iterdir()] == [name]
+    assert manifest.read_text() == "path,label\na.png,cat\n"
+    assert own_settings.read_text() == '{"my": "settings"}'
 
 
 @pytest.mark.parametrize("steps_into_phase, accumulate", [(0, 1), (2, 1), (3, 4)])

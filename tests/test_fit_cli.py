@@ -241,7 +241,8 @@ def test_a_fit_that_failed_before_its_first_evaluation_leaves_a_reusable_directo
 
     out = tmp_path / "run"
     (out / "checkpoints" / "latest").mkdir(parents=True)
-    (out / "config.json").write_text("{}")
+    settings = {**FitConfig(output=str(out)).to_dict(), "num_classes": 2, "in_chans": 1}
+    (out / "config.json").write_text(json.dumps(settings))
     (out / "metrics.jsonl").write_text("")  # what a fit out of memory at its first batch leaves
     assert claim_output_dir(FitConfig(output=str(out))).cfg.output == str(out)
     (out / "metrics.jsonl").write_text('{"epoch": 1}\n')

@@ -86,6 +86,10 @@ class FitRun:
             remove_empty(claimed.made)  # a refused command leaves no new, empty folder behind
             raise
         cfg = self.cfg
+        if is_primary() and not cfg.resume:
+            # first of a new run's files, which marks the directory as a run's (a compile that fails
+            # leaves one the corrected command may reuse); run() writes it again
+            self._write_run_config()
         if self.data.index is not None and is_primary() and not cfg.resume:
             # last, once every check has passed: a refused command leaves the directory as it was; a
             # resume keeps the run's file (checked above), which other processes may be reading
@@ -205,6 +209,29 @@ class FitRun:
             return mean, std
         return self.model.pretrained_cfg.mean, self.model.pretrained_cfg.std
 
+    def _write_run_config(self) -> None:
+        cfg = self.cfg
+        report.write_json(
+            self.out / "config.json",
+            {
+                **cfg.to_dict(),
+                # eval and predict read it from wherever they start
+                "data": recorded_data(cfg.data),
+                "num_classes": self.num_classes,
+                "class_names": list(self.data.class_names),
+                "split_sizes": {name: len(split) for name, split in self.data.splits.items()},
+                # what the losses in metrics.jsonl and final.json weigh classes by; eval reads it
+                "loss_class_weights": [float(w) for w in self.class_weights],
+                "multi_label": self.multi_label,
+                "in_chans": self.data.channels,
+                "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
+                # how validation and test resized: eval, predict and embed do the same
+                "eval_crop_mode": self.eval_geometry.eval_crop_mode,
+                # so that a run directory says which release's semantics wrote it
+                "vision_ft_version": __version__,
+            },
+        )
+
     # -- phases ---------------------------------------------------------------------------------
     def _trainer(self, phase: Phase) -> Trainer:
         cfg = self.cfg
@@ -311,26 +338,7 @@ class FitRun:
         stop_together(error, "metrics log")
         # after a resume has restored: one that fails leaves the run's config.json as it was
         if primary:
-            report.write_json(
-                self.out / "config.json",
-                {
-                    **cfg.to_dict(),
-                    # eval and predict read it from wherever they start
-                    "data": recorded_data(cfg.data),
-                    "num_classes": self.num_classes,
-                    "class_names": list(self.data.class_names),
-                    "split_sizes": {name: len(split) for name, split in self.data.splits.items()},
-                    # what the losses in metrics.jsonl and final.json weigh classes by; eval reads it
-                    "loss_class_weights": [float(w) for w in self.class_weights],
-                    "multi_label": self.multi_label,
-                    "in_chans": self.data.channels,
-                    "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
-                    # how validation and test resized: eval, predict and embed do the same
-                    "eval_crop_mode": self.eval_geometry.eval_crop_mode,
-                    # so that a run directory says which release's semantics wrote it
-                    "vision_ft_version": __version__,
-                },
-            )
+            self._write_run_config()
         has_val = "val" in self.data.splits
         train_split = self.data.splits["train"]
         epoch_losses: list = []

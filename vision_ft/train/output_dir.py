@@ -34,6 +34,7 @@ RUN_ENTRIES = frozenset({
     "confusion_matrix.png", "roc.png", "test_reliability.png", "test_misclassified.csv",
     "test_mistakes.csv", MARKER, NOTES_FILE, f"{NOTES_FILE}.tmp",
 })  # fmt: skip
+RUN_FOLDERS = frozenset({"checkpoints", "tensorboard"})  # the entries above that are folders
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
     # not the folders' existence: a fit that failed before its first save (a --freeze group out
     # of range) left them empty, and then neither a new run nor --resume could use the directory;
     # nor an empty metrics.jsonl: one that failed before its first evaluation (out of memory) left it
+    refuse_misplaced_entries(out)
     metrics = out / "metrics.jsonl"
     has_run = holds_checkpoint(checkpoint_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
     if has_run and preempted and not cfg.resume:
@@ -119,16 +121,44 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
 
 
 def refuse_foreign_entries(out: Path) -> None:
-    """Raise ``RunDirError`` where ``out`` holds anything a fit does not write."""
+    """Raise ``RunDirError`` where ``out`` holds anything a fit does not write, or files with a fit's
+    names but no run's ``config.json`` (a fit writes it first): names alone would let a new run
+    overwrite a user's own splits.csv or config.json."""
     if not out.is_dir():
         return  # absent, or a file that make_directory names
-    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in RUN_ENTRIES)
+    names = sorted(entry.name for entry in out.iterdir())
+    foreign = [name for name in names if name not in RUN_ENTRIES]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise RunDirError(
-            f"--output {out} holds files a fit does not write ({shown}); not writing into it: choose an "
-            "empty or new directory"
+            f"--output {out} holds files a fit does not write ({_listed(foreign)}); not writing into it: "
+            "choose an empty or new directory"
         )
+    if not names:
+        return
+    try:
+        read_run_config(out)
+    except RunDirError:
+        raise RunDirError(
+            f"--output {out} holds {_listed(names)} but no run's config.json; not writing into it: choose "
+            "an empty or new directory"
+        ) from None
+
+
+def refuse_misplaced_entries(out: Path) -> None:
+    """Raise ``RunDirError`` where a fit's file is a folder in ``out``, or its folder a file."""
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        if entry.name in RUN_ENTRIES and entry.is_dir() != (entry.name in RUN_FOLDERS):
+            kind, expected = ("a folder", "file") if entry.is_dir() else ("a file", "folder")
+            raise RunDirError(
+                f"--output {out}: {entry.name} is {kind}, where a fit keeps its {expected}; not writing "
+                "into it: choose an empty or new directory"
+            )
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def check_resumed_data(saved: dict, data: Dataset, spec: str, out: Path) -> None:
