@@ -115,6 +115,7 @@ def test_unreadable_or_incomplete_archives_are_data_errors(tmp_path):
         (no_train, "has no train_images/train_labels"),
         (half_a_split, "val_images and val_labels must come together"),
         (tmp_path / "absent.npz", "does not exist"),
+        (tmp_path, "is a directory, not a file"),  # said "does not exist"
     ]:
         with pytest.raises(DataError) as error:
             load_npz(path)

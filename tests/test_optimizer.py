@@ -209,6 +209,13 @@ def test_a_negative_lr_multiplier_is_refused_naming_its_rule(tmp_path):
     assert {p for p, setting in plan.items() if not setting.trainable} == {"fc.bias", "fc.kernel"}
 
 
+def test_a_config_path_that_is_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory, not a file"):
+        load_config(tmp_path)  # said "does not exist"
+    with pytest.raises(ConfigError, match="config file .*absent.yaml does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
 def test_an_lr_rule_that_changes_nothing_is_refused():
     """--freeze refused a pattern matching nothing; an LR rule with timm's name for a parameter
     (fc.weight for fc.kernel), a typo, or one after a catch-all trained every

@@ -16,7 +16,7 @@ from tests.train_fixtures import write_synthetic_npz
 from vision_ft.cli import main
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import DataOptions
-from vision_ft.infer.embeddings import Embeddings, read_embeddings, write_embeddings
+from vision_ft.infer.embeddings import EmbeddingFileError, Embeddings, read_embeddings, write_embeddings
 from vision_ft.infer.predict import resolve_input
 from vision_ft.infer.predictor import embedding_dim, from_pretrained
 from vision_ft.infer.probe_files import PROBE_FILE, SOURCE_FILE
@@ -354,3 +354,8 @@ def test_predict_input_folders_skip_hidden_folders_and_files(tmp_path):
         str(folder / "a.png"),
         str(folder / "visit2" / "b.png"),
     ]
+
+
+def test_an_embeddings_path_that_is_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(EmbeddingFileError, match=f"embeddings file {tmp_path} is a directory, not a file"):
+        read_embeddings(tmp_path)  # said "does not exist"

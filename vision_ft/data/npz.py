@@ -43,7 +43,8 @@ def load_npz(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     (multi-label)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        missing = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"data file {path} {missing}")
     if not zipfile.is_zipfile(path):  # else numpy reports any other file as "pickled data"
         raise DataError(f"data file {path} is not an .npz archive")
     try:

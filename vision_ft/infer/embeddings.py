@@ -147,7 +147,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
 
 def _read_embeddings(path: Path) -> Embeddings:
     if not path.is_file():
-        raise EmbeddingFileError(f"embeddings file {path} does not exist")
+        missing = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise EmbeddingFileError(f"embeddings file {path} {missing}")
     if path.suffix != ".parquet" and not zipfile.is_zipfile(path):  # numpy: "pickled data"
         raise EmbeddingFileError(f"embeddings file {path} is not an .npz archive")
     try:

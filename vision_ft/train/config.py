@@ -313,7 +313,8 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            missing = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {missing}")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -68,7 +68,7 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
         raise WeightSourceError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
     raise WeightSourceError(
         f"checkpoint {path}: unknown format {path.suffix!r}; "
-        "expected .safetensors, .pth, .pth.tar, .pt or .bin"
+        "expected .safetensors, .pth, .pth.tar, .pt, .bin or .ckpt"
     )
 
 
