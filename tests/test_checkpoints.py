@@ -23,7 +23,7 @@ from vision_ft.train.loop import FitRun, RunDirError
 from vision_ft.train.optimizer import build_optimizer
 from vision_ft.train.preemption import MARKER, Preempted
 from vision_ft.train.rules import RuleError
-from vision_ft.train.run_dir import load_run_model
+from vision_ft.train.run_dir import load_run_model, run_checkpoints
 from vision_ft.train.step import Trainer, data_mesh
 
 
@@ -229,6 +229,23 @@ def test_a_best_checkpoint_saved_again_after_a_kill_before_the_latest_is_kept(tm
     assert (resumed.best_step(), resumed.latest_step()) == (5, 5)
     _, restored = resumed.restore_best(abstract_like(state))
     np.testing.assert_array_equal(restored["a"], state["a"])
+
+
+def test_eval_finds_the_best_of_a_run_kept_by_its_loss(tmp_path):
+    """A kill between Orbax's write of a new best and its removal of the old one leaves two; eval,
+    predict and run:DIR took the higher score as the best, also for a run kept by its lowest loss."""
+    import shutil
+
+    state = {"a": np.arange(3, dtype=np.float32)}
+    for step, loss in ((6, 0.5), (12, 0.3)):  # 12 the new best, 6 not yet removed
+        RunCheckpoints(tmp_path / str(step), best_mode="min").save_best(step, state, loss)
+        shutil.copytree(
+            tmp_path / str(step) / "best" / str(step), tmp_path / "run" / "checkpoints" / "best" / str(step)
+        )
+    for metric, best in (("loss", 12), ("auc", 6)):
+        checkpoints = run_checkpoints(tmp_path / "run", {"select_metric": metric})
+        assert checkpoints.best_step() == best, metric
+        checkpoints.close()
 
 
 def test_saving_replicated_arrays_on_cpu_devices_compiles_nothing(tmp_path):

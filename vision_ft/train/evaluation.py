@@ -14,7 +14,7 @@ from vision_ft.data.pipeline import Geometry, sharded_eval_batches, unusable_rea
 from vision_ft.train import report
 from vision_ft.train.clinical import clinical_report
 from vision_ft.train.distributed import is_primary
-from vision_ft.train.metrics import classification_metrics
+from vision_ft.train.metrics import classification_metrics, selection_mode
 from vision_ft.train.multilabel import multilabel_clinical_report, multilabel_metrics
 from vision_ft.train.step import Trainer
 
@@ -79,11 +79,6 @@ def split_metrics(
     if multi_label:
         return multilabel_metrics(labels, logits, class_weights)
     return classification_metrics(labels, logits, class_weights)
-
-
-def selection_mode(metric: str) -> str:
-    """Which way a checkpoint's metric is better: "min" for the loss, "max" for every other."""
-    return "min" if metric == "loss" else "max"
 
 
 def worst_selection_score(metric: str) -> float:

@@ -32,12 +32,12 @@ from vision_ft.train.evaluation import (
     improves_selection,
     predict_split,
     public_metrics,
-    selection_mode,
     selection_score,
     split_metrics,
     test_reports,
     worst_selection_score,
 )
+from vision_ft.train.metrics import selection_mode
 from vision_ft.train.output_dir import check_resumed_data, claim_output_dir
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted

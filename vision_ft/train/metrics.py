@@ -77,3 +77,8 @@ def classification_metrics(
         "confusion_matrix": cm.tolist(),
         "count": int(len(labels)),
     }
+
+
+def selection_mode(metric: str) -> str:
+    """Which way a checkpoint's metric is better: "min" for the loss, "max" for every other."""
+    return "min" if metric == "loss" else "max"

@@ -15,6 +15,7 @@ from flax import nnx
 from vision_ft.models.factory import create_model
 from vision_ft.models.registry import PretrainedCfg
 from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints
+from vision_ft.train.metrics import selection_mode
 
 log = logging.getLogger("vision_ft.run")
 
@@ -149,8 +150,14 @@ def _on(state: nnx.State, sharding: jax.sharding.Sharding) -> nnx.State:
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), state)
 
 
+def run_checkpoints(run_dir: str | Path, config: dict) -> RunCheckpoints:
+    """A run's checkpoints, to read: the best is the one its ``select_metric`` ranks best."""
+    mode = selection_mode(config.get("select_metric", "auc"))
+    return RunCheckpoints(run_checkpoint_dir(run_dir, config), best_mode=mode, create=False)
+
+
 def _restore(run_dir: Path, config: dict, target: dict, which: str) -> dict:
-    checkpoints = RunCheckpoints(run_checkpoint_dir(run_dir, config), create=False)
+    checkpoints = run_checkpoints(run_dir, config)
     try:
         if which == "best" and checkpoints.best_step() is not None:
             return checkpoints.restore_best(target)[1]
