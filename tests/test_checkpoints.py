@@ -279,7 +279,10 @@ def test_resume_compares_every_setting_that_changes_what_the_run_computes():
     # fit --resume takes the run's settings, None included (eval_crop_pct's default is 1.0)
     assert load_config(None, {"resume": True}, base=saved) == dataclasses.replace(started, resume=True)
     assert resume_conflicts(saved, started) == []
-    moved = {"output": "elsewhere", "mesh": "data=2", "loader_threads": 1, "eval_batch_size": 8}
+    # and whether an unreadable image stops the run: a run stopped on a test image it was told to
+    # fail on, after all its training, could be finished no other way
+    moved = {"output": "elsewhere", "mesh": "data=2", "loader_threads": 1, "eval_batch_size": 8,
+             "on_bad_image": "fail"}  # fmt: skip
     assert resume_conflicts(saved, dataclasses.replace(started, **moved)) == []
     older = {k: v for k, v in saved.items() if k != "tta_shift"}  # a run from before shifted views
     assert load_config(None, {"resume": True}, base=older).tta_shift == 0.0

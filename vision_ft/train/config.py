@@ -264,10 +264,11 @@ def _lr_rule(rule) -> tuple[str, float]:
 
 
 # Settings a resumed run may change: where things are kept and how the work is spread, none of
-# which changes what the run computes.
+# which changes what the run computes; and on_bad_image, which only decides whether an unusable
+# image stops it (one stopped on a test image after all its training is finished no other way).
 RESUMABLE_CHANGES = frozenset(
     {"output", "resume", "checkpoint_dir", "mesh", "fsdp_min_size", "workers", "loader_threads",
-     "data_dir", "eval_batch_size", "save_every_steps"}
+     "data_dir", "eval_batch_size", "save_every_steps", "on_bad_image"}
 )  # fmt: skip
 
 
