@@ -171,6 +171,35 @@ def test_fine_tune_resumed_in_its_second_phase_matches_an_uninterrupted_run(
         assert resumed_loss == pytest.approx(full_loss, rel=1e-6)
 
 
+def test_a_resume_reads_only_its_own_checkpoint_not_the_weights_it_started_from(tmp_path, monkeypatch):
+    """A resume loaded its --pretrained source again (then overwrote it from the checkpoint): a run
+    started from run:DIR, or a weights file, that had since moved could not be resumed at all."""
+    import shutil
+
+    FitRun(tiny_config(tmp_path, output=str(tmp_path / "earlier"), epochs=1), progress=False).run()
+    settings = dict(pretrained=f"run:{tmp_path / 'earlier'}", epochs=2, ema_decay=0.5)
+    full = FitRun(tiny_config(tmp_path, output=str(tmp_path / "full"), **settings), progress=False).run()
+    stopped = FitRun(tiny_config(tmp_path, **settings), progress=False)
+    train_step = Trainer.train_step
+
+    def sigterm_during_step(self, images, labels, mask, step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, images, labels, mask, step)
+
+    monkeypatch.setattr(Trainer, "train_step", sigterm_during_step)
+    with pytest.raises(Preempted):
+        stopped.run()
+    monkeypatch.undo()
+    shutil.move(tmp_path / "earlier", tmp_path / "moved")
+    resumed = FitRun(tiny_config(tmp_path, resume=True, **settings), progress=False)
+    assert resumed.model.pretrained_cfg == stopped.model.pretrained_cfg  # normalized as it was
+    final = resumed.run()
+    assert final["best_step"] == full["best_step"]
+    for key in ("loss", "accuracy", "auc"):
+        assert final["test"][key] == pytest.approx(full["test"][key], rel=1e-6, abs=1e-7), key
+
+
 _READ_WEIGHTS_ON_ONE_DEVICE = """
 import sys
 import jax

@@ -46,6 +46,7 @@ from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import (
     RUN_PREFIX,
     RunDirError,
+    adopt_recorded_pretrained_cfg,
     evaluated_crop_mode,
     load_run_model,
     read_run_config,
@@ -103,6 +104,11 @@ class FitRun:
         self.cfg = cfg
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
+        if saved is not None:
+            # a resume restores every weight from its own checkpoint: the source it started from is
+            # not read again (it may have moved since), and the architecture is the run's
+            start_run = None
+            cfg = self.cfg = dataclasses.replace(cfg, model=saved["model"])
         if start_run is not None:
             # A new fine-tune from an earlier run's weights: the architecture is the run's.
             earlier = read_run_config(start_run)
@@ -133,7 +139,7 @@ class FitRun:
         else:
             self.model = create_model(
                 cfg.model,
-                pretrained=pretrained_from_text(cfg.pretrained),
+                pretrained=pretrained_from_text(cfg.pretrained) if saved is None else False,
                 num_classes=self.num_classes,
                 in_chans=self.data.channels,
                 img_size=cfg.img_size,
@@ -141,6 +147,8 @@ class FitRun:
                 dtype=dtype,
                 seed=cfg.seed,
             )
+            if saved is not None:
+                adopt_recorded_pretrained_cfg(self.model, saved)  # normalized as the run was
         self._set_input_pipeline(saved)
         # resolved, so that the run's config.json says what eval and predict do
         if cfg.tta_flip is None:

@@ -133,17 +133,22 @@ def load_run_model(
         seed=seed,
         weights=checkpoint_weights,
     )
-    saved_cfg = config.get("pretrained_cfg")
-    if saved_cfg:
-        fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items() if k in fields}
-        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, **saved)
+    adopt_recorded_pretrained_cfg(model, config)
     log.info("%s: loaded weights from run %s (step %d)", config["model"], run_dir, int(restored["step"]))
     if num_classes is not None and num_classes != config["num_classes"]:
         model.reset_classifier(num_classes, rngs=nnx.Rngs(params=seed))
         model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes)
         log.info("new %d-class head (the run had %d classes)", num_classes, config["num_classes"])
     return model
+
+
+def adopt_recorded_pretrained_cfg(model: nnx.Module, config: dict) -> None:
+    """Give ``model`` the preprocessing (mean, std, crop, interpolation) the run recorded."""
+    recorded = config.get("pretrained_cfg")
+    if recorded:
+        fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in fields}
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, **saved)
 
 
 def _on(state: nnx.State, sharding: jax.sharding.Sharding) -> nnx.State:
