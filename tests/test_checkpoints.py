@@ -98,6 +98,22 @@ def test_a_checkpoint_dir_that_is_another_runs_or_cannot_be_made_is_named(tmp_pa
     assert not (tmp_path / "new").exists() and (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_a_resume_does_not_take_over_another_runs_checkpoints(tmp_path):
+    """A new run refused a --checkpoint-dir holding another run's checkpoints, but a resume took it:
+    it went on from the other run's weights and replaced its checkpoints with its own."""
+    for name in ("a", "b"):
+        cfg = tiny_config(tmp_path, epochs=1, output=str(tmp_path / name), seed=ord(name))
+        FitRun(cfg, progress=False).run()
+    theirs = tmp_path / "a" / "checkpoints"
+    before = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*"))
+    taken = tiny_config(tmp_path, epochs=1, output=str(tmp_path / "b"), seed=ord("b"), resume=True)
+    with pytest.raises(RunDirError, match=rf"--checkpoint-dir {theirs} holds the checkpoints of another run"):
+        FitRun(dataclasses.replace(taken, checkpoint_dir=str(theirs)), progress=False)
+    assert sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*")) == before
+    own = dataclasses.replace(taken, checkpoint_dir=str(tmp_path / "b" / "checkpoints"))
+    FitRun(own, progress=False).checkpoints.close()  # its own, named: accepted
+
+
 def test_a_new_run_does_not_write_into_a_directory_of_other_files(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -38,7 +38,12 @@ from vision_ft.train.evaluation import (
     worst_selection_score,
 )
 from vision_ft.train.metrics import selection_mode
-from vision_ft.train.output_dir import check_resumed_data, claim_output_dir
+from vision_ft.train.output_dir import (
+    check_resumed_data,
+    claim_output_dir,
+    new_run_id,
+    write_checkpoint_owner,
+)
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
 from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
 from vision_ft.train.resume_notes import read_resume_notes, write_resume_notes
@@ -74,6 +79,8 @@ class FitRun:
             raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
         claimed = claim_output_dir(cfg)
         self.checkpoint_dir, self.saved_by_release = claimed.checkpoint_dir, claimed.saved_by_release
+        # which run the checkpoints belong to: a resume keeps the run's (runs from before have none)
+        self.run_id = new_run_id() if not cfg.resume else (claimed.saved or {}).get("run_id")
         error = None
         try:
             self._set_up(claimed.cfg, claimed.saved)
@@ -98,6 +105,8 @@ class FitRun:
             write_split_file(partial, self.data.index.splits, None, class_names=self.data.class_names)
             partial.replace(self.out / "splits.csv")
         self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
+        if is_primary() and not cfg.resume:
+            write_checkpoint_owner(self.checkpoint_dir, self.run_id, self.out)
 
     def _set_up(self, cfg: FitConfig, saved: dict | None) -> None:
         """Data, model and input pipeline, and the checks a resume makes against ``saved``."""
@@ -237,6 +246,7 @@ class FitRun:
                 "eval_crop_mode": self.eval_geometry.eval_crop_mode,
                 # so that a run directory says which release's semantics wrote it
                 "vision_ft_version": __version__,
+                **({"run_id": self.run_id} if self.run_id else {}),
             },
         )
 

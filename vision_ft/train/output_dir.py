@@ -7,7 +7,9 @@ earlier run exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,9 @@ RUN_ENTRIES = frozenset({
     "test_mistakes.csv", MARKER, NOTES_FILE, f"{NOTES_FILE}.tmp",
 })  # fmt: skip
 RUN_FOLDERS = frozenset({"checkpoints", "tensorboard"})  # the entries above that are folders
+# In the checkpoint directory: the id of the run whose checkpoints these are (config.json has it too),
+# so that a resume pointed at another run's --checkpoint-dir is refused rather than taking it over.
+OWNER_FILE = "run_id.json"
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
     if cfg.resume and (out / "config.json").is_file():
         saved = read_run_config(out)
         saved_by_release = saved.get("vision_ft_version")  # absent in runs saved before it was kept
+        check_checkpoint_owner(checkpoint_dir, saved.get("run_id"))
         conflicts = resume_conflicts(saved, cfg)
         if conflicts:
             raise RunDirError(
@@ -118,6 +124,35 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
         make_directory(Path(cfg.checkpoint_dir), "--checkpoint-dir")
     make_directory(out)
     return OutputDir(cfg, checkpoint_dir, saved, saved_by_release, tuple(made))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def write_checkpoint_owner(checkpoint_dir: epath.Path, run_id: str, out: Path) -> None:
+    """Mark ``checkpoint_dir`` as the checkpoints of run ``run_id`` (whose --output is ``out``)."""
+    marker = {"run_id": run_id, "output": str(Path(out).absolute())}
+    (checkpoint_dir / OWNER_FILE).write_text(json.dumps(marker) + "\n")
+
+
+def check_checkpoint_owner(checkpoint_dir: epath.Path, run_id: str | None) -> None:
+    """Raise ``RunDirError`` where ``checkpoint_dir`` is marked as another run's than ``run_id``.
+    Runs and checkpoints from before the mark carry none, and pass."""
+    path = checkpoint_dir / OWNER_FILE
+    if run_id is None or not path.exists():
+        return
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise RunDirError(f"--checkpoint-dir {checkpoint_dir}: {OWNER_FILE} is unreadable") from None
+    if not isinstance(owner, dict) or owner.get("run_id") != run_id:
+        started_in = owner.get("output") if isinstance(owner, dict) else None
+        raise RunDirError(
+            f"--checkpoint-dir {checkpoint_dir} holds the checkpoints of another run"
+            + (f" (started in {started_in})" if started_in else "")
+            + "; resume with the run's own checkpoint directory"
+        )
 
 
 def refuse_foreign_entries(out: Path) -> None:
