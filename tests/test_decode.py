@@ -24,8 +24,8 @@ def _rgb(h: int = 12, w: int = 10) -> np.ndarray:
     return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _assert_image(image: np.ndarray, shape: tuple[int, ...]) -> None:
-    assert image.dtype == np.float32
+def _assert_image(image: np.ndarray, shape: tuple[int, ...], dtype=np.float32) -> None:
+    assert image.dtype == dtype
     assert image.shape == shape
     assert np.isfinite(image).all()
 
@@ -37,8 +37,8 @@ def test_rgb_png_is_exact(tmp_path: Path) -> None:
     pixels = _rgb()
     Image.fromarray(pixels).save(tmp_path / "a.png")
     image = read_image(tmp_path / "a.png")
-    _assert_image(image, (12, 10, 3))
-    np.testing.assert_array_equal(image, pixels.astype(np.float32) / 255)
+    _assert_image(image, (12, 10, 3), np.uint8)  # 8 bits, as timm reads them
+    np.testing.assert_array_equal(image, pixels)
 
 
 def test_rgb_jpeg_close_to_source(tmp_path: Path) -> None:
@@ -47,8 +47,8 @@ def test_rgb_jpeg_close_to_source(tmp_path: Path) -> None:
     pixels = np.stack([y * 7, x * 9, (x + y) * 4], axis=-1).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.JPG", quality=95)
     image = read_image(str(tmp_path / "a.JPG"))
-    _assert_image(image, (32, 24, 3))
-    assert np.abs(image - pixels / 255).mean() < 0.02
+    _assert_image(image, (32, 24, 3), np.uint8)
+    assert np.abs(image / 255 - pixels / 255).mean() < 0.02
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -62,8 +62,8 @@ def test_grayscale_png_has_one_channel(tmp_path: Path) -> None:
     pixels = RNG.integers(0, 256, (6, 7), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "g.png")
     image = read_image(tmp_path / "g.png")
-    _assert_image(image, (6, 7, 1))
-    np.testing.assert_array_equal(image[..., 0], pixels / np.float32(255))
+    _assert_image(image, (6, 7, 1), np.uint8)
+    np.testing.assert_array_equal(image[..., 0], pixels)
 
 
 def test_16bit_png_scaled_by_65535(tmp_path: Path) -> None:
@@ -80,8 +80,8 @@ def test_rgba_png_drops_alpha(tmp_path: Path) -> None:
     rgba = np.concatenate([_rgb(), np.zeros((12, 10, 1), np.uint8)], axis=-1)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     image = read_image(tmp_path / "a.png")
-    _assert_image(image, (12, 10, 3))
-    np.testing.assert_array_equal(image, rgba[..., :3] / np.float32(255))
+    _assert_image(image, (12, 10, 3), np.uint8)
+    np.testing.assert_array_equal(image, rgba[..., :3])
 
 
 def test_palette_png_becomes_rgb(tmp_path: Path) -> None:
@@ -89,30 +89,30 @@ def test_palette_png_becomes_rgb(tmp_path: Path) -> None:
     img.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
     img.save(tmp_path / "p.png")
     image = read_image(tmp_path / "p.png")
-    _assert_image(image, (2, 2, 3))
-    np.testing.assert_array_equal(image[0, 1] * 255, [200, 100, 50])
-    np.testing.assert_array_equal(image[1, 1] * 255, [10, 20, 30])
+    _assert_image(image, (2, 2, 3), np.uint8)
+    np.testing.assert_array_equal(image[0, 1], [200, 100, 50])
+    np.testing.assert_array_equal(image[1, 1], [10, 20, 30])
 
 
-def test_bilevel_png_is_zero_one(tmp_path: Path) -> None:
+def test_bilevel_png_is_black_and_white(tmp_path: Path) -> None:
     bits = np.array([[True, False, True], [False, False, True]])
     Image.fromarray(bits).save(tmp_path / "b.png")
     image = read_image(tmp_path / "b.png")
-    _assert_image(image, (2, 3, 1))
-    np.testing.assert_array_equal(image[..., 0], bits.astype(np.float32))
+    _assert_image(image, (2, 3, 1), np.uint8)
+    np.testing.assert_array_equal(image[..., 0], bits.astype(np.uint8) * 255)
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".gif", ".webp"])
 def test_other_pillow_formats(tmp_path: Path, suffix: str) -> None:
     pixels = _rgb(6, 7)  # 42 colours: fits a GIF palette, so every format here is lossless
     Image.fromarray(pixels).save(tmp_path / f"a{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
-    np.testing.assert_array_equal(read_image(tmp_path / f"a{suffix}"), pixels / np.float32(255))
+    np.testing.assert_array_equal(read_image(tmp_path / f"a{suffix}"), pixels)
 
 
 def test_mislabelled_png_still_reads(tmp_path: Path) -> None:
     pixels = _rgb()
     Image.fromarray(pixels).save(tmp_path / "really_png.jpg", format="PNG")
-    np.testing.assert_array_equal(read_image(tmp_path / "really_png.jpg"), pixels / np.float32(255))
+    np.testing.assert_array_equal(read_image(tmp_path / "really_png.jpg"), pixels)
 
 
 # --- TIFF -----------------------------------------------------------------------------------------

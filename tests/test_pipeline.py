@@ -197,7 +197,7 @@ def test_eval_geometry_is_timms_resize_then_center_crop(height, width, interpola
     )
     reference = transform(Image.fromarray(image)).permute(1, 2, 0).numpy()
     ours = _prepare(image, Geometry(224, interpolation, crop_pct, channels=3), None)
-    assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6
+    np.testing.assert_allclose(ours, reference, atol=1e-6)  # exactly: resized, then cropped, on 8 bits
 
 
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 517), (300, 301)])
@@ -232,10 +232,45 @@ def test_eval_geometry_follows_timms_crop_modes(height, width, crop_mode, crop_p
     reference = transform(Image.fromarray(image)).permute(1, 2, 0).numpy() + np.asarray(mean, np.float32)
     ours = _prepare(image, eval_geometry(cfg, 224, None, 3), None)
     assert ours.shape == (224, 224, 3)
-    assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6
+    np.testing.assert_allclose(ours, reference, atol=1e-6)  # exactly: resized, then cropped, on 8 bits
     np.testing.assert_allclose(eval_transform(Image.fromarray(image), cfg) + mean, reference, atol=1e-6)
     # a fixed crop_pct keeps the center crop, whatever the model's mode
     assert eval_geometry(cfg, 224, 1.0, 3).eval_crop_mode == "center"
+
+
+@pytest.mark.parametrize("height, width, crop_mode, crop_pct, grey", [
+    (300, 451, "center", 0.875, False), (300, 123, "center", 0.875, False), (61, 97, "squash", 0.9, False),
+    (175, 245, "center", 0.875, True), (300, 123, "border", 0.95, False),
+])  # fmt: skip
+def test_an_8_bit_image_file_is_prepared_exactly_as_timm_prepares_it(
+    tmp_path, height, width, crop_mode, crop_pct, grey
+):
+    """8-bit files were decoded to float32 and resized in PIL's float mode, without timm's rounding
+    to 8 bits and clipping: 0.6-4% off timm's inputs. And a non-square image's one boxed resize
+    rounds otherwise than timm's resize-then-crop (up to 2 levels in a third of the pixels)."""
+    timm_data = pytest.importorskip("timm.data")
+    from vision_ft.data.decode import read_image
+    from vision_ft.data.pipeline import eval_geometry, eval_image
+    from vision_ft.models.registry import PretrainedCfg
+
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([(x * 7 + y * 3) % 256, (y * 5) % 256, (x * y) % 256], axis=-1).astype(np.uint8)
+    image[: height // 3, : width // 2] = 255  # saturated: bicubic overshoots above 1 here
+    pil = Image.fromarray(image).convert("L") if grey else Image.fromarray(image)
+    pil.save(tmp_path / "photo.png")
+    bands = 1 if grey else 3
+    mean = (0.5,) * bands
+    cfg = PretrainedCfg(
+        "test", input_size=(bands, 224, 224), interpolation="bicubic", crop_pct=crop_pct, crop_mode=crop_mode,
+        mean=mean, std=(1.0,) * bands,
+    )  # fmt: skip
+    transform = timm_data.create_transform(
+        input_size=(bands, 224, 224), crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic",
+        mean=mean, std=(1.0,) * bands,
+    )  # fmt: skip
+    reference = transform(Image.open(tmp_path / "photo.png")).permute(1, 2, 0).numpy() + np.float32(0.5)
+    ours = eval_image(read_image(tmp_path / "photo.png"), eval_geometry(cfg, 224, None, bands))
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
 
 
 def test_border_pads_8_bit_images_with_the_rounded_mean_and_others_with_the_mean():

@@ -1,4 +1,4 @@
-"""Read one image file (PNG/JPEG/BMP/GIF/WebP, TIFF/GeoTIFF, DICOM) into a float32 ``(H, W, C)`` array.
+"""Read one image file (PNG/JPEG/BMP/GIF/WebP, TIFF/GeoTIFF, DICOM) into an ``(H, W, C)`` array.
 
 Every file-backed dataset goes through :func:`read_image`, so the rest of the pipeline sees one layout and
 one value convention whatever the source format, and every way a file can be unusable surfaces as a
@@ -6,6 +6,8 @@ one value convention whatever the source format, and every way a file can be unu
 
 Value conventions, chosen so that nothing is lost before per-band normalization:
 
+* 8-bit PNG/JPEG/BMP/GIF/WebP images stay uint8, as timm reads them: resized on 8 bits, they round and
+  clip as timm's transforms do (the pipeline scales them to ``[0, 1]`` after resizing);
 * unsigned integers are divided by the largest value their *true* bit depth can hold (a 12-bit TIFF by 4095,
   a 16-bit PNG by 65535), giving ``[0, 1]``;
 * signed integers (e.g. int16 elevation or SAR bands) are divided by their positive maximum and keep their
@@ -77,7 +79,8 @@ def image_kind(path: str | Path) -> str:
 
 
 def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -> np.ndarray:
-    """float32 array (H, W, C) scaled to [0, 1] by the file's true bit depth (see the module docstring).
+    """(H, W, C) array: uint8 for 8-bit images, else float32 scaled by the file's true bit depth (see
+    the module docstring).
 
     ``window=(center, width)`` is the DICOM VOI window in modality units (e.g. Hounsfield units after
     RescaleSlope/Intercept); it overrides the file's own window and is ignored for other formats, so one
@@ -180,7 +183,7 @@ def _finish(image: np.ndarray, path: Path) -> np.ndarray:
         image = image[..., None]
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
         raise BadImageError(str(path), f"image has shape {image.shape}; it has no pixels")
-    return np.ascontiguousarray(image, dtype=np.float32)
+    return np.ascontiguousarray(image, dtype=np.uint8 if image.dtype == np.uint8 else np.float32)
 
 
 # --- PNG, JPEG, BMP, GIF, WebP (Pillow) -----------------------------------------------------------
@@ -199,20 +202,18 @@ def _read_raster(path: Path) -> np.ndarray:
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
     mode = img.mode
-    if mode == "1":
-        return np.asarray(img, dtype=np.float32)
     if mode.startswith("I;16") or mode == "I":
         # Pillow only yields these from 16-bit greyscale PNGs here (older releases as "I")
         return np.asarray(img).astype(np.float32) / 65535.0
     if mode == "F":
         return np.asarray(img, dtype=np.float32)
-    if mode in ("L", "LA", "La"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if mode in ("1", "L", "LA", "La"):
+        return np.asarray(img.convert("L"))  # bilevel as 0 and 255, as timm's RGB conversion has it
     if mode in ("P", "PA"):
         # via RGBA so that palette transparency does not trigger Pillow's conversion warning; alpha dropped
-        return np.asarray(img.convert("RGBA"), dtype=np.float32)[..., :3] / 255.0
+        return np.asarray(img.convert("RGBA"))[..., :3]
     # RGB, RGBA (alpha dropped, not composited), CMYK JPEGs, YCbCr...
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(img.convert("RGB"))
 
 
 # --- TIFF / GeoTIFF (tifffile) --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from vision_ft.data.errors import BadImageError, DataError
 from vision_ft.data.transforms import (
     border_fill,
     border_size,
-    center_box,
+    center_resize_size,
     check_crop_mode,
     crop_or_pad,
     random_resized_crop_box,
@@ -123,14 +123,16 @@ def _prepare(image: np.ndarray, geometry: Geometry, rng: np.random.Generator | N
     elif geometry.eval_crop_mode == "border":
         new_h, new_w = border_size(h, w, math.floor(size / geometry.eval_crop_pct))
         resized = to_unit_range(resize_box(image, new_h, new_w, geometry.interpolation))
-        # timm pads 8-bit pixels with the mean rounded to one; uint8 arrays (npz, TFDS) do too, while
-        # decoded files arrive as floats and take the mean itself (at most 0.5/255 away)
+        # timm pads 8-bit pixels with the mean rounded to one, as 8-bit arrays and files do here;
+        # other data (16-bit, float, DICOM) takes the mean itself
         fill = np.asarray(
             border_fill(geometry.border_mean) if image.dtype == np.uint8 else geometry.border_mean
         )
         return crop_or_pad(resized, size, fill if fill.size == resized.shape[-1] else fill.mean())
     else:
-        box = center_box(h, w, size, geometry.eval_crop_pct, geometry.eval_crop_mode)
+        new_h, new_w = center_resize_size(h, w, size, geometry.eval_crop_pct, geometry.eval_crop_mode)
+        resized = to_unit_range(resize_box(image, new_h, new_w, geometry.interpolation))
+        return crop_or_pad(resized, size, 0.0)  # never pads: both sides are at least size
     if box == (0, 0, w, h):
         box = None
     return to_unit_range(resize_box(image, size, size, geometry.interpolation, box))

@@ -133,23 +133,19 @@ def resize_box(
     return np.stack(bands, axis=-1)
 
 
-def center_box(
+def center_resize_size(
     h: int, w: int, size: int, crop_pct: float, crop_mode: str = "center"
-) -> tuple[float, float, float, float]:
-    """timm's eval geometry as one box: the region that ``resize to size / crop_pct (the shorter
-    side, or with crop_mode "squash" both sides), then center-crop size x size`` keeps, in source
-    pixels. With torchvision's integer steps (the longer side truncated, the crop offset rounded),
-    one resize of this box samples exactly where the two steps do."""
+) -> tuple[int, int]:
+    """(height, width) that timm's eval transform resizes to before its center crop of ``size``:
+    ``size / crop_pct`` on the shorter side (torchvision truncates the longer), or on both sides
+    with crop_mode "squash". Resized and cropped in these two steps, not as one resize of the kept
+    box: on 8-bit images the two round differently."""
     scale_size = math.floor(size / crop_pct)
     if crop_mode == "squash":
-        new_w = new_h = scale_size
-    elif w <= h:
-        new_w, new_h = scale_size, int(scale_size * h / w)
-    else:
-        new_w, new_h = int(scale_size * w / h), scale_size
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    sy, sx = h / new_h, w / new_w  # source pixels per resized pixel
-    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return scale_size, scale_size
+    if w <= h:
+        return int(scale_size * h / w), scale_size
+    return scale_size, int(scale_size * w / h)
 
 
 def random_resized_crop_box(
