@@ -207,7 +207,7 @@ def test_eval_geometry_is_timms_resize_then_center_crop(height, width, interpola
 def test_eval_geometry_follows_timms_crop_modes(height, width, crop_mode, crop_pct):
     """The 384 px ConvNeXts and other tags with crop_mode "squash" resize both sides (no image lost
     at crop_pct 1), "border" fits the longer side and pads with the mean; both as timm's transform,
-    in the pipeline (one resize of a box, or a resize and a pad) and in ``eval_transform`` (PIL's
+    in the pipeline (a resize and a crop, or a resize and a pad) and in ``eval_transform`` (PIL's
     steps)."""
     timm_data = pytest.importorskip("timm.data")
     from vision_ft.data.pipeline import _prepare, eval_geometry
