@@ -348,6 +348,28 @@ def test_resume_compares_every_setting_that_changes_what_the_run_computes():
     assert resume_conflicts({**saved, "pretrained": "run:earlier"}, from_run) == []
 
 
+def test_a_new_fine_tune_on_other_classes_of_the_same_count_gets_a_new_head(tmp_path):
+    """run:DIR kept the earlier run's classifier whenever the class count matched: on classes named
+    or ordered otherwise its rows scored the wrong classes (test accuracy 0.08 of a run at 1.0)."""
+    FitRun(tiny_config(tmp_path, epochs=1), progress=False).run()
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["class_names"] == ["class 0", "class 1"]
+    kept = load_run_model(run, num_classes=2).fc.kernel.get_value()
+    for names, same_head in (
+        (("class 0", "class 1"), True),
+        (("a", "b"), True),  # the run's classes were unnamed (an .npz): matched by position
+    ):
+        model = load_run_model(run, num_classes=2, class_names=names)
+        assert np.array_equal(model.fc.kernel.get_value(), kept) == same_head, names
+    config["class_names"] = ["benign", "malignant"]
+    (run / "config.json").write_text(json.dumps(config))
+    for names, same_head in ((("benign", "malignant"), True), (("malignant", "benign"), False),
+                             (("cyst", "mass"), False)):  # fmt: skip
+        model = load_run_model(run, num_classes=2, class_names=names)
+        assert np.array_equal(model.fc.kernel.get_value(), kept) == same_head, names
+
+
 def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
     first = tmp_path / "first"
     first.mkdir()

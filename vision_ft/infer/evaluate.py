@@ -18,7 +18,7 @@ from vision_ft.train.clinical import clinical_report
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.multilabel import as_multi_hot, multilabel_clinical_report, multilabel_metrics
 from vision_ft.train.report import write_json
-from vision_ft.train.run_dir import RunDirError, read_run_config
+from vision_ft.train.run_dir import RunDirError, read_run_config, unnamed_classes
 
 log = logging.getLogger("vision_ft.eval")
 
@@ -164,11 +164,6 @@ def evaluate_run(
     }
     write_json(out / "eval.json", report)
     return report
-
-
-def unnamed_classes(names: tuple[str, ...]) -> bool:
-    # arrays without class names (an .npz file) get "class 0", "class 1", ...
-    return names == tuple(f"class {i}" for i in range(len(names)))
 
 
 def run_class_order(spec: str, data_names: tuple[str, ...], run_names: tuple[str, ...]) -> np.ndarray | None:

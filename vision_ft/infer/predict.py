@@ -14,8 +14,9 @@ from vision_ft.data.folder import image_files
 from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.records import Record
 from vision_ft.data.sources import KINDS, DataOptions, load_dataset
-from vision_ft.infer.evaluate import empty_split, unnamed_classes
+from vision_ft.infer.evaluate import empty_split
 from vision_ft.train.multilabel import THRESHOLD
+from vision_ft.train.run_dir import unnamed_classes
 
 
 def resolve_input(

@@ -140,6 +140,7 @@ class FitRun:
             self.model = load_run_model(
                 start_run,
                 num_classes=self.num_classes,
+                class_names=self.data.class_names,
                 img_size=cfg.img_size,
                 drop_path_rate=cfg.drop_path_rate,
                 dtype=dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -96,6 +97,7 @@ def load_run_model(
     run_dir: str | Path,
     *,
     num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
     img_size: int | None = None,
     drop_path_rate: float = 0.0,
     dtype: jnp.dtype = jnp.float32,
@@ -105,7 +107,8 @@ def load_run_model(
     """The model of a run with its ``which`` ("best", else "latest") weights restored.
 
     ``num_classes`` other than the run's gives a freshly initialised head on the run's backbone: a new
-    fine-tune starting from an earlier one, which is not ``--resume``.
+    fine-tune starting from an earlier one, which is not ``--resume``. So do ``class_names`` other
+    than the run's, or in another order (unnamed classes, an .npz's, match by position).
     """
     run_dir = Path(run_dir).expanduser()
     config = read_run_config(run_dir)
@@ -139,7 +142,21 @@ def load_run_model(
         model.reset_classifier(num_classes, rngs=nnx.Rngs(params=seed))
         model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes)
         log.info("new %d-class head (the run had %d classes)", num_classes, config["num_classes"])
+    elif _other_classes(class_names, config.get("class_names")):
+        model.reset_classifier(config["num_classes"], rngs=nnx.Rngs(params=seed))
+        log.info("new head: the classes are %s, the run's were %s", list(class_names), config["class_names"])
     return model
+
+
+def unnamed_classes(names: Sequence[str]) -> bool:
+    # arrays without class names (an .npz file) get "class 0", "class 1", ...
+    return tuple(names) == tuple(f"class {i}" for i in range(len(names)))
+
+
+def _other_classes(names: Sequence[str] | None, run_names: Sequence[str] | None) -> bool:
+    if names is None or run_names is None or unnamed_classes(names) or unnamed_classes(run_names):
+        return False
+    return tuple(names) != tuple(run_names)
 
 
 def adopt_recorded_pretrained_cfg(model: nnx.Module, config: dict) -> None:
