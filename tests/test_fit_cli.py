@@ -314,3 +314,22 @@ def test_a_damaged_run_config_is_a_run_dir_error(tmp_path, content, culprit):
     with pytest.raises(RunDirError) as raised:
         read_run_config(tmp_path)
     assert f"{tmp_path / 'config.json'}: {culprit}" in str(raised.value)
+
+
+def test_sigterm_before_training_starts_exits_75_for_a_rerun(tmp_path, monkeypatch):
+    """SIGTERM while fit loaded data, built the model or restored a resume ended the process with
+    143, which the sbatch script does not requeue (it requeues 75, a preempted fit's code)."""
+    from click.testing import CliRunner
+
+    from vision_ft.cli import main
+    from vision_ft.train import loop
+
+    def terminated_in_set_up(self, cfg, saved):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.FitRun, "_set_up", terminated_in_set_up)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(main, ["fit", "--no-progress", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 75, (result.output, result.exception)
+    assert "rerun the same command" in result.output
+    assert signal.getsignal(signal.SIGTERM) is handler  # a notebook or test process goes on as before

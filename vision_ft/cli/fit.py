@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def fit(
     check_same_settings(cfg.to_dict())
     if cfg.resume:
         cfg = load_config(config_path, overrides, base=_resumed_settings(Path(cfg.output)))
+    # SIGTERM before the loop watches for it (data, model, a resume's restore) ends the command as a
+    # preempted one, so that a scheduler that requeues exit code 75 reruns it; the loop's own watch
+    # takes over while it trains and checkpoints
+    previous = signal.signal(signal.SIGTERM, _preempted_before_training)
     try:
         final = FitRun(cfg, progress=not no_progress).run()
     except (RunDirError, FileNotFoundError) as e:
@@ -86,6 +91,8 @@ def fit(
     except Preempted as e:
         click.echo(f"stopped: {e}", err=True)
         sys.exit(EXIT_PREEMPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     test = final.get("test")
     if not is_primary():
         return
@@ -96,6 +103,13 @@ def fit(
             f"({final['wall_seconds']:.0f} s)"
         )
     click.echo(f"run written to {cfg.output}")
+
+
+def _preempted_before_training(signum, frame) -> None:
+    from vision_ft.train.preemption import EXIT_PREEMPTED
+
+    click.echo("stopped: SIGTERM before training started, nothing lost; rerun the same command", err=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _resumed_settings(run: Path) -> dict | None:
