@@ -529,3 +529,11 @@ def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path, mo
     for extra in ((), ("--data", cfg.data), ("--data", f"npz:./{data.name}")):
         result = cli("eval", "--checkpoint", run, *extra)
         assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output
+    # predict and embed on the run's data redrew the split silently: "test" scores then held
+    # images the run trained on
+    for command in (
+        ("predict", "--checkpoint", run, "--input", f"npz:./{data.name}", "--output", tmp_path / "p.csv"),
+        ("embed", "--checkpoint", run, "--data", cfg.data, "--split", "test", "--output", tmp_path / "e.npz"),
+    ):
+        result = cli(*command)
+        assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output

@@ -87,7 +87,8 @@ def embed(
 
     from vision_ft.data.sources import load_dataset, recorded_data
     from vision_ft.infer.embeddings import Embeddings, check_output_format, embed_split, write_embeddings
-    from vision_ft.infer.evaluate import empty_split, nothing_readable
+    from vision_ft.infer.evaluate import check_split_as_run, empty_split, nothing_readable
+    from vision_ft.train.run_dir import read_run_config
     from vision_ft.weights.sources import recorded_pretrained
 
     check_output_format(output)
@@ -101,6 +102,8 @@ def embed(
     pretrained = pretrained or "true"  # unset by default, so that beside --checkpoint it is refused
     predictor = _predictor(model, pretrained, checkpoint, data, data_dir, precision)
     dataset = load_dataset(data, predictor.data_options)
+    if checkpoint is not None:
+        check_split_as_run(Path(checkpoint), read_run_config(checkpoint), dataset, data)
     names = list(dataset.splits) if split == "all" else [split]
     missing = [n for n in names if n not in dataset.splits]
     if missing:
@@ -213,7 +216,7 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, dat
             raise UserError(str(e)) from None
     if data_dir:
         predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
-    examples, label_names = resolve_input(input_, predictor.data_options, split)
+    examples, label_names = resolve_input(input_, predictor.data_options, split, run_dir=checkpoint)
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
     label_names, names = named_alike(label_names, names)

@@ -67,6 +67,13 @@ def empty_split(spec: str, split: str) -> DataError:
     return DataError(f"--split {split}: the {split} split of {spec} is empty (no examples)")
 
 
+def check_split_as_run(run_dir: Path, config: dict, dataset, spec: str) -> None:
+    """Where ``spec`` names the run's own data, however spelled, refuse it unless it still splits
+    as the run did (eval, predict and embed on its "test" would score images it trained on)."""
+    if recorded_data(spec) == recorded_data(config["data"]):
+        _check_split_as_fitted(run_dir, config, dataset, spec)
+
+
 def _check_split_as_fitted(run_dir: Path, config: dict, dataset, spec: str) -> None:
     """Raise ``DataError`` where the run's data, split again now, would not give the split the run
     was evaluated on (a folder that gained an image redraws every class): its test images could
@@ -120,9 +127,7 @@ def evaluate_run(
         raise empty_split(spec, split)
     if dataset.channels != predictor.channels:
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
-    # --data naming the run's own data, however spelled, must split as it did
-    if recorded_data(spec) == recorded_data(config["data"]):
-        _check_split_as_fitted(run_dir, config, dataset, spec)
+    check_split_as_run(run_dir, config, dataset, spec)
     if dataset.multi_label and not predictor.multi_label:
         raise DataError(f"{spec} has multi-label rows (a|b); the run was trained on single labels")
     to_run_classes = run_class_order(spec, dataset.class_names, tuple(predictor.class_names or ()))

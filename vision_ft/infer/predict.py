@@ -14,23 +14,26 @@ from vision_ft.data.folder import image_files
 from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.records import Record
 from vision_ft.data.sources import KINDS, DataOptions, load_dataset
-from vision_ft.infer.evaluate import empty_split
+from vision_ft.infer.evaluate import check_split_as_run, empty_split
 from vision_ft.train.multilabel import THRESHOLD
-from vision_ft.train.run_dir import unnamed_classes
+from vision_ft.train.run_dir import read_run_config, unnamed_classes
 
 
 def resolve_input(
-    text: str, options: DataOptions, split: str | None
+    text: str, options: DataOptions, split: str | None, run_dir: Path | None = None
 ) -> tuple[ExampleSplit, tuple[str, ...] | None]:
     """(examples, the names of their label indices): one image file, every image under a folder
     (unlabelled: None), or a split of a --data spec (``split`` defaults to test, else val, else
-    train). The data's own names: a folder of some of the run's classes indexes them otherwise."""
+    train). The data's own names: a folder of some of the run's classes indexes them otherwise.
+    A spec naming the data of the run in ``run_dir`` must still split as the run did."""
     kind = text.partition(":")[0]
     is_spec = kind in KINDS and ":" in text
     if split is not None and not is_spec:
         raise DataError(f"--split is for a --data spec; --input {text} is a file or folder")
     if is_spec:
         dataset = load_dataset(text, options)
+        if run_dir is not None:
+            check_split_as_run(Path(run_dir), read_run_config(run_dir), dataset, text)
         name = split or next(s for s in ("test", "val", "train") if s in dataset.splits)
         if name not in dataset.splits:
             raise DataError(f"--split {name}: {text} has splits {', '.join(dataset.splits)}")
