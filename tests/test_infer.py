@@ -463,6 +463,23 @@ def test_an_eval_that_fails_leaves_no_directory_it_made(fitted, tmp_path, monkey
     assert not (tmp_path / "reports").exists()
 
 
+def test_eval_counts_the_rows_left_out_while_reading_the_data_as_fit_does(fitted, tmp_path):
+    """fit's final.json counts a CSV row naming a missing file; eval.json left it out."""
+    root, _, _ = fitted
+    lines = ["path,label"]
+    for i in range(12):
+        Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{i % 2}")
+    lines.append("gone.png,1")
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    result = cli("eval", "--checkpoint", root / "run", "--data", f"csv:{tmp_path / 'list.csv'}", "--split",
+                 "train", "--output", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    bad = json.loads((out / "eval.json").read_text())["bad_examples"]
+    assert bad["count"] == 1 and list(bad["examples"]) == [str(tmp_path / "gone.png")], bad
+
+
 def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, monkeypatch):
     """With --checkpoint=~/run the shell leaves "~" alone: eval read the run from $HOME but wrote its
     report into ./~/run, embed recorded .../~/run as the checkpoint, and fit wrote into ./~."""

@@ -140,6 +140,8 @@ def evaluate_run(
     except BaseException:
         remove_empty(made)  # or the next eval's report would go to eval-SPLIT-2
         raise
+    # the rows left out as the data was read (a CSV row naming a missing file) count, as in fit's
+    bad = {**dataset.skipped, **bad}
     if to_run_classes is not None:
         labels = reorder_labels(labels, to_run_classes)
     names = predictor.class_names
