@@ -80,7 +80,8 @@ class FitRun:
         claimed = claim_output_dir(cfg)
         self.checkpoint_dir, self.saved_by_release = claimed.checkpoint_dir, claimed.saved_by_release
         # which run the checkpoints belong to: a resume keeps the run's (runs from before have none)
-        self.run_id = new_run_id() if not cfg.resume else (claimed.saved or {}).get("run_id")
+        # (claimed.cfg: the rerun of a preempted run resumes it)
+        self.run_id = (claimed.saved or {}).get("run_id") if claimed.cfg.resume else new_run_id()
         error = None
         try:
             self._set_up(claimed.cfg, claimed.saved)
