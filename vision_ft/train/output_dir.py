@@ -80,10 +80,10 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
         # config.json records where the checkpoints are: eval, predict and run:DIR read it from
         # whatever directory they start in, where a relative path would name another place
         cfg = dataclasses.replace(cfg, checkpoint_dir=str(checkpoint_dir))
+    refuse_misplaced_entries(out)
     # not the folders' existence: a fit that failed before its first save (a --freeze group out
     # of range) left them empty, and then neither a new run nor --resume could use the directory;
     # nor an empty metrics.jsonl: one that failed before its first evaluation (out of memory) left it
-    refuse_misplaced_entries(out)
     metrics = out / "metrics.jsonl"
     has_run = holds_checkpoint(checkpoint_dir) or (metrics.is_file() and metrics.stat().st_size > 0)
     if has_run and preempted and not cfg.resume:
