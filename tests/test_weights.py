@@ -341,3 +341,64 @@ def test_list_models():
         "resnet152",
     ]
     assert "resnet50.a1_in1k" in vision_ft.list_models("resnet50", pretrained=True)
+
+
+def test_unreachable_hub_is_asked_once_then_the_cache(tmp_path, resnet18_ckpt, monkeypatch):
+    """A network failure on the first weights file (retried for ~25 s by huggingface_hub) is not
+    repeated for the next: that one is looked up in the local cache only."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _, path = resnet18_ckpt
+    calls = []
+
+    def download(repo_id, filename, *, local_files_only=False):
+        calls.append((filename, local_files_only))
+        if filename == "pytorch_model.bin" and local_files_only:
+            return str(path)  # in the cache from an earlier download
+        if filename == "config.json" and local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        raise LocalEntryNotFoundError("cannot reach the hub") from ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    source = sources.from_hub("timm/resnet18.a1_in1k")
+    assert calls == [
+        ("model.safetensors", False),
+        ("pytorch_model.bin", True),
+        ("config.json", True),
+    ]
+    assert "pytorch_model.bin" in source.description and source.cfg_overrides == {}
+
+
+def test_cli_prints_huggingface_hub_warnings_once(tmp_path):
+    """huggingface_hub logs through its own handler; the CLI must not print each line again through
+    the root logger's (its retry warnings ran to twenty doubled lines offline)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.utils import logging as hf_logging
+
+        def download(repo_id, filename, *, local_files_only=False):
+            if local_files_only:
+                raise LocalEntryNotFoundError("not in the cache")
+            hf_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+            raise LocalEntryNotFoundError("cannot reach the hub") from ConnectionError("no network")
+
+        huggingface_hub.hf_hub_download = download
+        from vision_ft.cli import main
+
+        sys.argv = ["vision-ft", "classify", "--pretrained", "hf-hub:timm/resnet18.a1_in1k"]
+        main()
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("Retrying in 1s") == 1, out.stderr  # the hub asked once, then the cache
+    assert (
+        "could not fetch weights hf-hub:timm/resnet18.a1_in1k (LocalEntryNotFoundError: cannot reach"
+        in out.stderr
+    )

@@ -35,6 +35,9 @@ def main(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # huggingface_hub prints through a handler of its own; a root handler that an imported library
+    # configured would print each of its lines a second time
+    logging.getLogger("huggingface_hub").propagate = False
     allocator = keep_freed_host_memory()
     logger.debug("host memory: %s (%s=system keeps the system's allocator)", allocator, OPT_OUT)
     use_persistent_compile_cache()

@@ -86,11 +86,11 @@ def offline_package_checkpoint(model_name: str) -> Path | None:
     return None
 
 
-def _hub_config(repo_id: str) -> dict:
+def _hub_config(repo_id: str, *, cache_only: bool) -> dict:
     from huggingface_hub import hf_hub_download
 
     try:
-        with open(hf_hub_download(repo_id, "config.json")) as f:
+        with open(hf_hub_download(repo_id, "config.json", local_files_only=cache_only)) as f:
             cfg = json.load(f).get("pretrained_cfg", {})
     except Exception:  # a repo without config.json still has usable weights
         return {}
@@ -108,18 +108,27 @@ def from_hub(repo_id: str) -> WeightSource:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     last_error: Exception | None = None
+    cache_only = False
     for filename in ("model.safetensors", "pytorch_model.bin"):
         try:
-            path = hf_hub_download(repo_id, filename)
+            path = hf_hub_download(repo_id, filename, local_files_only=cache_only)
         except LocalEntryNotFoundError as e:
-            last_error = e
+            if not cache_only:  # the hub's failure says more than a later miss in the cache
+                last_error = e
+            # the hub was unreachable (after ~25 s of huggingface_hub's retries): the other files
+            # are looked up in the cache alone, not retried again
+            cache_only = cache_only or e.__cause__ is not None
             continue
         except EntryNotFoundError:
             continue
         except Exception as e:  # network, auth and missing-repo errors all end the same way
             last_error = e
             break
-        return WeightSource(read_checkpoint(path), f"hf-hub:{repo_id} ({filename})", _hub_config(repo_id))
+        return WeightSource(
+            read_checkpoint(path),
+            f"hf-hub:{repo_id} ({filename})",
+            _hub_config(repo_id, cache_only=cache_only),
+        )
     reason = (
         f"{type(last_error).__name__}: {str(last_error).splitlines()[0]}" if last_error else "no weights file"
     )
