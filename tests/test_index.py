@@ -113,6 +113,44 @@ def test_folder_presplit_layout(tmp_path):
     assert all(Path(r.path).parts[-3] == "train" for r in ds.splits["train"])
 
 
+def test_folder_training_testing_are_splits(tmp_path):
+    """Kaggle's brain-tumour MRI layout: Training/ and Testing/ were read as two classes."""
+    root = tmp_path / "ds"
+    for split, count in (("Training", 3), ("Testing", 1)):
+        for name in ("glioma", "meningioma"):
+            for i in range(count):
+                _png(root / split / name / f"{i}.png")
+    ds = index_folder(root)
+    assert ds.class_names == ("glioma", "meningioma")
+    assert {split: len(records) for split, records in ds.splits.items()} == {"train": 6, "test": 2}
+
+
+@pytest.mark.parametrize("split_named", ["train", "valid", "test"])
+def test_folder_class_named_like_a_split_is_a_class(tmp_path, split_named):
+    """Classes that hold their images directly (CIFAR-100's "train", a valid/invalid task): a folder
+    named like a split among them is a class too, not a split missing its class folders."""
+    root = tmp_path / "ds"
+    names = sorted({split_named, "apple", "invalid"})
+    for name in names:
+        for i in range(2):
+            _png(root / name / f"{i}.png")
+    ds = index_folder(root, val_fraction=0.0)
+    assert ds.class_names == tuple(names)
+    assert len(ds.splits["train"]) == 6
+
+
+def test_folder_split_named_class_beside_classes_of_the_same_layout_is_refused(tmp_path):
+    """bus/, car/ and train/ each holding voc/ and coco/: read as a pre-split layout, bus and car were
+    silently dropped and the classes became voc and coco."""
+    root = tmp_path / "ds"
+    for name in ("bus", "car", "train"):
+        for source in ("voc", "coco"):
+            _png(root / name / source / "0.png")
+    with pytest.raises(DataError, match=r"bus/, car/.*train/") as info:
+        index_folder(root)
+    assert "\n" not in str(info.value)
+
+
 def test_folder_presplit_class_missing_from_train(tmp_path):
     root = tmp_path / "ds"
     _png(root / "train" / "cat" / "0.png")

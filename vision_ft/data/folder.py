@@ -16,7 +16,15 @@ from vision_ft.data.records import IndexedDataset, Record
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
 
 # folder names (lower-cased) that mark a pre-split layout, and the split each one holds
-SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def _listing_error(error: OSError) -> DataError:
@@ -98,17 +106,43 @@ def _check_class_count(folder: Path, class_names: list[str]) -> None:
         )
 
 
+def _holds_images_directly(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            files = [e.path for e in entries if not e.name.startswith(".") and e.is_file()]
+    except OSError as e:
+        raise _listing_error(e) from None
+    return any(_is_image_file(path) for path in files)
+
+
 def _split_folders(root: Path) -> dict[str, Path]:
-    """``train``/``val``/``test`` subfolders of ``root`` (``valid``/``validation`` count as ``val``)."""
+    """``train``/``val``/``test`` subfolders of ``root`` (``training``, ``valid``, ``validation`` and
+    ``testing`` count too), or none where the folders named like splits are classes among others."""
     found: dict[str, Path] = {}
+    others = []
     for sub in _visible_subdirs(root):
         split = SPLIT_FOLDERS.get(sub.name.lower())
         if split is None:
+            others.append(sub)
             continue
         if split in found:
             raise DataError(f"{root}: both {found[split].name}/ and {sub.name}/ look like the {split} split")
         found[split] = sub
-    if found and "train" not in found:
+    if not found:
+        return found
+    holding_images = [d for d in others if _holds_images_directly(d)]
+    if holding_images and all(not _visible_subdirs(d) and _holds_images_directly(d) for d in found.values()):
+        return {}  # CIFAR-100's "train", a valid/invalid task: classes holding their images
+    split_names = ", ".join(f"{d.name}/" for d in found.values())
+    classes_inside = {d.name for split_dir in found.values() for d in _visible_subdirs(split_dir)}
+    alike = [d for d in others if classes_inside & {sub.name for sub in _visible_subdirs(d)}]
+    if alike:
+        names = ", ".join(f"{d.name}/" for d in alike)
+        raise DataError(
+            f"{root}: {names} hold the same subfolders as {split_names} so {split_names} looks like a "
+            "class, not a split; rename it, or index the images with a csv: file"
+        )
+    if "train" not in found:
         names = ", ".join(f"{p.name}/" for p in found.values())
         raise DataError(f"{root} has {names} but no train/ folder")
     return found
@@ -141,9 +175,11 @@ def index_folder(
 ) -> IndexedDataset:
     """Index ``root/<class>/**/<image>`` into splits; class index = position of the name in sorted order.
 
-    If ``root`` holds ``train/`` (and optionally ``val/`` or ``valid/``, ``test/``), those folders are
-    the splits as the dataset's authors made them and the fractions are not used; other subfolders
-    next to them are ignored. Otherwise the images are split per class with ``stratified_split``.
+    If ``root`` holds ``train/`` (or ``training/``; optionally ``val/``, ``valid/``, ``test/``), those
+    folders are the splits as the dataset's authors made them and the fractions are not used; other
+    subfolders next to them are ignored, unless they hold the same class folders (then a split name is
+    a class's, refused) or hold images as the split-named folders do (then all are classes).
+    Otherwise the images are split per class with ``stratified_split``.
     Records hold absolute paths. Hidden files and folders are skipped, and so are files with other
     suffixes unless they carry the DICOM marker (DICOM files named by UID or with no suffix).
     """
