@@ -19,7 +19,7 @@ from tests.test_tfds_source import _prepare
 from tests.train_fixtures import tiny_config
 from vision_ft.data.errors import BadImageError, DataError
 from vision_ft.data.pipeline import Geometry
-from vision_ft.data.sources import load_dataset
+from vision_ft.data.sources import DataOptions, load_dataset
 from vision_ft.data.stats import band_statistics
 from vision_ft.train.loop import FitRun
 from vision_ft.train.run_dir import RunDirError
@@ -194,6 +194,24 @@ def test_the_band_count_is_read_across_the_split_not_from_its_first_class(tmp_pa
         for i in range(10):
             Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
     assert load_dataset(f"folder:{tmp_path}").channels == 3
+
+
+def test_the_band_count_does_not_depend_on_the_seed(tmp_path):
+    """The sample was drawn from the seeded training split: with a few colour photos among grey ones,
+    seeds 0-5 declared 3, 3, 1, 1, 3, 1 bands (a grey model or an RGB one, by the seed)."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(30):
+            grey = rng.integers(0, 255, (12, 12), dtype=np.uint8)
+            Image.fromarray(grey).save(tmp_path / name / f"{i:02d}.png")
+    for i in range(3):
+        colour = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(colour).save(tmp_path / "b" / f"1{i}x.png")
+    channels = {
+        seed: load_dataset(f"folder:{tmp_path}", DataOptions(seed=seed)).channels for seed in range(6)
+    }
+    assert len(set(channels.values())) == 1, channels
 
 
 def test_a_drawn_split_left_empty_is_refused_before_training(tmp_path):

@@ -127,7 +127,10 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
         name: FileSplit(records, window=options.window, multi_label_classes=classes)
         for name, records in index.splits.items()
     }
-    channels = _dataset_channels(spec, splits["train"])
+    # sampled from every indexed image in path order: which images the seeded split draws for training
+    # must not decide the model's input bands
+    every_image = sorted((r for records in index.splits.values() for r in records), key=lambda r: r.path)
+    channels = _dataset_channels(spec, FileSplit(every_image, window=options.window))
     return Dataset(
         splits, index.class_names, channels, spec, index=index, multi_label=index.multi_label,
         skipped=dict(index.skipped),
@@ -135,8 +138,8 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
 
 
 def _dataset_channels(spec: str, split: ExampleSplit, tries: int = 32, sample: int = 8) -> int:
-    """The band count of the data, from ``sample`` readable training images spread over the split
-    (folder and CSV splits list their classes one after another, and one class may be all grey): 3
+    """The band count of the data, from ``sample`` readable images spread over ``split`` (folders
+    and CSV files list their classes one after another, and one class may be all grey): 3
     where grey and colour photos mix (the pipeline repeats grey ones to RGB, as timm reads every photo
     as RGB), else the first one's."""
     spread = [*_spread(len(split), sample), *_spread(len(split), tries)]
@@ -151,7 +154,7 @@ def _dataset_channels(spec: str, split: ExampleSplit, tries: int = 32, sample: i
         if len(counts) == sample:
             break
     if not counts:
-        unreadable = f"none of {len(reasons)} training images across the split can be read ({reasons[0]})"
+        unreadable = f"none of {len(reasons)} images sampled across the data can be read ({reasons[0]})"
         raise DataError(f"--data {spec!r}: {unreadable}")
     return 3 if set(counts) == {1, 3} else counts[0]
 
