@@ -537,6 +537,47 @@ def test_a_fit_that_fails_while_finishing_is_finished_by_the_same_command(tmp_pa
     assert again["test"] == final["test"]
 
 
+def test_a_process_dying_between_a_checkpoint_and_its_notes_resumes_with_the_epochs_losses(
+    tmp_path, monkeypatch
+):
+    """The latest checkpoint was written before the resume notes of its step: a process killed between
+    the two left a checkpoint without notes, and the resumed epoch's train loss averaged only the steps
+    after the resume. Whichever comes second at step 4 dies here; the resume must log what an
+    uninterrupted run logs."""
+    import vision_ft.train.loop as loop
+
+    settings = dict(epochs=1, save_every_steps=2, ema_decay=0.0)  # 6 steps: checkpoints at 2, 4, 6
+    uninterrupted = FitRun(tiny_config(tmp_path, output=str(tmp_path / "full"), **settings), progress=False)
+    uninterrupted.run()
+
+    class Killed(BaseException):
+        pass
+
+    written_at_4 = []
+
+    def dying_at_4(write):
+        def wrapped(*args):
+            if args[1] == 4:  # (out, step, ...) and (self, step, state)
+                if written_at_4:
+                    raise Killed
+                written_at_4.append(write)
+            return write(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "write_resume_notes", dying_at_4(loop.write_resume_notes))
+    monkeypatch.setattr(RunCheckpoints, "save_latest", dying_at_4(RunCheckpoints.save_latest))
+    with pytest.raises(Killed):
+        FitRun(tiny_config(tmp_path, **settings), progress=False).run()
+    monkeypatch.undo()
+    FitRun(tiny_config(tmp_path, resume=True, **settings), progress=False).run()
+
+    def train_losses(run_dir):
+        return [r["loss"] for r in json_lines(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+    np.testing.assert_allclose(train_losses(tmp_path / "run"), train_losses(tmp_path / "full"), rtol=1e-6)
+
+
 def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

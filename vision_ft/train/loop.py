@@ -421,10 +421,13 @@ class FitRun:
                     )
                 preempted = step < self.total_steps and stop_requested
                 if preempted or end_of_epoch or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                    self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
+                    # the notes first: a process that dies between the two leaves notes a step ahead
+                    # of the latest checkpoint, harmless (the last few steps' are kept), not a
+                    # checkpoint a resume would find without the epoch's losses
                     bad = merged_from_all_processes(self.bad_examples.reasons)  # every process, together
                     if primary:
                         write_resume_notes(self.out, step, jax.device_get(epoch_losses), bad)
+                    self.checkpoints.save_latest(step, self._state(trainer, step, best_score))
                 if preempted:
                     progress.close()
                     metrics_log.close()

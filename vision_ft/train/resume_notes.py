@@ -1,8 +1,8 @@
 """What a resume needs beside the latest checkpoint: the train losses of the epoch it stopped in and
 the unusable training images met so far (``--output/resume_notes.json``).
 
-The notes are written after each latest checkpoint and keyed by its step. A checkpoint still being
-written when the process dies leaves notes a step ahead of the checkpoint a resume finds, so the
+The notes are written just before each latest checkpoint and keyed by its step. A process that dies
+before the checkpoint is complete leaves notes a step ahead of the checkpoint a resume finds, so the
 notes of the last few steps are kept and a resume reads those of its own step.
 """
 
