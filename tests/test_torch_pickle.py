@@ -104,6 +104,8 @@ def test_crafted_pth_with_valid_layouts_loads_as_torch_does(tmp_path):
         (0, (-1,), (1,), "negative"),
         (0, (1,), (1, 1), "different lengths"),
         (0, (1.5,), (1,), "must be integers"),
+        # a 1.5 KB file whose copy asked for 64 GiB (torch.load keeps the expansion as a view)
+        (0, (2**34,), (0,), "expands its storage of 1 elements to 17179869184"),
     ],
     ids=[
         "heap_read",
@@ -116,6 +118,7 @@ def test_crafted_pth_with_valid_layouts_loads_as_torch_does(tmp_path):
         "negative_size",
         "rank_mismatch",
         "float_size",
+        "expansion_bomb",
     ],
 )
 def test_pth_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride, problem):

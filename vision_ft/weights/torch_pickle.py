@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -33,6 +34,9 @@ _STORAGE_DTYPES = {
     "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# elements an expanded tensor (zero strides) may copy out to beyond its storage's: far above any
+# expanded buffer a model keeps, far below the memory a crafted file could otherwise claim
+_LARGEST_EXPANSION = 2**24
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -97,6 +101,14 @@ class _LazyTensor(_RefusesPickleState):
         if last_index >= storage_numel:
             raise pickle.UnpicklingError(
                 f"{layout} reaches element {last_index} but its storage holds {storage_numel}"
+            )
+        numel = math.prod(self.size)
+        if numel > max(storage_numel, _LARGEST_EXPANSION):
+            # zero strides repeat elements, and the copy below is dense: a tiny file could otherwise
+            # ask for any amount of memory (torch.load keeps the expansion as a view)
+            raise pickle.UnpicklingError(
+                f"{layout} expands its storage of {storage_numel} elements to {numel}; save it with "
+                ".contiguous() if it is meant to be that large"
             )
 
 
