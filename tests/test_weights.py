@@ -321,6 +321,22 @@ def test_hf_hub_spec_offline_from_cache(tmp_path, resnet18_ckpt, monkeypatch):
         vision_ft.create_model("resnet18", pretrained=True)
 
 
+def test_hf_hub_tag_without_its_config_json_gets_the_tags_preprocessing(tmp_path, resnet18_ckpt, monkeypatch):
+    """A cache holding only the weights (or config.json failing to download) left the default tag's
+    interpolation, crop and statistics on the model, though the registry knows the tag's."""
+    _, path = resnet18_ckpt
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "timm/resnet18.tv_in1k", {"model.safetensors": path})
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    model = vision_ft.create_model("resnet18", pretrained="hf-hub:timm/resnet18.tv_in1k")
+    expected = vision_ft.create_model("resnet18.tv_in1k", pretrained=False).pretrained_cfg
+    assert (model.pretrained_cfg.interpolation, model.pretrained_cfg.crop_pct) == ("bilinear", 0.875)
+    assert model.pretrained_cfg == expected
+
+
 def test_list_models():
     names = vision_ft.list_models()
     for family_member in (

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vision_ft.models.registry import ModelEntry, PretrainedCfg, get_model_entry
+from vision_ft.models.registry import ModelEntry, PretrainedCfg, cfg_for_tag, get_model_entry
 from vision_ft.weights.adapt import adapt_input_conv, adapt_norm_stats
 from vision_ft.weights.mapping import format_path, match_state_dict, variable_shapes
 from vision_ft.weights.sources import WeightSource, resolve_source
@@ -22,6 +22,17 @@ log = logging.getLogger("vision_ft.models")
 
 # given the abstractly built model, values for (some of) its variables by path
 WeightsFor = Callable[[nnx.Module], Mapping[tuple, np.ndarray | jax.Array]]
+
+
+def _hub_tag_cfg(entry: ModelEntry, pretrained: object) -> PretrainedCfg | None:
+    """The registered pretrained_cfg of ``hf-hub:timm/<name>.<tag>``: the starting point that the
+    repo's own config.json (when it can be read) only refines."""
+    if not isinstance(pretrained, str):
+        return None
+    name, _, tag = pretrained.removeprefix("hf-hub:timm/").partition(".")
+    if not pretrained.startswith("hf-hub:timm/") or name != entry.name or tag not in entry.tags:
+        return None
+    return cfg_for_tag(get_model_entry(entry.name), tag)  # the tag's differences from the base's
 
 
 def create_model(
@@ -51,7 +62,7 @@ def create_model(
     """
     entry = get_model_entry(name)
     source = resolve_source(pretrained, entry.name, entry.default_cfg.hf_hub_id)
-    cfg = entry.default_cfg
+    cfg = _hub_tag_cfg(entry, pretrained) or entry.default_cfg
     if source is not None and source.cfg_overrides:
         cfg = dataclasses.replace(cfg, **source.cfg_overrides)
     if num_classes is None:
