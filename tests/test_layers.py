@@ -312,3 +312,33 @@ def test_bf16_depthwise_sums_its_taps_in_float32_as_xla_does():
     ours_error = float(jnp.abs(ours.astype(jnp.float32) - exact).max())
     xla_error = float(jnp.abs(xla(*half).astype(jnp.float32) - exact).max())
     assert ours_error <= 1.5 * xla_error, (ours_error, xla_error)
+
+
+def test_bf16_depthwise_kernel_gradient_accumulates_in_float32_as_xla_does():
+    """The kernel gradient summed each output row's products in bfloat16: on a 56x56 map it erred
+    about 4x as much as XLA's own bf16 convolution gradient."""
+    from vision_ft.models.cpu_conv import depthwise_conv
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 56, 56, 32)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 32)) * 0.1, jnp.float32)
+    grad = jnp.asarray(rng.standard_normal((8, 56, 56, 32)), jnp.float32)
+    pads = ((1, 1), (1, 1))
+
+    def xla(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=32
+        )
+
+    def kernel_grad(conv, x, kernel, grad):
+        return jax.vjp(conv, x, kernel)[1](grad)[1]
+
+    exact = kernel_grad(xla, x, kernel, grad)
+    half = [a.astype(jnp.bfloat16) for a in (x, kernel, grad)]
+    ours = jax.jit(lambda *a: kernel_grad(lambda x, k: depthwise_conv(x, k, (1, 1), pads), *a))(*half)
+    assert ours.dtype == jnp.bfloat16
+    ours_error = float(jnp.abs(ours.astype(jnp.float32) - exact).max())
+    xla_error = float(
+        jnp.abs(jax.jit(lambda *a: kernel_grad(xla, *a))(*half).astype(jnp.float32) - exact).max()
+    )
+    assert ours_error <= 1.5 * xla_error, (ours_error, xla_error)

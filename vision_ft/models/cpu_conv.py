@@ -104,8 +104,10 @@ def _depthwise_kernel_grad(x: jax.Array, grad: jax.Array, kernel_shape, strides:
     kh, kw = kernel_shape[:2]
     views = _shifted_views(x, kh, kw, strides, pads)
     rows = range(grad.shape[1])
-    per_tap = jnp.stack([sum(view[:, r] * grad[:, r] for r in rows) for view in views])
-    return per_tap.sum(axis=(1, 2)).reshape(kernel_shape)
+    # accumulated in at least float32, as the forward pass (bf16 row sums erred 4x XLA's gradient)
+    wide = jnp.promote_types(grad.dtype, jnp.float32)
+    per_tap = jnp.stack([sum((view[:, r] * grad[:, r]).astype(wide) for r in rows) for view in views])
+    return per_tap.sum(axis=(1, 2)).astype(jnp.result_type(x, grad)).reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
