@@ -44,6 +44,13 @@ def test_models_table():
         (("classify", "--pretrained", "/no/such/file.safetensors"), "/no/such/file.safetensors"),
         (("classify", "/no/such/photo.jpg"), "/no/such/photo.jpg"),
         (("classify", "--top-k", "0"), "--top-k"),
+        # Path.expanduser() raised RuntimeError and Path.exists() OSError: tracebacks, exit code 1
+        (("stats", "--data", "folder:~nosuchuser/images"), "~nosuchuser"),
+        (("stats", "--data", "csv:~nosuchuser/data.csv"), "~nosuchuser"),
+        (("stats", "--output", "~nosuchuser/stats.yaml"), "~nosuchuser"),
+        (("stats", "--data", f"folder:/tmp/{'a' * 300}"), "a" * 300),
+        (("stats", "--data", f"npz:/tmp/{'a' * 300}.npz"), "a" * 300),
+        (("stats", "--data", f"csv:/tmp/{'a' * 300}.csv"), "a" * 300),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, culprit, tmp_path):

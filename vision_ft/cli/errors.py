@@ -46,6 +46,12 @@ def user_errors_exit_2(command):
             return command(*args, **kwargs)
         except USER_ERRORS as e:
             raise UserError(e.args[0] if e.args else str(e)) from None
+        except OSError as e:
+            if e.filename is None:
+                raise
+            # a path the user gave that the system refuses: too long a name, a folder without
+            # permission, a file where a folder should be
+            raise UserError(f"{e.filename}: {e.strerror or e}") from None
         except MemoryError as e:  # numpy's "Unable to allocate 37.3 GiB for an array ..."
             raise UserError(f"out of host memory: {e}; lower --batch-size or --img-size") from None
         except jax.errors.JaxRuntimeError as e:

@@ -15,4 +15,8 @@ class UserPath(click.Path):
         super().__init__(path_type=Path, **kwargs)
 
     def convert(self, value, param, ctx) -> Path:
-        return Path(super().convert(value, param, ctx)).expanduser()
+        path = Path(super().convert(value, param, ctx))
+        try:
+            return path.expanduser()
+        except RuntimeError:  # "~name" where no user has that name (or no HOME for "~")
+            self.fail(f"{path.parts[0]} names no home directory here ({value})", param, ctx)

@@ -55,7 +55,14 @@ def recorded_data(spec: str) -> str:
     kind, _, location = spec.partition(":")
     if kind not in ("npz", "folder", "csv") or not location or location.startswith("bundled:"):
         return spec
-    return f"{kind}:{os.path.abspath(Path(location).expanduser())}"
+    return f"{kind}:{os.path.abspath(_data_path(spec, location))}"
+
+
+def _data_path(spec: str, location: str) -> Path:
+    try:
+        return Path(location).expanduser()
+    except RuntimeError:  # "~name" where no user has that name (or no HOME for "~")
+        raise DataError(f"--data {spec!r}: {location.split('/')[0]} names no home directory here") from None
 
 
 def load_dataset(spec: str, options: DataOptions = DataOptions()) -> Dataset:
@@ -79,7 +86,7 @@ def _npz(spec: str, location: str) -> Dataset:
         filename, names = BUNDLED[name]
         path = Path(str(resources.files("vision_ft") / "assets" / filename))
     else:
-        path = Path(location).expanduser()
+        path = _data_path(spec, location)
     splits = load_npz_splits(path)
     multi_label = splits["train"].labels.ndim == 2
     if multi_label:
@@ -115,11 +122,11 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
     if kind == "folder":
         from vision_ft.data.folder import index_folder
 
-        index = index_folder(Path(location).expanduser(), **split_args)
+        index = index_folder(_data_path(spec, location), **split_args)
     else:
         from vision_ft.data.csv_index import index_csv
 
-        index = index_csv(Path(location).expanduser(), **split_args)
+        index = index_csv(_data_path(spec, location), **split_args)
     if not index.splits.get("train"):
         raise DataError(f"--data {spec!r}: no training examples")
     classes = len(index.class_names) if index.multi_label else None
