@@ -61,6 +61,8 @@ def _write_case(path, case: str) -> None:
         "negative_labels": {"val_labels": np.array([-1, 1, 0, 1])},
         "flat_images": {"train_images": np.zeros((6, 64), np.uint8)},
         "five_d_images": {"train_images": np.zeros((6, 2, 8, 8, 1), np.uint8)},
+        # MedMNIST 3D: (N, 28, 28, 28) volumes were read as 28x28 images of 28 bands
+        "volumes": {"train_images": np.zeros((6, 8, 8, 8), np.uint8)},
         "bandless_images": {"train_images": np.zeros((6, 8, 8, 0), np.uint8)},
         "count_mismatch": {"train_labels": np.zeros((5, 1), np.int64)},
         "float_images": {"train_images": np.zeros((6, 8, 8), np.float32)},
@@ -82,6 +84,7 @@ BAD_FILES = {
     "negative_labels": ("val_labels", "holds -1"),
     "flat_images": ("train_images", "shape (6, 64)"),
     "five_d_images": ("train_images", "shape (6, 2, 8, 8, 1)"),
+    "volumes": ("train_images", "shape (6, 8, 8, 8), which looks like 3-D volumes"),
     "bandless_images": ("train_images", "no pixels or no bands"),
     "count_mismatch": ("train_labels", "6 images but train_labels 5 labels"),
     "float_images": ("train_images", "must be uint8"),

@@ -115,6 +115,12 @@ def _checked_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
         raise DataError(f"{path}: {key} holds no images — leave the split out instead")
     if 0 in images.shape[1:]:
         raise DataError(f"{path}: {key} has shape {images.shape} — an image has no pixels or no bands")
+    if images.ndim == 4 and images.shape[1] == images.shape[2] == images.shape[3] > 4:
+        # MedMNIST 3D's layout: as NHWC, one spatial axis would become the bands
+        raise DataError(
+            f"{path}: {key} has shape {images.shape}, which looks like 3-D volumes (MedMNIST 3D); "
+            "vision-ft trains on 2-D images (N, H, W) or (N, H, W, bands)"
+        )
     return images if images.ndim == 4 else images[..., None]
 
 
