@@ -206,6 +206,21 @@ def test_grey_tiff_with_alpha_drops_it_as_png_does(tmp_path: Path, extrasamples:
     np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif"), rgba[..., :3] / np.float32(255))
 
 
+@pytest.mark.parametrize(("bands", "kept"), [(3, 3), (4, 3), (2, 1)], ids=["rgb16", "rgba16", "grey_alpha16"])
+def test_16bit_colour_png_keeps_its_16_bits(tmp_path: Path, bands: int, kept: int) -> None:
+    """Pillow opens 16-bit RGB(A) and grey+alpha PNGs as 8-bit RGB(A): the low byte was lost (1000
+    read back as 3/255) and grey+alpha came out as 3 bands."""
+    import imagecodecs
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 65536, (5, 7, bands), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    path.write_bytes(imagecodecs.png_encode(pixels))
+    image = read_image(path)
+    assert image.dtype == np.float32 and image.shape == (5, 7, kept)
+    np.testing.assert_allclose(image, pixels[..., :kept] / 65535.0, rtol=0, atol=1e-7)
+
+
 def test_int16_tiff_keeps_sign(tmp_path: Path) -> None:
     data = np.array([[-32767, -100], [0, 32767]], np.int16)
     tifffile.imwrite(tmp_path / "dem.tif", data)

@@ -189,7 +189,39 @@ def _finish(image: np.ndarray, path: Path) -> np.ndarray:
 # --- PNG, JPEG, BMP, GIF, WebP (Pillow) -----------------------------------------------------------
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_GREY_ALPHA, _PNG_RGB, _PNG_RGBA = 4, 2, 6  # IHDR colour types Pillow reads as 8-bit at 16 bits
+
+
+def _deep_colour_png_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of a 16-bit RGB, RGBA or grey+alpha PNG, else None."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, colour = head[24], head[25]
+    deep_colour = depth == 16 and colour in (_PNG_GREY_ALPHA, _PNG_RGB, _PNG_RGBA)
+    return (height, width) if deep_colour else None
+
+
+def _read_deep_colour_png(path: Path, size: tuple[int, int]) -> np.ndarray:
+    # Pillow would keep only each sample's high byte (and make grey+alpha RGB); libpng through
+    # imagecodecs keeps all 16 bits
+    import imagecodecs
+
+    _check_pixel_count(path, size[0] * size[1])
+    with _decode_errors(path, "PNG"):
+        samples = imagecodecs.png_decode(path.read_bytes())
+    bands = samples[..., 0] if samples.shape[-1] == 2 else samples[..., :3]  # alpha dropped
+    return bands.astype(np.float32) / 65535.0
+
+
 def _read_raster(path: Path) -> np.ndarray:
+    with _decode_errors(path, "image"):
+        deep_colour = _deep_colour_png_size(path)
+    if deep_colour is not None:
+        return _read_deep_colour_png(path, deep_colour)
     with _decode_errors(path, "image"):
         # Pillow's decompression-bomb check raises inside open(); load() decodes now, so a file cut short
         # raises here (ImageFile.LOAD_TRUNCATED_IMAGES is left at its default, False) instead of
