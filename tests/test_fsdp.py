@@ -19,6 +19,20 @@ from vision_ft.train.sharding import MeshError, make_mesh, parse_mesh, tensor_sp
 from vision_ft.train.step import Trainer
 
 
+def test_mesh_devices_are_grouped_by_process():
+    """Each process feeds (and gathers eval fields from) a contiguous block of every batch: the mesh
+    followed jax.devices()'s id order, which need not group a process's devices (TPU slices number
+    chips by position). Devices of one process keep their given order."""
+    from types import SimpleNamespace
+
+    from vision_ft.train.sharding import in_process_order
+
+    devices = [SimpleNamespace(id=i, process_index=p) for i, p in enumerate([0, 1, 0, 1, 2, 2])]
+    assert [(d.process_index, d.id) for d in in_process_order(devices)] == [
+        (0, 0), (0, 2), (1, 1), (1, 3), (2, 4), (2, 5)
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

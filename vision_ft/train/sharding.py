@@ -69,10 +69,17 @@ def parse_mesh(text: str | None, num_devices: int) -> tuple[int, int]:
     return sizes["data"], sizes["fsdp"]
 
 
+def in_process_order(devices) -> list:
+    """``devices`` grouped by process (stably): jax.devices() is in id order, which need not keep a
+    process's devices together (TPU slices number chips by position)."""
+    return sorted(np.asarray(devices, dtype=object).reshape(-1), key=lambda d: d.process_index)
+
+
 def make_mesh(text: str | None = None, devices=None) -> Mesh:
     """The (data, fsdp) mesh over ``devices`` (all of them by default), in process order, so that
-    each process's devices hold a contiguous part of every batch."""
-    devices = np.asarray(devices if devices is not None else jax.devices()).reshape(-1)
+    each process's devices hold a contiguous part of every batch: the part it reads, and whose
+    labels it gathers in process order beside the logits."""
+    devices = np.asarray(in_process_order(devices if devices is not None else jax.devices())).reshape(-1)
     data, fsdp = parse_mesh(text, devices.size)
     return Mesh(devices.reshape(data, fsdp), AXES)
 

@@ -30,7 +30,7 @@ from vision_ft.train.config import EMA_WARMUPS
 from vision_ft.train.distributed import meeting_on_first_call
 from vision_ft.train.optimizer import UpdateWindows
 from vision_ft.train.rules import ParamSetting
-from vision_ft.train.sharding import DEFAULT_MIN_SIZE, state_shardings
+from vision_ft.train.sharding import DEFAULT_MIN_SIZE, in_process_order, state_shardings
 from vision_ft.train.tta import averaged_over_views, reflect_padded
 from vision_ft.weights.mapping import format_path
 
@@ -79,7 +79,7 @@ def _with_shardings(tree, shardings):
 
 def data_mesh(devices=None) -> Mesh:
     """A 1-D ``data`` mesh over every device: inference, where weights are always replicated."""
-    devices = np.asarray(devices if devices is not None else jax.devices())
+    devices = np.asarray(in_process_order(devices if devices is not None else jax.devices()))
     return Mesh(devices.reshape(-1), ("data",))
 
 
