@@ -135,6 +135,10 @@ def plot_learning_curves(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+_LARGEST_PLOT_INCHES = 20.0  # 2000 pixels at the plots' 100 dpi
+_MOST_CLASSES_LABELLED = 30  # beyond, class names, counts and legends are unreadable
+
+
 def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
     import matplotlib
 
@@ -142,15 +146,18 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     import matplotlib.pyplot as plt
 
     cm = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 * len(cm) + 2.5, 1.2 * len(cm) + 2))
+    # bounded: drawn at 1.2 inches a class with every count written, 600 classes ran out of memory
+    side = min(1.2 * len(cm) + 2.5, _LARGEST_PLOT_INCHES)
+    fig, ax = plt.subplots(figsize=(side, side - 0.5))
     ax.imshow(cm, cmap="Blues")
-    for i in range(len(cm)):
-        for j in range(len(cm)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
-    ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(cm)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    if len(cm) <= _MOST_CLASSES_LABELLED:
+        for i in range(len(cm)):
+            for j in range(len(cm)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black")
+        ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(cm)), class_names)
+    ax.set_xlabel("predicted" if len(cm) <= _MOST_CLASSES_LABELLED else "predicted class index")
+    ax.set_ylabel("true" if len(cm) <= _MOST_CLASSES_LABELLED else "true class index")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -177,7 +184,8 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    if len(ax.lines) <= _MOST_CLASSES_LABELLED + 1:  # a legend of hundreds would cover the plot
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
