@@ -83,6 +83,25 @@ def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, m
     assert load_run_model(tmp_path / "run") is not None
 
 
+def test_a_new_run_refuses_a_checkpoint_dir_holding_the_users_files(tmp_path):
+    """--output was checked for files a fit does not write, --checkpoint-dir not: a new run wrote
+    into a folder of the user's and overwrote its run_id.json."""
+    store = tmp_path / "ckpt"
+    store.mkdir()
+    (store / "run_id.json").write_text("my notes")
+    (store / "other.txt").write_text("mine")
+    cfg = tiny_config(tmp_path, epochs=1, checkpoint_dir=str(store))
+    with pytest.raises(
+        RunDirError, match=r"--checkpoint-dir .*ckpt holds files a fit does not write \(other.txt"
+    ):
+        FitRun(cfg, progress=False)
+    (store / "other.txt").unlink()
+    with pytest.raises(RunDirError, match=r"--checkpoint-dir .*ckpt holds a run_id.json that is not a run's"):
+        FitRun(cfg, progress=False)
+    assert (store / "run_id.json").read_text() == "my notes"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_dir_that_is_another_runs_or_cannot_be_made_is_named(tmp_path):
     """A --checkpoint-dir holding another run's checkpoints was blamed on --output ("already holds a
     run; pass --resume"), and one under a file stopped on a NotADirectoryError traceback."""

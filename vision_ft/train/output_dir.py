@@ -101,6 +101,7 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
         raise RunDirError(f"--resume: {out} holds no run to resume")
     if not cfg.resume:
         refuse_foreign_entries(out)
+        refuse_foreign_checkpoint_entries(checkpoint_dir)
     saved, saved_by_release = None, None
     if cfg.resume and (out / "config.json").is_file():
         saved = read_run_config(out)
@@ -177,6 +178,33 @@ def refuse_foreign_entries(out: Path) -> None:
             f"--output {out} holds {_listed(names)} but no run's config.json; not writing into it: choose "
             "an empty or new directory"
         ) from None
+
+
+CHECKPOINT_ENTRIES = frozenset({"latest", "best", OWNER_FILE})
+
+
+def refuse_foreign_checkpoint_entries(checkpoint_dir: epath.Path) -> None:
+    """Raise ``RunDirError`` where a new run's checkpoint directory holds anything its checkpoints
+    do not (a user's folder named as --checkpoint-dir), or a run_id.json that is not a run's."""
+    if "://" in str(checkpoint_dir) or not checkpoint_dir.is_dir():
+        return  # buckets hold what their owners put there; an absent folder is made
+    names = sorted(entry.name for entry in checkpoint_dir.iterdir())
+    foreign = [name for name in names if name not in CHECKPOINT_ENTRIES]
+    if foreign:
+        raise RunDirError(
+            f"--checkpoint-dir {checkpoint_dir} holds files a fit does not write ({_listed(foreign)}); not "
+            "writing into it: choose an empty or new directory"
+        )
+    if OWNER_FILE in names:
+        try:
+            owner = json.loads((checkpoint_dir / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            owner = None
+        if not isinstance(owner, dict) or not isinstance(owner.get("run_id"), str):
+            raise RunDirError(
+                f"--checkpoint-dir {checkpoint_dir} holds a {OWNER_FILE} that is not a run's; not "
+                "overwriting it: choose an empty or new directory"
+            )
 
 
 def refuse_misplaced_entries(out: Path) -> None:
