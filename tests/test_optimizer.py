@@ -177,6 +177,10 @@ def test_config_refuses_out_of_range_settings(setting, culprit):
         ("lr_rules: [[head, 1.0, 2.0]]", "lr_rules"),
         ("lr_rules: [[head, true]]", "lr_rules"),
         ("lr_rules: [[head, fast]]", "lr_rules"),
+        # YAML 1.1 numbers were turned back into other text: octal 010 -> '8', base-60 12:30 -> '750'
+        ("output: 010", "output"),
+        ("output: 12:30", "output"),
+        ("checkpoint_dir: 2.50", "checkpoint_dir"),
     ],
 )
 def test_config_file_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, culprit):

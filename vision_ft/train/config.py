@@ -242,9 +242,10 @@ def _coerce(name: str, value):
         if hint is str:
             if isinstance(value, bool):  # YAML's bare true/false, e.g. pretrained: false
                 return str(value).lower()
-            if not isinstance(value, (str, int, float)):
+            # not numbers: YAML 1.1 reads output: 010 as 8 and 12:30 as 750, text other than typed
+            if not isinstance(value, str):
                 raise ValueError(value)
-            return str(value)
+            return value
         return value
     except (TypeError, ValueError):
         raise ConfigError(f"bad value for {name}: {value!r}") from None
@@ -305,6 +306,26 @@ def resume_conflicts(saved: dict, cfg: FitConfig) -> list[str]:
     ]
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader, but a key given twice in one mapping is an error: YAML keeps the last silently,
+    and the fit would run with another value than the one read at the top of the file."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str):
+                if key in first_line:
+                    raise _RepeatedKey(f"key {key} is given twice (lines {first_line[key]} and {line})")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict | None = None, *, base: dict | None = None
 ) -> FitConfig:
@@ -317,7 +338,9 @@ def load_config(
             missing = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {missing}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _RepeatedKey as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         except UnicodeDecodeError:
