@@ -68,6 +68,18 @@ def test_unreadable_image_is_one_line_exit_2(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "broken.jpg" in out.stderr
 
 
+def test_classify_names_an_image_of_other_bands_in_one_line(tmp_path):
+    """A 5-band TIFF stopped classify on a ValueError traceback (exit 1)."""
+    import numpy as np
+    import tifffile
+
+    tile = tmp_path / "tile.tif"
+    tifffile.imwrite(tile, np.zeros((8, 8, 5), np.uint8), planarconfig="contig")
+    out = run_cli("classify", str(tile))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "tile.tif" in out.stderr and "5 bands" in out.stderr
+
+
 def test_out_of_memory_is_one_line_exit_2():
     import click
     import jax
