@@ -554,3 +554,26 @@ def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path, mo
     ):
         result = cli(*command)
         assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output
+
+
+def test_predict_with_a_probe_checks_the_split_of_the_run_it_embeds_with(fitted, tmp_path):
+    """predict --probe skipped the check --checkpoint makes: with the run's data split otherwise since,
+    "test" predictions held images the run and the probe were fitted on."""
+    root, cfg, _ = fitted
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    paths = {}
+    for split in ("train", "val"):
+        paths[split] = tmp_path / f"{split}.npz"
+        result = cli("embed", "--checkpoint", run, "--data", cfg.data, "--split", split,
+                     "--output", paths[split], "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    probe_dir = tmp_path / "probe"
+    result = cli("probe", "--train", paths["train"], "--val", paths["val"], "--output", probe_dir)
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    config["split_sizes"] = {**config["split_sizes"], "train": config["split_sizes"]["train"] - 1}
+    (run / "config.json").write_text(json.dumps(config))
+    result = cli("predict", "--probe", probe_dir, "--input", cfg.data, "--output", tmp_path / "p.csv")
+    assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output
+    assert not (tmp_path / "p.csv").exists()

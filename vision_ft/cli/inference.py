@@ -216,7 +216,8 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, dat
             raise UserError(str(e)) from None
     if data_dir:
         predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
-    examples, label_names = resolve_input(input_, predictor.data_options, split, run_dir=checkpoint)
+    # a probe embeds with its source run's weights (where it has one): the same check applies
+    examples, label_names = resolve_input(input_, predictor.data_options, split, run_dir=predictor.run_dir)
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
     label_names, names = named_alike(label_names, names)

@@ -44,6 +44,8 @@ class Predictor:
     layer: int | None = None  # embeddings from an intermediate stage (a probe trained on them)
     multi_label: bool = False  # one sigmoid per class (a run fit on ``a|b`` labels)
     precision: str = "fp32"  # one of PRECISIONS; the model's dtype must agree (``model_dtype``)
+    # the fit run the weights come from: data it names must still split as the run's did
+    run_dir: Path | None = None
 
     @property
     def channels(self) -> int:
@@ -79,7 +81,7 @@ def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32
     return Predictor(
         model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")),
         tta_shift=config.get("tta_shift") or 0.0, multi_label=bool(config.get("multi_label")),
-        precision=precision,
+        precision=precision, run_dir=Path(run_dir),
     )  # fmt: skip
 
 
