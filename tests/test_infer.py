@@ -480,6 +480,31 @@ def test_eval_counts_the_rows_left_out_while_reading_the_data_as_fit_does(fitted
     assert bad["count"] == 1 and list(bad["examples"]) == [str(tmp_path / "gone.png")], bad
 
 
+def test_rows_left_out_of_a_split_are_reported_with_that_split_only(fitted, tmp_path):
+    """eval --split test listed a missing train row among its bad examples, and predict and embed
+    dropped the missing rows of their split without a word."""
+    root, _, _ = fitted
+    lines = ["path,label,split"]
+    for i in range(12):
+        Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{i % 2},{'train' if i < 8 else 'test'}")
+    lines += ["gone_train.png,1,train", "gone_test.png,0,test"]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    spec = f"csv:{tmp_path / 'list.csv'}"
+    result = cli("eval", "--checkpoint", root / "run", "--data", spec, "--split", "test", "--output",
+                 tmp_path / "report")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    bad = json.loads((tmp_path / "report" / "eval.json").read_text())["bad_examples"]
+    assert bad["count"] == 1 and list(bad["examples"]) == [str(tmp_path / "gone_test.png")], bad
+    result = cli("predict", "--checkpoint", root / "run", "--input", spec, "--output", tmp_path / "p.csv")
+    assert result.exit_code == 0 and "gone_test.png" in result.output, result.output
+    assert "gone_train.png" not in result.output
+    result = cli("embed", "--checkpoint", root / "run", "--data", spec, "--split", "train", "--output",
+                 tmp_path / "e.npz", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0 and "gone_train.png" in result.output, result.output
+    assert "gone_test.png" not in result.output
+
+
 def test_a_tilde_in_an_option_s_path_is_the_home_directory(fitted, tmp_path, monkeypatch):
     """With --checkpoint=~/run the shell leaves "~" alone: eval read the run from $HOME but wrote its
     report into ./~/run, embed recorded .../~/run as the checkpoint, and fit wrote into ./~."""

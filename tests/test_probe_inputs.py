@@ -348,7 +348,7 @@ def test_predict_input_folders_skip_hidden_folders_and_files(tmp_path):
     hidden = (".ipynb_checkpoints/a-checkpoint.png", "visit2/.cache/b.png", ".c.png")
     for name in ("a.png", "visit2/b.png", *hidden):
         image.save(folder / name)
-    examples, label_names = resolve_input(str(folder), DataOptions(), None)
+    examples, label_names, _ = resolve_input(str(folder), DataOptions(), None)
     assert label_names is None
     assert [examples.example_id(i) for i in range(len(examples))] == [
         str(folder / "a.png"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import click
@@ -127,7 +126,7 @@ def embed(
             except ValueError as e:  # a --layer the model does not have
                 raise UserError(str(e)) from None
             parts.append(part)
-            bad |= unreadable
+            bad |= dataset.skipped_from(name) | unreadable  # with rows left out as the data was read
     if not sum(len(p) for p in parts):  # an empty file would look like a finished embedding
         raise nothing_readable("embed", bad)
     result = Embeddings(
@@ -146,7 +145,7 @@ def embed(
         return
     write_embeddings(output, result)
     for path, reason in bad.items():
-        logging.getLogger("vision_ft").warning("skipped unreadable example %s: %s", path, reason)
+        click.echo(f"skipped unreadable example {path}: {reason}", err=True)
     click.echo(f"{len(result)} embeddings of dimension {result.embeddings.shape[1]} written to {output}")
     if bad:
         click.echo(f"{len(bad)} unreadable examples skipped")
@@ -217,8 +216,11 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, dat
     if data_dir:
         predictor.data_options = dataclasses.replace(predictor.data_options, data_dir=data_dir)
     # a probe embeds with its source run's weights (where it has one): the same check applies
-    examples, label_names = resolve_input(input_, predictor.data_options, split, run_dir=predictor.run_dir)
+    examples, label_names, left_out = resolve_input(
+        input_, predictor.data_options, split, run_dir=predictor.run_dir
+    )
     ids, labels, logits, bad = predict_logits(predictor, examples, batch_size=batch_size, probe=probe)
+    bad = {**left_out, **bad}  # rows of the split left out as the data was read (a missing file)
     names = predictor.class_names or tuple(f"class {i}" for i in range(logits.shape[1]))
     label_names, names = named_alike(label_names, names)
     write_predictions(

@@ -207,4 +207,7 @@ def index_csv(
             [r.label for r in records], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
         )
         splits = {split: [records[i] for i in indices] for split, indices in parts.items()}
-    return IndexedDataset(splits, class_names, multi_label=multi_label, skipped=skipped)
+    placed = {row.path: row.split for row in rows if row.split is not None and row.path in skipped}
+    return IndexedDataset(
+        splits, class_names, multi_label=multi_label, skipped=skipped, skipped_splits=placed
+    )

@@ -23,3 +23,5 @@ class IndexedDataset:
     multi_label: bool = False
     # files left out while indexing (e.g. a CSV row naming a missing file): path -> reason
     skipped: dict[str, str] = field(default_factory=dict)
+    # the split of each skipped file whose row placed it (a CSV split column): path -> split
+    skipped_splits: dict[str, str] = field(default_factory=dict)

@@ -141,7 +141,7 @@ def evaluate_run(
         remove_empty(made)  # or the next eval's report would go to eval-SPLIT-2
         raise
     # the rows left out as the data was read (a CSV row naming a missing file) count, as in fit's
-    bad = {**dataset.skipped, **bad}
+    bad = {**dataset.skipped_from(split), **bad}
     if to_run_classes is not None:
         labels = reorder_labels(labels, to_run_classes)
     names = predictor.class_names

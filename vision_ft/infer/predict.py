@@ -21,11 +21,12 @@ from vision_ft.train.run_dir import read_run_config, unnamed_classes
 
 def resolve_input(
     text: str, options: DataOptions, split: str | None, run_dir: Path | None = None
-) -> tuple[ExampleSplit, tuple[str, ...] | None]:
-    """(examples, the names of their label indices): one image file, every image under a folder
-    (unlabelled: None), or a split of a --data spec (``split`` defaults to test, else val, else
-    train). The data's own names: a folder of some of the run's classes indexes them otherwise.
-    A spec naming the data of the run in ``run_dir`` must still split as the run did."""
+) -> tuple[ExampleSplit, tuple[str, ...] | None, dict[str, str]]:
+    """(examples, the names of their label indices, the files of the split left out while the data
+    was read): one image file, every image under a folder (unlabelled: None), or a split of a --data
+    spec (``split`` defaults to test, else val, else train). The data's own names: a folder of some
+    of the run's classes indexes them otherwise. A spec naming the data of the run in ``run_dir``
+    must still split as the run did."""
     kind = text.partition(":")[0]
     is_spec = kind in KINDS and ":" in text
     if split is not None and not is_spec:
@@ -39,16 +40,16 @@ def resolve_input(
             raise DataError(f"--split {name}: {text} has splits {', '.join(dataset.splits)}")
         if not len(dataset.splits[name]):
             raise empty_split(text, name)
-        return dataset.splits[name], tuple(dataset.class_names)
+        return dataset.splits[name], tuple(dataset.class_names), dataset.skipped_from(name)
     path = Path(text).expanduser()
     if path.is_file():
-        return FileSplit([Record(str(path.absolute()), -1)], window=options.window), None
+        return FileSplit([Record(str(path.absolute()), -1)], window=options.window), None, {}
     if path.is_dir():
         # as the folder: source lists them (DICOM by its marker, symlinked folders, no hidden ones)
         files = image_files(path.absolute())
         if not files:
             raise DataError(f"--input {path}: no image files in this folder")
-        return FileSplit([Record(f, -1) for f in files], window=options.window), None
+        return FileSplit([Record(f, -1) for f in files], window=options.window), None, {}
     raise DataError(f"--input {text}: no such file or folder, and not a npz:/folder:/csv:/tfds: spec")
 
 
