@@ -597,6 +597,42 @@ def test_a_process_dying_between_a_checkpoint_and_its_notes_resumes_with_the_epo
     np.testing.assert_allclose(train_losses(tmp_path / "run"), train_losses(tmp_path / "full"), rtol=1e-6)
 
 
+def test_a_run_on_grey_data_resumes_and_evaluates_on_the_same_images_read_as_colour(tmp_path, monkeypatch):
+    """The band count a dataset reports may differ from the one its run recorded (a grey model on data
+    with a few colour photos, sampled otherwise by another release): the resume built a 3-band model
+    the 1-band checkpoint could not fill, and eval refused the run's own data."""
+    from click.testing import CliRunner
+
+    from vision_ft.cli import main
+
+    data = tmp_path / "data.npz"
+    cfg = tiny_config(tmp_path, epochs=2)
+    evaluate, calls = FitRun.evaluate, []
+
+    def killed_in_the_second_validation(self, trainer, split, **kwargs):
+        calls.append(split)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(self, trainer, split, **kwargs)
+
+    monkeypatch.setattr(FitRun, "evaluate", killed_in_the_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        FitRun(cfg, progress=False).run()
+    monkeypatch.undo()
+    with np.load(data) as arrays:
+        colour = {
+            k: np.repeat(v[..., None], 3, axis=-1) if k.endswith("_images") else v for k, v in arrays.items()
+        }
+    np.savez(data, **colour)  # the same images, now read as 3 bands
+    resumed = FitRun(dataclasses.replace(cfg, resume=True), progress=False)
+    assert resumed.model.pretrained_cfg.input_size[0] == 1
+    resumed.run()
+    result = CliRunner().invoke(
+        main, ["eval", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 0, result.output
+
+
 def json_lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

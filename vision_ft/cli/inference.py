@@ -84,6 +84,7 @@ def embed(
     """Pooled pre-logit embeddings, forward_head(forward_features(x), pre_logits=True), of a split."""
     import numpy as np
 
+    from vision_ft.data.pipeline import bands_convertible
     from vision_ft.data.sources import load_dataset, recorded_data
     from vision_ft.infer.embeddings import Embeddings, check_output_format, embed_split, write_embeddings
     from vision_ft.infer.evaluate import check_split_as_run, empty_split, nothing_readable
@@ -107,7 +108,7 @@ def embed(
     missing = [n for n in names if n not in dataset.splits]
     if missing:
         raise UserError(f"--split {split}: {data} has splits {', '.join(dataset.splits)}")
-    if dataset.channels != predictor.channels:
+    if not bands_convertible(dataset.channels, predictor.channels):
         raise UserError(f"{data} has {dataset.channels} bands; the model takes {predictor.channels}")
     # an empty split (a small folder's val) adds nothing to --split all, and its (0, 0) embeddings
     # would not concatenate with the others

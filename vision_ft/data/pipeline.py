@@ -88,6 +88,12 @@ def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
+def bands_convertible(data_bands: int, model_bands: int) -> bool:
+    """Whether data of ``data_bands`` can feed a model of ``model_bands``: the same count, or grey and
+    RGB, which ``matched_bands`` converts between."""
+    return data_bands == model_bands or {data_bands, model_bands} == {1, 3}
+
+
 def matched_bands(image: np.ndarray, channels: int) -> np.ndarray:
     """``image`` (HWC) with ``channels`` bands: a grey photo in a colour dataset repeated to RGB and a
     colour one in a grey dataset reduced to luma, as timm's loader reads every photo as RGB (a few

@@ -9,7 +9,7 @@ import numpy as np
 from scipy.special import expit, softmax
 
 from vision_ft.data.errors import DataError
-from vision_ft.data.pipeline import ExampleSplit, unusable_examples
+from vision_ft.data.pipeline import ExampleSplit, bands_convertible, unusable_examples
 from vision_ft.data.sources import load_dataset, recorded_data
 from vision_ft.data.splitting import matches_split_file
 from vision_ft.infer.predictor import Predictor, compiled_forward, from_run, run_split
@@ -125,7 +125,7 @@ def evaluate_run(
         raise DataError(f"--split {split}: {spec} has splits {', '.join(dataset.splits)}")
     if not len(dataset.splits[split]):
         raise empty_split(spec, split)
-    if dataset.channels != predictor.channels:
+    if not bands_convertible(dataset.channels, predictor.channels):
         raise DataError(f"{spec} has {dataset.channels} bands; the run's model takes {predictor.channels}")
     check_split_as_run(run_dir, config, dataset, spec)
     if dataset.multi_label and not predictor.multi_label:

@@ -14,7 +14,13 @@ from flax import nnx
 
 from vision_ft import __version__
 from vision_ft.data.errors import BadImageError
-from vision_ft.data.pipeline import eval_geometry, may_be_unusable, prefetch_to_device, train_batches
+from vision_ft.data.pipeline import (
+    bands_convertible,
+    eval_geometry,
+    may_be_unusable,
+    prefetch_to_device,
+    train_batches,
+)
 from vision_ft.data.presets import resolve_augmentation
 from vision_ft.data.sources import DataOptions, Dataset, load_dataset, recorded_data
 from vision_ft.data.splitting import refuse_empty_held_out, write_split_file
@@ -132,8 +138,14 @@ class FitRun:
         if cfg.select_metric == "map" and not self.multi_label:
             raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
         self.bad_examples = BadExamples(self.data.skipped, cfg.on_bad_image)
+        # the bands the model takes: the data's, or those of the run it continues or starts from
+        # where the data's count differs only as grey and RGB (the pipeline converts each image)
+        recorded = (saved or {}).get("in_chans") or (earlier["in_chans"] if start_run is not None else None)
+        self.channels = (
+            recorded if recorded and bands_convertible(self.data.channels, recorded) else self.data.channels
+        )
         if start_run is not None:
-            if earlier["in_chans"] != self.data.channels:
+            if earlier["in_chans"] != self.channels:
                 raise RunDirError(
                     f"--pretrained {cfg.pretrained}: the run's model takes {earlier['in_chans']} channels, "
                     f"{cfg.data} has {self.data.channels}"
@@ -152,7 +164,7 @@ class FitRun:
                 cfg.model,
                 pretrained=pretrained_from_text(cfg.pretrained) if saved is None else False,
                 num_classes=self.num_classes,
-                in_chans=self.data.channels,
+                in_chans=self.channels,
                 img_size=cfg.img_size,
                 drop_path_rate=cfg.drop_path_rate,
                 dtype=dtype,
@@ -191,7 +203,7 @@ class FitRun:
     def _set_input_pipeline(self, saved: dict | None) -> None:
         """Geometry, augmentation and normalization from the model, the modality and the config; a
         resume resizes as the run (``saved``) did."""
-        cfg, channels = self.cfg, self.data.channels
+        cfg, channels = self.cfg, self.channels
         pretrained = self.model.pretrained_cfg
         self.augment_settings = resolve_augmentation(
             cfg.modality, channels, random_crop=cfg.random_crop, hflip=cfg.hflip, vflip=cfg.vflip,
@@ -214,7 +226,7 @@ class FitRun:
         )
 
     def _normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        cfg, channels = self.cfg, self.data.channels
+        cfg, channels = self.cfg, self.channels
         if cfg.mean is not None:
             if len(cfg.mean) != channels or len(cfg.std) != channels:
                 raise ConfigError(f"mean/std have {len(cfg.mean)} values, the data has {channels} bands")
@@ -242,7 +254,7 @@ class FitRun:
                 # what the losses in metrics.jsonl and final.json weigh classes by; eval reads it
                 "loss_class_weights": [float(w) for w in self.class_weights],
                 "multi_label": self.multi_label,
-                "in_chans": self.data.channels,
+                "in_chans": self.channels,
                 "pretrained_cfg": dataclasses.asdict(self.model.pretrained_cfg),
                 # how validation and test resized: eval, predict and embed do the same
                 "eval_crop_mode": self.eval_geometry.eval_crop_mode,
@@ -293,7 +305,7 @@ class FitRun:
             learning_rate=learning_rate,
         )
         size = self.eval_geometry.img_size
-        eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.data.channels), jnp.float32)
+        eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.channels), jnp.float32)
         trainer.compile_in_background(eval_images)
         return trainer
 
