@@ -74,8 +74,9 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
     # decoded as fit reads files (EXIF orientation, true bit depth, formats allowed), then timm's eval
     # geometry; an unreadable file is a one-line error naming it
     geometry = eval_geometry(cfg, cfg.input_size[1], None, cfg.input_size[0])
+    decoded = read_image(image)  # an unreadable file: a DataError naming it
     try:
-        pixels = eval_image(read_image(image), geometry)
+        pixels = eval_image(decoded, geometry)
     except ValueError as e:  # a band count the model cannot take (a 5-band TIFF)
         raise UserError(f"{image}: {e}") from None
     pixels = (pixels - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
