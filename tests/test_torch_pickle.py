@@ -105,7 +105,7 @@ def test_crafted_pth_with_valid_layouts_loads_as_torch_does(tmp_path):
         (0, (1,), (1, 1), "different lengths"),
         (0, (1.5,), (1,), "must be integers"),
         # a 1.5 KB file whose copy asked for 64 GiB (torch.load keeps the expansion as a view)
-        (0, (2**34,), (0,), "expands its storage of 1 elements to 17179869184"),
+        (0, (2**34,), (0,), "copy out more than 16777218 elements, but the file holds 1"),
     ],
     ids=[
         "heap_read",
@@ -203,3 +203,19 @@ def test_pth_reader_never_executes_code(tmp_path, zip_format):
     assert not marker.exists()
     with pytest.raises(WeightSourceError, match="refused"):
         vision_ft.create_model("resnet18", pretrained=path)
+
+
+def test_pth_whose_views_copy_out_far_more_than_the_file_holds_is_refused(tmp_path):
+    """Each tensor was checked alone: many views of one storage (or many small expansions) made a
+    file of a few MB copy out to any amount of memory (torch.load keeps them as views)."""
+    storage = _CraftedStorage(np.ones(2**20))
+    views = {f"w{i}": _CraftedTensor(storage, 0, (2**20,), (1,)) for i in range(40)}
+    path = _write_crafted_pth(tmp_path / "views.pth", storage, **views)
+    with pytest.raises(
+        pickle.UnpicklingError, match=r"copy out more than .* elements, but the file holds 1048576"
+    ):
+        load_torch_state_dict(path)
+    tied = _write_crafted_pth(  # two names for one weight, as tied embeddings save
+        tmp_path / "tied.pth", storage, **{name: views[name] for name in ("w0", "w1")}
+    )
+    assert set(load_torch_state_dict(tied)) == {"w0", "w1"}

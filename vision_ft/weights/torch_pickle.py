@@ -15,6 +15,7 @@ import math
 import pickle
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,9 @@ _STORAGE_DTYPES = {
     "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-# elements an expanded tensor (zero strides) may copy out to beyond its storage's: far above any
-# expanded buffer a model keeps, far below the memory a crafted file could otherwise claim
+# elements a file's tensors may copy out to beyond twice what its storages hold (views of one storage,
+# zero-stride expansions): room for tied weights and small expanded buffers, far below the memory a
+# crafted file of a few bytes could otherwise claim
 _LARGEST_EXPANSION = 2**24
 
 
@@ -68,11 +70,12 @@ class _LazyTensor(_RefusesPickleState):
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
-    def materialize(self, key: str) -> np.ndarray:
+    def materialize(self, key: str, budget: _CopyBudget) -> np.ndarray:
         flat = self.storage.data
         if flat is None:
             raise pickle.UnpicklingError(f"tensor {key!r}: storage {self.storage.key} has no data")
         self._check_layout(key, len(flat))
+        budget.spend(key, math.prod(self.size))
         if not self.size:
             return np.array(flat[self.offset])
         itemsize = flat.dtype.itemsize
@@ -101,14 +104,6 @@ class _LazyTensor(_RefusesPickleState):
         if last_index >= storage_numel:
             raise pickle.UnpicklingError(
                 f"{layout} reaches element {last_index} but its storage holds {storage_numel}"
-            )
-        numel = math.prod(self.size)
-        if numel > max(storage_numel, _LARGEST_EXPANSION):
-            # zero strides repeat elements, and the copy below is dense: a tiny file could otherwise
-            # ask for any amount of memory (torch.load keeps the expansion as a view)
-            raise pickle.UnpicklingError(
-                f"{layout} expands its storage of {storage_numel} elements to {numel}; save it with "
-                ".contiguous() if it is meant to be that large"
             )
 
 
@@ -171,14 +166,44 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _materialize(obj, key: str = ""):
+def _lazy_tensors(obj) -> Iterator[_LazyTensor]:
     if isinstance(obj, _LazyTensor):
-        return obj.materialize(key)
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _lazy_tensors(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            yield from _lazy_tensors(value)
+
+
+class _CopyBudget:
+    """The copies ``materialize`` makes are dense, where torch.load keeps views: a file's tensors may
+    not copy out far more elements than its storages hold (views of one storage, zero strides)."""
+
+    def __init__(self, obj):
+        storages = {id(t.storage): t.storage for t in _lazy_tensors(obj)}.values()
+        self.held = sum(len(s.data) for s in storages if s.data is not None)
+        self.limit = self.left = 2 * self.held + _LARGEST_EXPANSION
+
+    def spend(self, key: str, numel: int) -> None:
+        self.left -= numel
+        if self.left < 0:
+            raise pickle.UnpicklingError(
+                f"tensor {key!r}: with it the tensors copy out more than {self.limit} "
+                f"elements, but the file holds {self.held} (views of one storage or zero-stride "
+                "expansions); save them with .contiguous() if they are meant to be that large"
+            )
+
+
+def _materialize(obj, budget: _CopyBudget, key: str = ""):
+    if isinstance(obj, _LazyTensor):
+        return obj.materialize(key, budget)
     child_prefix = f"{key}." if key else ""
     if isinstance(obj, dict):
-        return type(obj)((k, _materialize(v, f"{child_prefix}{k}")) for k, v in obj.items())
+        return type(obj)((k, _materialize(v, budget, f"{child_prefix}{k}")) for k, v in obj.items())
     if isinstance(obj, list | tuple):
-        return type(obj)(_materialize(v, f"{child_prefix}{i}") for i, v in enumerate(obj))
+        return type(obj)(_materialize(v, budget, f"{child_prefix}{i}") for i, v in enumerate(obj))
     return obj
 
 
@@ -245,7 +270,7 @@ def load_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     ``state_dict``/``model`` keys (training checkpoints) are unwrapped."""
     path = Path(path)
     obj = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
-    obj = _materialize(obj)
+    obj = _materialize(obj, _CopyBudget(obj))
     if not isinstance(obj, dict):
         raise pickle.UnpicklingError(f"expected a state dict, found {type(obj).__name__}")
     state = {}
