@@ -48,6 +48,7 @@ def test_models_table():
         (("stats", "--data", "folder:~nosuchuser/images"), "~nosuchuser"),
         (("stats", "--data", "csv:~nosuchuser/data.csv"), "~nosuchuser"),
         (("stats", "--output", "~nosuchuser/stats.yaml"), "~nosuchuser"),
+        (("classify", "--pretrained", "~nosuchuser/w.pth"), "~nosuchuser/w.pth"),
         (("stats", "--data", f"folder:/tmp/{'a' * 300}"), "a" * 300),
         (("stats", "--data", f"npz:/tmp/{'a' * 300}.npz"), "a" * 300),
         (("stats", "--data", f"csv:/tmp/{'a' * 300}.csv"), "a" * 300),

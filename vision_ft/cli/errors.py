@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -37,6 +38,12 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+# errors of a path itself (its name, its permissions, its kind), as opposed to the system's state
+_REFUSED_PATH_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENOENT}
+)
+
+
 def user_errors_exit_2(command):
     """Turn the user-input errors raised below a command into one-line messages with exit code 2."""
 
@@ -47,11 +54,19 @@ def user_errors_exit_2(command):
         except USER_ERRORS as e:
             raise UserError(e.args[0] if e.args else str(e)) from None
         except OSError as e:
-            if e.filename is None:
-                raise
+            if e.filename is None or e.errno not in _REFUSED_PATH_ERRNOS:
+                raise  # a full disk, an I/O error: not the input's fault
             # a path the user gave that the system refuses: too long a name, a folder without
             # permission, a file where a folder should be
             raise UserError(f"{e.filename}: {e.strerror or e}") from None
+        except RuntimeError as e:
+            if "home directory" not in str(e):
+                raise
+            # Path.expanduser() on "~name" where no user has that name, wherever a path is read
+            given = [str(v) for v in click.get_current_context().params.values() if str(v).startswith("~")]
+            raise UserError(
+                f"{', '.join(given) or 'a path starting with ~'}: no such home directory here"
+            ) from None
         except MemoryError as e:  # numpy's "Unable to allocate 37.3 GiB for an array ..."
             raise UserError(f"out of host memory: {e}; lower --batch-size or --img-size") from None
         except jax.errors.JaxRuntimeError as e:
