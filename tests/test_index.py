@@ -146,9 +146,12 @@ def test_folder_split_named_class_beside_classes_of_the_same_layout_is_refused(t
     for name in ("bus", "car", "train"):
         for source in ("voc", "coco"):
             _png(root / name / source / "0.png")
-    with pytest.raises(DataError, match=r"bus/, car/.*train/") as info:
+    with pytest.raises(DataError, match=r"bus/, car/.*train/ is either a class") as info:
         index_folder(root)
     assert "\n" not in str(info.value)
+    for source in ("voc", "coco"):  # beside train/ and test/, folders of the same layout are extras
+        _png(root / "test" / source / "0.png")
+    assert index_folder(root).class_names == ("coco", "voc")
 
 
 def test_folder_presplit_class_missing_from_train(tmp_path):

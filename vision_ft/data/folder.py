@@ -135,12 +135,15 @@ def _split_folders(root: Path) -> dict[str, Path]:
         return {}  # CIFAR-100's "train", a valid/invalid task: classes holding their images
     split_names = ", ".join(f"{d.name}/" for d in found.values())
     classes_inside = {d.name for split_dir in found.values() for d in _visible_subdirs(split_dir)}
+    # one split-named folder beside folders of the same layout is a class as likely as a split (bus/,
+    # car/ and train/ each holding voc/ and coco/); beside train/ and val/ or test/, they are extras
     alike = [d for d in others if classes_inside & {sub.name for sub in _visible_subdirs(d)}]
-    if alike:
+    if alike and len(found) == 1:
         names = ", ".join(f"{d.name}/" for d in alike)
         raise DataError(
-            f"{root}: {names} hold the same subfolders as {split_names} so {split_names} looks like a "
-            "class, not a split; rename it, or index the images with a csv: file"
+            f"{root}: {names} hold the same subfolders as {split_names} so {split_names} is either a "
+            f"class among them or the only split beside extra folders; rename it or them, or index the "
+            "images with a csv: file"
         )
     if "train" not in found:
         names = ", ".join(f"{p.name}/" for p in found.values())
@@ -177,8 +180,8 @@ def index_folder(
 
     If ``root`` holds ``train/`` (or ``training/``; optionally ``val/``, ``valid/``, ``test/``), those
     folders are the splits as the dataset's authors made them and the fractions are not used; other
-    subfolders next to them are ignored, unless they hold the same class folders (then a split name is
-    a class's, refused) or hold images as the split-named folders do (then all are classes).
+    subfolders next to them are ignored, unless they hold images as the split-named folders do (then
+    all are classes), or hold the same class folders as a lone split-named folder (ambiguous, refused).
     Otherwise the images are split per class with ``stratified_split``.
     Records hold absolute paths. Hidden files and folders are skipped, and so are files with other
     suffixes unless they carry the DICOM marker (DICOM files named by UID or with no suffix).
