@@ -221,6 +221,37 @@ def test_16bit_colour_png_keeps_its_16_bits(tmp_path: Path, bands: int, kept: in
     np.testing.assert_allclose(image, pixels[..., :kept] / 65535.0, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16bit_colour_png_is_turned_upright_as_pillow_turns_8bit_ones(
+    tmp_path: Path, orientation: int
+) -> None:
+    import struct
+    import zlib
+
+    import imagecodecs
+    from PIL import ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + payload) & 0xFFFFFFFF)
+    pixels = (np.arange(5 * 7 * 3).reshape(5, 7, 3) * 250).astype(np.uint16)
+    encoded = imagecodecs.png_encode(pixels)
+    path = tmp_path / "deep.png"
+    path.write_bytes(encoded[:33] + chunk + encoded[33:])  # after IHDR, as cameras and editors write it
+    with Image.open(path) as img:
+        expected_shape = np.asarray(ImageOps.exif_transpose(img)).shape
+    reference = Image.fromarray((pixels >> 8).astype(np.uint8))
+    reference.info["exif"] = exif.tobytes()
+    reference_exif = reference.getexif()
+    reference_exif[0x0112] = orientation
+    upright = np.asarray(ImageOps.exif_transpose(reference))
+    image = read_image(path)
+    assert image.shape == expected_shape == upright.shape
+    np.testing.assert_array_equal(np.floor(image * 65535 / 256 + 1e-6).astype(np.uint8), upright)
+
+
 def test_int16_tiff_keeps_sign(tmp_path: Path) -> None:
     data = np.array([[-32767, -100], [0, 32767]], np.int16)
     tifffile.imwrite(tmp_path / "dem.tif", data)

@@ -213,8 +213,27 @@ def _read_deep_colour_png(path: Path, size: tuple[int, int]) -> np.ndarray:
     _check_pixel_count(path, size[0] * size[1])
     with _decode_errors(path, "PNG"):
         samples = imagecodecs.png_decode(path.read_bytes())
+        with Image.open(path, formats=("PNG",)) as img:  # its eXIf chunk, as exif_transpose reads it
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     bands = samples[..., 0] if samples.shape[-1] == 2 else samples[..., :3]  # alpha dropped
-    return bands.astype(np.float32) / 65535.0
+    return _upright(bands, orientation).astype(np.float32) / 65535.0
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` turned as ``ImageOps.exif_transpose`` turns a Pillow image of EXIF ``orientation``."""
+    turns = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return turns[orientation](image) if orientation in turns else image
 
 
 def _read_raster(path: Path) -> np.ndarray:
