@@ -92,11 +92,13 @@ def test_a_new_run_refuses_a_checkpoint_dir_holding_the_users_files(tmp_path):
     (store / "other.txt").write_text("mine")
     cfg = tiny_config(tmp_path, epochs=1, checkpoint_dir=str(store))
     with pytest.raises(
-        RunDirError, match=r"--checkpoint-dir .*ckpt holds files a fit does not write \(other.txt"
+        RunDirError, match=r"checkpoint directory .*ckpt holds files a fit does not write \(other.txt"
     ):
         FitRun(cfg, progress=False)
     (store / "other.txt").unlink()
-    with pytest.raises(RunDirError, match=r"--checkpoint-dir .*ckpt holds a run_id.json that is not a run's"):
+    with pytest.raises(
+        RunDirError, match=r"checkpoint directory .*ckpt holds a run_id.json that is not a run's"
+    ):
         FitRun(cfg, progress=False)
     assert (store / "run_id.json").read_text() == "my notes"
     assert not (tmp_path / "run").exists()

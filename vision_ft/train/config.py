@@ -248,7 +248,11 @@ def _coerce(name: str, value):
             return value
         return value
     except (TypeError, ValueError):
-        raise ConfigError(f"bad value for {name}: {value!r}") from None
+        # YAML may have read the text as another type: say so, with how it read it
+        quote = (
+            " (quote it: YAML read it as a number)" if hint is str and isinstance(value, int | float) else ""
+        )
+        raise ConfigError(f"bad value for {name}: {value!r}{quote}") from None
 
 
 def _number(kind: type, value) -> int | float:

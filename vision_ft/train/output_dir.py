@@ -192,8 +192,8 @@ def refuse_foreign_checkpoint_entries(checkpoint_dir: epath.Path) -> None:
     foreign = [name for name in names if name not in CHECKPOINT_ENTRIES]
     if foreign:
         raise RunDirError(
-            f"--checkpoint-dir {checkpoint_dir} holds files a fit does not write ({_listed(foreign)}); not "
-            "writing into it: choose an empty or new directory"
+            f"the checkpoint directory {checkpoint_dir} holds files a fit does not write "
+            f"({_listed(foreign)}); not writing into it: choose an empty or new directory"
         )
     if OWNER_FILE in names:
         try:
@@ -202,7 +202,7 @@ def refuse_foreign_checkpoint_entries(checkpoint_dir: epath.Path) -> None:
             owner = None
         if not isinstance(owner, dict) or not isinstance(owner.get("run_id"), str):
             raise RunDirError(
-                f"--checkpoint-dir {checkpoint_dir} holds a {OWNER_FILE} that is not a run's; not "
+                f"the checkpoint directory {checkpoint_dir} holds a {OWNER_FILE} that is not a run's; not "
                 "overwriting it: choose an empty or new directory"
             )
 
