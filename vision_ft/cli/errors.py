@@ -59,14 +59,6 @@ def user_errors_exit_2(command):
             # a path the user gave that the system refuses: too long a name, a folder without
             # permission, a file where a folder should be
             raise UserError(f"{e.filename}: {e.strerror or e}") from None
-        except RuntimeError as e:
-            if "home directory" not in str(e):
-                raise
-            # Path.expanduser() on "~name" where no user has that name, wherever a path is read
-            given = [str(v) for v in click.get_current_context().params.values() if str(v).startswith("~")]
-            raise UserError(
-                f"{', '.join(given) or 'a path starting with ~'}: no such home directory here"
-            ) from None
         except MemoryError as e:  # numpy's "Unable to allocate 37.3 GiB for an array ..."
             raise UserError(f"out of host memory: {e}; lower --batch-size or --img-size") from None
         except jax.errors.JaxRuntimeError as e:
@@ -74,6 +66,14 @@ def user_errors_exit_2(command):
                 raise
             first_line = str(e).strip().splitlines()[0]
             raise UserError(f"out of device memory: {first_line}; lower --batch-size or --img-size") from None
+        except RuntimeError as e:  # after JaxRuntimeError, which subclasses it
+            if "home directory" not in str(e):
+                raise
+            # Path.expanduser() on "~name" where no user has that name, wherever a path is read
+            given = [str(v) for v in click.get_current_context().params.values() if str(v).startswith("~")]
+            raise UserError(
+                f"{', '.join(given) or 'a path starting with ~'}: no such home directory here"
+            ) from None
 
     return wrapper
 
