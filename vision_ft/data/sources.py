@@ -46,12 +46,12 @@ class Dataset:
     index: IndexedDataset | None = None  # file sources: which file is in which split
     multi_label: bool = False  # labels are (N, classes) multi-hot rows rather than class indices
     skipped: dict[str, str] = field(default_factory=dict)  # left out while indexing: path -> reason
-    skipped_splits: dict[str, str] = field(default_factory=dict)  # path -> split, where a row placed it
 
     def skipped_from(self, split: str) -> dict[str, str]:
         """The files left out while indexing that ``split`` would have held: those placed in it,
         and those of data without a split column (the split drawn later could have held any)."""
-        return {p: r for p, r in self.skipped.items() if self.skipped_splits.get(p, split) == split}
+        placed = self.index.skipped_splits if self.index is not None else {}
+        return {p: r for p, r in self.skipped.items() if placed.get(p, split) == split}
 
 
 def recorded_data(spec: str) -> str:
@@ -146,7 +146,7 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
     channels = _dataset_channels(spec, FileSplit(every_image, window=options.window))
     return Dataset(
         splits, index.class_names, channels, spec, index=index, multi_label=index.multi_label,
-        skipped=dict(index.skipped), skipped_splits=dict(index.skipped_splits),
+        skipped=dict(index.skipped),
     )  # fmt: skip
 
 
