@@ -130,8 +130,10 @@ def _split_folders(root: Path) -> dict[str, Path]:
         found[split] = sub
     if not found:
         return found
-    holding_images = [d for d in others if _holds_images_directly(d)]
-    if holding_images and all(not _visible_subdirs(d) and _holds_images_directly(d) for d in found.values()):
+    # the split-named folders first: a real split's holds class folders, so the siblings go unread
+    if all(not _visible_subdirs(d) and _holds_images_directly(d) for d in found.values()) and any(
+        _holds_images_directly(d) for d in others
+    ):
         return {}  # CIFAR-100's "train", a valid/invalid task: classes holding their images
     split_names = ", ".join(f"{d.name}/" for d in found.values())
     classes_inside = {d.name for split_dir in found.values() for d in _visible_subdirs(split_dir)}
