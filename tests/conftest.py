@@ -23,6 +23,9 @@ import gc  # noqa: E402
 
 import pytest  # noqa: E402
 
+# the `fitted` run, one per test module that asks for it (eval, predict and embed tests)
+pytest_plugins = ["tests.infer_fixtures"]
+
 
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
