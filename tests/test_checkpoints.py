@@ -392,6 +392,43 @@ def test_a_fit_that_stops_in_its_first_validation_resumes_from_the_start(tmp_pat
     assert logged == [("train", epoch_end), ("val", epoch_end), ("test", final["best_step"])]
 
 
+@pytest.mark.parametrize("dies_in", ["its first validation", "its first latest save"])
+def test_a_resume_that_starts_again_starts_as_the_run_did(tmp_path, monkeypatch, dies_in):
+    """A resume finding no latest checkpoint started the run again from random weights (a restore
+    replaces every weight, so the --pretrained source was never read) and kept the dead attempt's
+    best checkpoint, whose weights final.json then tested beside the new attempt's record."""
+    source = tmp_path / "source"
+    FitRun(tiny_config(tmp_path, epochs=1, output=str(source)), progress=False).run()
+
+    def settings(name, **overrides):
+        out = str(tmp_path / name)
+        return tiny_config(tmp_path, epochs=2, output=out, pretrained=f"run:{source}", **overrides)
+
+    expected = FitRun(settings("uninterrupted"), progress=False).run()
+    save_best = RunCheckpoints.save_best
+
+    def save_a_best_no_later_attempt_beats(self, step, state, score):
+        save_best(self, step + 1, state, 1e9)
+
+    def dies(*args, **kwargs):
+        raise MemoryError(dies_in)
+
+    if dies_in == "its first validation":
+        monkeypatch.setattr(FitRun, "evaluate", dies)
+    else:
+        monkeypatch.setattr(RunCheckpoints, "save_best", save_a_best_no_later_attempt_beats)
+        monkeypatch.setattr(RunCheckpoints, "save_latest", dies)
+    with pytest.raises(MemoryError):
+        FitRun(settings("run"), progress=False).run()
+    monkeypatch.undo()
+    final = FitRun(settings("run", resume=True), progress=False).run()
+    for run in (final, expected):
+        del run["wall_seconds"]
+    assert final == expected
+    logged = json_lines(tmp_path / "run" / "metrics.jsonl")
+    assert logged == json_lines(tmp_path / "uninterrupted" / "metrics.jsonl")
+
+
 def test_a_fit_that_fails_while_finishing_is_finished_by_the_same_command(tmp_path, monkeypatch):
     """A SIGTERM in the last step or while the reports were written, a kill or a failure there left
     no preemption marker: the same command was refused ("pass --resume"), and --resume logged a

@@ -168,13 +168,10 @@ def checkpoint_location(directory: str | Path) -> epath.Path:
     return epath.Path(Path(text).expanduser().absolute())
 
 
-def holds_checkpoint(directory: epath.Path) -> bool:
-    """Whether ``directory`` holds a finished checkpoint, latest or best. The empty folders of a run
-    that stopped before its first save, or a write that never finished, hold nothing to resume."""
-    return any(
-        (directory / kind).exists() and ocp.utils.checkpoint_steps(directory / kind)
-        for kind in ("latest", "best")
-    )
+def holds_checkpoint(directory: epath.Path, kinds: tuple[str, ...] = ("latest", "best")) -> bool:
+    """Whether ``directory`` holds a finished checkpoint of one of ``kinds``. The empty folders of a
+    run that stopped before its first save, or a write that never finished, hold nothing to resume."""
+    return any((directory / kind).exists() and ocp.utils.checkpoint_steps(directory / kind) for kind in kinds)
 
 
 def write_replicated_arrays_whole_on_cpu() -> None:
@@ -222,6 +219,12 @@ class RunCheckpoints:
             return
         self.best.save(step, args=ocp.args.StandardSave(state), metrics={"score": float(score)}, force=True)
         self.best.wait_until_finished()
+
+    def discard_best(self) -> None:
+        """Delete the best checkpoints: those of an attempt that died before its first latest save,
+        which a run started again would otherwise have to beat, and could not replace at their step."""
+        for step in self.best.all_steps():
+            self.best.delete(step)
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()

@@ -29,7 +29,12 @@ from vision_ft.models.factory import create_model
 from vision_ft.output_dirs import remove_empty
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
-from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints, abstract_like
+from vision_ft.train.checkpoint import (
+    CheckpointMismatchError,
+    RunCheckpoints,
+    abstract_like,
+    holds_checkpoint,
+)
 from vision_ft.train.class_weights import class_weights_for
 from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary, merged_from_all_processes, stop_together
@@ -120,11 +125,13 @@ class FitRun:
         self.cfg = cfg
         dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
         start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
-        if saved is not None:
-            # a resume restores every weight from its own checkpoint: the source it started from is
-            # not read again (it may have moved since), and the architecture is the run's
-            start_run = None
+        # a resume restores every weight from its latest checkpoint: the source it started from is
+        # not read again (it may have moved since); one with none yet starts again as the run did
+        restores = saved is not None and holds_checkpoint(self.checkpoint_dir, kinds=("latest",))
+        if saved is not None:  # the architecture is the run's
             cfg = self.cfg = dataclasses.replace(cfg, model=saved["model"])
+        if restores:
+            start_run = None
         if start_run is not None:
             # A new fine-tune from an earlier run's weights: the architecture is the run's.
             earlier = read_run_config(start_run)
@@ -162,7 +169,7 @@ class FitRun:
         else:
             self.model = create_model(
                 cfg.model,
-                pretrained=pretrained_from_text(cfg.pretrained) if saved is None else False,
+                pretrained=False if restores else pretrained_from_text(cfg.pretrained),
                 num_classes=self.num_classes,
                 in_chans=self.channels,
                 img_size=cfg.img_size,
@@ -170,9 +177,9 @@ class FitRun:
                 dtype=dtype,
                 seed=cfg.seed,
             )
-            if saved is not None:
+            if restores:
                 adopt_recorded_pretrained_cfg(self.model, saved)  # normalized as the run was
-        self._set_input_pipeline(saved)
+        self._set_input_pipeline(saved if restores else None)
         # resolved, so that the run's config.json says what eval and predict do
         if cfg.tta_flip is None:
             cfg = self.cfg = dataclasses.replace(cfg, tta_flip=self.augment_settings["hflip"])
@@ -484,6 +491,7 @@ class FitRun:
             # stopped between its first epoch's end and its first checkpoint (out of memory in the
             # first validation, killed): nothing to resume, and nothing to lose by starting again
             log.warning("--resume: %s holds no checkpoint yet; the run starts again", self.checkpoint_dir)
+            self.checkpoints.discard_best()
             phase = self.phases[0]
             return 0, worst_selection_score(self.cfg.select_metric), phase, self._trainer(phase)
         # a checkpoint saved at the end of a phase's last step holds that phase's optimizer state and
