@@ -108,7 +108,8 @@ def fit(
 def _preempted_before_training(signum, frame) -> None:
     from vision_ft.train.preemption import EXIT_PREEMPTED
 
-    click.echo("stopped: SIGTERM before training started, nothing lost; rerun the same command", err=True)
+    # while setting up, or closing the run after its reports are written
+    click.echo("stopped: SIGTERM outside the training loop, nothing lost; rerun the same command", err=True)
     sys.exit(EXIT_PREEMPTED)
 
 
