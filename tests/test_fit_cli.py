@@ -149,6 +149,50 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tmp_path, con
     _assert_same_results(run, uninterrupted)
 
 
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_continues(tmp_path, config_file, uninterrupted):
+    """Ctrl-C lost everything since the last save, and one landing in JAX's garbage-collection
+    callback was printed as "Exception ignored" while the fit trained on to its end."""
+    run = tmp_path / "interrupted"
+    command = fit_cmd("--config", str(config_file), "--output", str(run))
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, run, 2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 130, stderr
+    stopped_at = max(_latest_steps(run))
+    assert stopped_at < 32 and f"interrupted at step {stopped_at}" in stderr, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert not (run / "PREEMPTED").exists()  # the same command does not go on by itself: it is refused
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --resume" in again.stderr, again.stderr
+    resumed = subprocess.run([*command, "--resume"], env=_env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_results(run, uninterrupted)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored():
+    from vision_ft.train.preemption import PreemptionWatch
+
+    watch = PreemptionWatch()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watch.requested() == (True, False) and watch.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        watch.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `nohup ... &` starts a job
+    try:
+        watch = PreemptionWatch()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watch.requested() == (False, False)
+        watch.close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _one_line_exit_2(result, culprit):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

@@ -71,7 +71,7 @@ def fit(
     from vision_ft.train.config import load_config
     from vision_ft.train.distributed import check_same_settings, is_primary
     from vision_ft.train.loop import FitRun, RunDirError
-    from vision_ft.train.preemption import EXIT_PREEMPTED, Preempted
+    from vision_ft.train.preemption import EXIT_PREEMPTED, Interrupted, Preempted
 
     cfg = load_config(config_path, overrides)  # a bad command stops before the processes meet
     start_processes(coordinator, num_processes, process_id)
@@ -88,6 +88,9 @@ def fit(
         final = FitRun(cfg, progress=not no_progress).run()
     except (RunDirError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    except Interrupted as e:
+        click.echo(f"stopped: {e}", err=True)
+        sys.exit(130)  # the shell's code for a Ctrl-C
     except Preempted as e:
         click.echo(f"stopped: {e}", err=True)
         sys.exit(EXIT_PREEMPTED)

@@ -56,7 +56,13 @@ from vision_ft.train.output_dir import (
     write_checkpoint_owner,
 )
 from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
-from vision_ft.train.preemption import Preempted, PreemptionWatch, clear_marker, mark_preempted
+from vision_ft.train.preemption import (
+    Interrupted,
+    Preempted,
+    PreemptionWatch,
+    clear_marker,
+    mark_preempted,
+)
 from vision_ft.train.resume_notes import read_resume_notes, write_resume_notes
 from vision_ft.train.rules import RuleError, build_plan
 from vision_ft.train.run_dir import (
@@ -451,6 +457,8 @@ class FitRun:
                     progress.close()
                     metrics_log.close()
                     self.checkpoints.close()
+                    if watch.interrupted:  # the user's choice: the same command does not resume it
+                        raise Interrupted(step, self.out)
                     mark_preempted(self.out, step)
                     raise Preempted(step, self.out)
             # until the reports are written, rerunning the command finishes the run: a SIGTERM in
