@@ -157,3 +157,14 @@ def test_a_new_run_writes_only_where_a_run_was(tmp_path):
         assert [p.name for p in out.iterdir()] == [name]
     assert manifest.read_text() == "path,label\na.png,cat\n"
     assert own_settings.read_text() == '{"my": "settings"}'
+
+
+def test_a_resume_of_a_folder_whose_metrics_log_is_not_a_runs_is_refused_untouched(tmp_path):
+    """A metrics.jsonl holding other records (the user's, or a line without a step) stopped --resume
+    on a KeyError traceback, after it had made checkpoint folders in the user's directory."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(RunDirError, match=r"mine/metrics.jsonl, line 1: not a fit's record"):
+        FitRun(tiny_config(tmp_path, output=str(out), resume=True), progress=False)
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]

@@ -22,6 +22,7 @@ from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
 from vision_ft.train.distributed import check_shared_directory, is_primary, process_zero_says, stop_together
 from vision_ft.train.preemption import MARKER, was_preempted
+from vision_ft.train.report import MetricsLog
 from vision_ft.train.resume_notes import NOTES_FILE
 from vision_ft.train.run_dir import RunDirError, read_run_config
 
@@ -102,6 +103,8 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
     if not cfg.resume:
         refuse_foreign_entries(out)
         refuse_foreign_checkpoint_entries(checkpoint_dir)
+    else:
+        MetricsLog.read(metrics)  # a damaged log or the user's own file is named before anything is made
     saved, saved_by_release = None, None
     if cfg.resume and (out / "config.json").is_file():
         saved = read_run_config(out)

@@ -49,6 +49,9 @@ def summary_writer_class() -> type:
     return SummaryWriter
 
 
+_RECORD_KEYS = (("epoch", int), ("step", int), ("split", str))  # in every record of a fit
+
+
 class MetricsLog:
     """Appends one JSON object per evaluation to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
@@ -74,7 +77,10 @@ class MetricsLog:
     def read(path: Path) -> list[dict]:
         if not path.exists():
             return []
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise RunDirError(f"{path}: not a fit's metrics log (not UTF-8 text)") from None
         lines = text.splitlines()
         if lines and not text.endswith("\n"):
             # a process killed while appending leaves its last record cut short; that evaluation came
@@ -85,10 +91,15 @@ class MetricsLog:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 damaged = f"{path}, line {number}: not a JSON record; the metrics log is damaged"
                 raise RunDirError(damaged) from None
+            if not isinstance(record, dict) or not all(
+                isinstance(record.get(key), kind) for key, kind in _RECORD_KEYS
+            ):
+                raise RunDirError(f"{path}, line {number}: not a fit's record (epoch, step and split)")
+            records.append(record)
         # undefined metrics were written as null; in memory they are NaN again, as when computed
         return [{k: float("nan") if v is None else v for k, v in r.items()} for r in records]
 
