@@ -14,12 +14,12 @@ import pytest
 from flax import nnx
 
 import vision_ft
-from tests.train_fixtures import numpy_state, tiny_config, train_batch
+from tests.train_fixtures import numpy_state, tiny_config, train_batch, write_synthetic_npz
 from vision_ft.data.files import FileSplit
 from vision_ft.data.npz import ArraySplit
 from vision_ft.data.pipeline import eval_batches, may_be_unusable
 from vision_ft.data.records import Record
-from vision_ft.train.config import load_config
+from vision_ft.train.config import ConfigError, load_config
 from vision_ft.train.evaluation import improves_selection, selection_score, worst_selection_score
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
@@ -529,3 +529,16 @@ def test_mixup_weighs_each_share_of_an_image_by_its_own_class(monkeypatch):
     assert loss == pytest.approx(reference_loss, rel=1e-5)
     for path in params:
         np.testing.assert_allclose(params[path], reference_params[path], rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_a_validation_split_of_one_class_cannot_choose_checkpoints_by_auc(tmp_path):
+    """Its AUC is undefined at every epoch: no checkpoint was ever kept, and final.json tested the
+    last weights under best_val: null, without a word."""
+    data = write_synthetic_npz(tmp_path / "one_class_val.npz")
+    arrays = dict(np.load(data))
+    arrays["val_labels"] = np.zeros_like(arrays["val_labels"])
+    np.savez(data, **arrays)
+    with pytest.raises(ConfigError, match=r"val split holds one class only .*select_metric: loss"):
+        FitRun(tiny_config(tmp_path, data=f"npz:{data}"), progress=False)
+    assert not (tmp_path / "run").exists()
+    FitRun(tiny_config(tmp_path, data=f"npz:{data}", select_metric="loss", epochs=1), progress=False)

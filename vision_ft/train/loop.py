@@ -150,6 +150,15 @@ class FitRun:
         self.multi_label = self.data.multi_label
         if cfg.select_metric == "map" and not self.multi_label:
             raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
+        val = self.data.splits.get("val")
+        if cfg.select_metric == "auc" and not self.multi_label and val is not None and len(val):
+            present = np.unique(val.labels)
+            if len(present) == 1:  # undefined at every epoch: no checkpoint would ever be kept
+                raise ConfigError(
+                    f"{cfg.data}: the val split holds one class only ({self.data.class_names[present[0]]}), "
+                    "so its AUC is undefined and cannot choose the checkpoint; set select_metric: loss "
+                    "(or accuracy), or give the val split images of other classes"
+                )
         self.bad_examples = BadExamples(self.data.skipped, cfg.on_bad_image)
         # the bands the model takes: the data's, or those of the run it continues or starts from
         # where the data's count differs only as grey and RGB (the pipeline converts each image)
