@@ -1,6 +1,10 @@
 """The grain input pipeline: determinism, exact mid-epoch resume, host sharding, padding, bad images."""
 
 import dataclasses
+import multiprocessing
+import os
+import signal
+import time
 
 import jax
 import numpy as np
@@ -62,6 +66,25 @@ def test_each_process_reads_its_own_slice_of_the_global_batch():
 def test_worker_processes_give_the_same_batches():
     split = _array_split()
     np.testing.assert_array_equal(_steps(split, 2, 4, workers=1)[1]["image"], _steps(split, 2, 4)[1]["image"])
+
+
+def test_worker_processes_leave_a_ctrl_c_to_the_main_process():
+    """A terminal's Ctrl-C reaches the whole process group: each worker printed a KeyboardInterrupt
+    traceback and died, while the main process was finishing its step to save a checkpoint."""
+    split = _array_split()
+    batches = train_batches(split, GEOMETRY, batch_size=8, seed=3, start_step=0, total_steps=40, workers=1)
+    expected = _steps(split, 0, 40)
+    got = [next(batches)]
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(1)
+    assert all(worker.is_alive() for worker in workers)
+    got += list(batches)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
 
 
 def test_eval_pads_the_last_batch_and_masks_it():

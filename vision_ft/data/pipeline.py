@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -241,8 +242,16 @@ def _batched(ds: grain.MapDataset, local_batch: int, *, threads: int, workers: i
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags in workers; we have no absl.app
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_leave_interrupts_to_the_main
+        )
     return iter(it)
+
+
+def _leave_interrupts_to_the_main(worker_index: int, worker_count: int) -> None:
+    # a terminal's Ctrl-C reaches the whole process group: the main process finishes its step and
+    # checkpoints, then stops the workers; each would otherwise die on a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_batches(
