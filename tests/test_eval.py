@@ -316,3 +316,20 @@ def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path, mo
     ):
         result = cli(*command)
         assert result.exit_code == 2 and "no longer splits as the run" in result.output, result.output
+
+
+def test_a_run_missing_its_best_checkpoint_says_it_reads_the_latest(fitted, tmp_path, caplog):
+    """With the best checkpoint gone (deleted, not copied along), eval, predict and embed read the
+    latest weights without a word, and reported them as the run's chosen ones."""
+    root, _, _ = fitted
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    with caplog.at_level("WARNING", logger="vision_ft.run"):
+        from_run(run)
+    assert not [r for r in caplog.records if r.name == "vision_ft.run"]
+    for step in (run / "checkpoints" / "best").iterdir():
+        shutil.rmtree(step)
+    with caplog.at_level("WARNING", logger="vision_ft.run"):
+        from_run(run)
+    warned = [r.getMessage() for r in caplog.records if r.name == "vision_ft.run"]
+    assert len(warned) == 1 and "no best checkpoint" in warned[0] and "latest" in warned[0], warned

@@ -184,6 +184,11 @@ def _restore(run_dir: Path, config: dict, target: dict, which: str) -> dict:
         if which == "best" and checkpoints.best_step() is not None:
             return checkpoints.restore_best(target)[1]
         if checkpoints.latest_step() is not None:
+            if which == "best" and (config.get("split_sizes") or {}).get("val"):  # fit kept one
+                log.warning(
+                    "%s: no best checkpoint in %s (removed, or not copied along); reading the latest "
+                    "weights instead", run_dir, checkpoints.directory / "best",
+                )  # fmt: skip
             # The latest checkpoint holds optimizer state too; restore only the weights from it.
             return checkpoints.restore_latest_weights(target)[1]
         raise RunDirError(f"{run_dir}: the run has no checkpoint yet")
