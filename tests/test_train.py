@@ -542,3 +542,17 @@ def test_a_validation_split_of_one_class_cannot_choose_checkpoints_by_auc(tmp_pa
         FitRun(tiny_config(tmp_path, data=f"npz:{data}"), progress=False)
     assert not (tmp_path / "run").exists()
     FitRun(tiny_config(tmp_path, data=f"npz:{data}", select_metric="loss", epochs=1), progress=False)
+
+
+def test_classes_without_training_images_are_named(tmp_path, caplog):
+    """npz labels counted from 1, or a class found only in val or test, trained a model with classes
+    it never saw, without a word."""
+    data = write_synthetic_npz(tmp_path / "gap.npz", classes=2)
+    arrays = dict(np.load(data))
+    arrays["train_labels"] = np.where(arrays["train_labels"] == 1, 3, 0)  # 1 and 2 never seen
+    arrays["test_labels"][:2] = 2
+    np.savez(data, **arrays)
+    with caplog.at_level("WARNING", logger="vision_ft.fit"):
+        FitRun(tiny_config(tmp_path, data=f"npz:{data}"), progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.name == "vision_ft.fit"]
+    assert any("no training images of class 1, class 2 (2 of 4" in m for m in warned), warned

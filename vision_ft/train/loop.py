@@ -219,8 +219,24 @@ class FitRun:
             except RuleError as e:
                 raise RuleError(f"phase {phase.name}: {e}" if len(self.phases) > 1 else str(e)) from None
         self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
+        self._name_classes_without_training_images(train.labels)
         if saved is not None:
             check_resumed_data(saved, self.data, cfg.data, self.out)
+
+    def _name_classes_without_training_images(self, labels: np.ndarray) -> None:
+        """Labels counted from 1, or a class found only in val or test, give a head output that
+        training never sees: worth a word before the run."""
+        if self.multi_label:
+            counts = np.asarray(labels).reshape(len(labels), -1).sum(axis=0)
+        else:
+            known = labels[(labels >= 0) & (labels < self.num_classes)]
+            counts = np.bincount(known.astype(np.int64), minlength=self.num_classes)
+        unseen = [str(self.data.class_names[i]) for i in np.flatnonzero(counts == 0)]
+        if unseen and is_primary():
+            log.warning(
+                "%s: no training images of %s (%d of %d classes); the model will rarely predict them",
+                self.cfg.data, ", ".join(unseen), len(unseen), self.num_classes,
+            )  # fmt: skip
 
     def _set_input_pipeline(self, saved: dict | None) -> None:
         """Geometry, augmentation and normalization from the model, the modality and the config; a
