@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,40 @@ def test_no_command_prints_the_help_not_an_error():
     text = out.stdout + out.stderr
     assert "Usage:" in text and "Commands:" in text and "fit" in text
     assert "error:" not in text and "(see " not in text
+
+
+@pytest.mark.parametrize("option", ["--output", "--data", "--data folder"])
+def test_a_path_that_is_not_utf8_is_refused_in_one_line(tmp_path, option):
+    """Such a path went through a whole fit and then stopped on a UnicodeEncodeError traceback where
+    it was written to a UTF-8 file (splits.csv, reports, Orbax's metadata), the run half-written."""
+    import os
+
+    from PIL import Image
+
+    from tests.train_fixtures import write_synthetic_npz
+
+    latin1 = os.fsencode(tmp_path) + b"/caf\xe9"
+    tiny = ["--model", "test_resnet", "--pretrained", "false", "--img-size", "32", "--epochs", "1"]
+    if option == "--output":
+        write_synthetic_npz(tmp_path / "data.npz")
+        args = ["--data", f"npz:{tmp_path / 'data.npz'}", "--output", latin1]
+    elif option == "--data":
+        write_synthetic_npz(Path(os.fsdecode(latin1 + b".npz")))
+        args = ["--data", b"npz:" + latin1 + b".npz", "--output", str(tmp_path / "run")]
+    else:
+        for label in ("a", "b"):
+            (tmp_path / "images" / label).mkdir(parents=True)
+            for i in range(4):
+                name = f"{i}.png" if i else "caf\udce9.png"
+                Image.new("L", (8, 8), 40 * i).save(tmp_path / "images" / label / name)
+        args = ["--data", f"folder:{tmp_path / 'images'}", "--output", str(tmp_path / "run")]
+    before = sorted(os.listdir(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "vision_ft.cli", "fit", "--no-progress", *tiny, *args],
+        capture_output=True, timeout=600,
+    )  # fmt: skip
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not valid UTF-8" in errors[0] and "caf\\udce9" in errors[0], stderr
+    assert "Traceback" not in stderr and sorted(os.listdir(tmp_path)) == before

@@ -17,3 +17,13 @@ class BadImageError(DataError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+def is_utf8(path: str) -> bool:
+    """Whether ``path`` can be written to the UTF-8 files that record it (splits.csv, reports, run
+    configs): a file name in another encoding reaches Python as lone surrogates, which cannot."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from vision_ft.data.decode import IMAGE_SUFFIXES, image_kind
-from vision_ft.data.errors import BadImageError, DataError
+from vision_ft.data.errors import BadImageError, DataError, is_utf8
 from vision_ft.data.records import IndexedDataset, Record
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
 
@@ -87,6 +87,9 @@ def image_files(folder: Path) -> list[str]:
             for path in (os.path.join(dirpath, name) for name in filenames if not name.startswith("."))
             if _is_image_file(path)
         )
+    unwritable = next((path for path in found if not is_utf8(path)), None)
+    if unwritable is not None:
+        raise DataError(f"{unwritable!r}: the file name is not valid UTF-8; rename it")
     return sorted(found)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_ft.data.errors import BadImageError, DataError
+from vision_ft.data.errors import BadImageError, DataError, is_utf8
 from vision_ft.data.npz import load_npz_splits
 from vision_ft.data.pipeline import ExampleSplit
 from vision_ft.data.records import IndexedDataset
@@ -65,6 +65,8 @@ def recorded_data(spec: str) -> str:
 
 
 def _data_path(spec: str, location: str) -> Path:
+    if not is_utf8(location):
+        raise DataError(f"--data {spec!r}: the path is not valid UTF-8; rename it")
     try:
         return Path(location).expanduser()
     except RuntimeError:  # "~name" where no user has that name (or no HOME for "~")
