@@ -47,6 +47,8 @@ def test_named_groups_follow_timm_grouping(resnet18):
     assert {p.split(".")[0] + "." + p.split(".")[1] for p in blocks} == {"layer1.0", "layer1.1"}
     with pytest.raises(ValueError, match="out of range"):
         named_group(resnet18, "stages.4")
+    with pytest.raises(ValueError, match=r"'stages.2-1' runs backwards: write stages.1-2"):
+        named_group(resnet18, "stages.2-1")
     scales = layer_decay_scales(resnet18, 0.5)
     # timm: stem is layer 0, 8 blocks are 1..8, the head is 9 -> decay ** (9 - id)
     assert scales["fc.kernel"] == 1.0 and scales["layer4.1.conv1.kernel"] == 0.5

@@ -91,6 +91,8 @@ def named_group(model: nnx.Module, name: str) -> set[str]:
     final = int(m.group(3)) if m.group(3) else first
     ids = layer_ids(paths, model.group_matcher(coarse=kind == "stages"))
     count = max(i for p, i in ids.items() if p not in head)  # ids 1..count are blocks/stages
-    if final >= count or first > final:
+    if first > final:
+        raise ValueError(f"group {name!r} runs backwards: write {kind}.{final}-{first}")
+    if final >= count:
         raise ValueError(f"group {name!r} out of range: this model has {kind}.0-{count - 1}")
     return {p for p, i in ids.items() if first + 1 <= i <= final + 1 and p not in head}
