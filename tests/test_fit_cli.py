@@ -320,6 +320,11 @@ def test_resume_with_a_config_file_starts_from_the_runs_own_settings(tmp_path):
         (b"mean: [0.5]\nstd: [0.2, 0.3]\n", "mean and std must hold one value per band each"),
         (b"\xff\xfe\x00epochs", "is not UTF-8 text"),
         (b"lr: 0.1\nepochs: 2\nlr: 0.001\n", "key lr is given twice (lines 1 and 3)"),  # the last won
+        (  # a run's own config.json (JSON is YAML): its recorded facts are no settings
+            b'{"lr": 0.1, "num_classes": 2, "run_id": "a1"}',
+            "unknown key(s) num_classes, run_id: this is a run's config.json; continue the run with "
+            "--output DIR --resume, or fine-tune from its weights with --pretrained run:DIR",
+        ),
     ],
 )
 def test_a_malformed_config_file_is_a_config_error(tmp_path, content, culprit):

@@ -355,7 +355,13 @@ def load_config(
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         unknown = sorted(str(key) for key in loaded if key not in _FIELDS)  # YAML keys may be numbers
         if unknown:
-            raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+            hint = (
+                ": this is a run's config.json; continue the run with --output DIR --resume, or "
+                "fine-tune from its weights with --pretrained run:DIR"
+                if "run_id" in unknown
+                else ""
+            )
+            raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}{hint}")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return FitConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
