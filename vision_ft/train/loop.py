@@ -153,7 +153,8 @@ class FitRun:
         val = self.data.splits.get("val")
         if cfg.select_metric == "auc" and not self.multi_label and val is not None and len(val):
             present = np.unique(val.labels)
-            if len(present) == 1:  # undefined at every epoch: no checkpoint would ever be kept
+            if len(present) == 1 and 0 <= present[0] < len(self.data.class_names):
+                # undefined at every epoch: no checkpoint would ever be kept
                 raise ConfigError(
                     f"{cfg.data}: the val split holds one class only ({self.data.class_names[present[0]]}), "
                     "so its AUC is undefined and cannot choose the checkpoint; set select_metric: loss "

@@ -50,8 +50,8 @@ class PreemptionWatch:
         # a KeyboardInterrupt raised mid-step loses the steps since the last checkpoint, and one
         # raised inside a callback (JAX's garbage-collection hook) is printed and dropped; an
         # ignored SIGINT (a job started in the background) stays ignored
-        self._previous_interrupt = signal.getsignal(signal.SIGINT)
-        if self._previous_interrupt is signal.default_int_handler:
+        self._watches_interrupts = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if self._watches_interrupts:
             signal.signal(signal.SIGINT, self._on_interrupt)
 
     def _on_signal(self, signum, frame) -> None:
@@ -59,7 +59,7 @@ class PreemptionWatch:
 
     def _on_interrupt(self, signum, frame) -> None:
         self._flag = self.interrupted = True
-        signal.signal(signal.SIGINT, self._previous_interrupt)  # a second Ctrl-C stops at once
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
         log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)")
 
     def requested(self, *, failed: bool = False) -> tuple[bool, bool]:
@@ -77,7 +77,8 @@ class PreemptionWatch:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
-        signal.signal(signal.SIGINT, self._previous_interrupt)
+        if self._watches_interrupts:  # another owner's handler (a notebook's, or none) stays as it is
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def mark_preempted(output: Path, step: int) -> None:
