@@ -35,7 +35,7 @@ from vision_ft.train.checkpoint import (
     abstract_like,
     holds_checkpoint,
 )
-from vision_ft.train.class_weights import class_weights_for
+from vision_ft.train.class_weights import class_counts, class_weights_for
 from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary, merged_from_all_processes, stop_together
 from vision_ft.train.evaluation import (
@@ -227,11 +227,7 @@ class FitRun:
     def _name_classes_without_training_images(self, labels: np.ndarray) -> None:
         """Labels counted from 1, or a class found only in val or test, give a head output that
         training never sees: worth a word before the run."""
-        if self.multi_label:
-            counts = np.asarray(labels).reshape(len(labels), -1).sum(axis=0)
-        else:
-            known = labels[(labels >= 0) & (labels < self.num_classes)]
-            counts = np.bincount(known.astype(np.int64), minlength=self.num_classes)
+        counts = class_counts(labels, self.num_classes)
         unseen = [str(self.data.class_names[i]) for i in np.flatnonzero(counts == 0)]
         if unseen and is_primary():
             log.warning(
