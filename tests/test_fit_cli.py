@@ -132,14 +132,20 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file, u
     assert {p: p.read_bytes() for p in killed.iterdir() if p.is_file()} == kept
 
 
-def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tmp_path, config_file, uninterrupted):
-    run = tmp_path / "preempted"
+def _signalled_after_a_checkpoint(config_file: Path, run: Path, signum: int) -> tuple[list[str], int, str]:
+    """The fit command into ``run``, its exit code and stderr, sent ``signum`` after its 2nd step's save."""
     command = fit_cmd("--config", str(config_file), "--output", str(run))
     proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(proc, run, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 75, stderr
+    return command, proc.returncode, stderr
+
+
+def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tmp_path, config_file, uninterrupted):
+    run = tmp_path / "preempted"
+    command, returncode, stderr = _signalled_after_a_checkpoint(config_file, run, signal.SIGTERM)
+    assert returncode == 75, stderr
     stopped_at = int((run / "PREEMPTED").read_text())
     assert stopped_at < 32 and max(_latest_steps(run)) == stopped_at  # saved after the step it was on
     assert "preempted at step" in stderr and "Traceback" not in stderr
@@ -153,12 +159,8 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_continues(tmp_path, conf
     """Ctrl-C lost everything since the last save, and one landing in JAX's garbage-collection
     callback was printed as "Exception ignored" while the fit trained on to its end."""
     run = tmp_path / "interrupted"
-    command = fit_cmd("--config", str(config_file), "--output", str(run))
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(proc, run, 2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 130, stderr
+    command, returncode, stderr = _signalled_after_a_checkpoint(config_file, run, signal.SIGINT)
+    assert returncode == 130, stderr
     stopped_at = max(_latest_steps(run))
     assert stopped_at < 32 and f"interrupted at step {stopped_at}" in stderr, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
