@@ -154,6 +154,29 @@ def test_no_command_prints_the_help_not_an_error():
     assert "error:" not in text and "(see " not in text
 
 
+def test_help_and_a_mistyped_option_answer_without_importing_jax():
+    """The command line imported JAX, SciPy and the models eagerly: `vision-ft fit --help` took 7.5 s
+    on a 2-core VM before it printed anything."""
+    script = (
+        "import sys\n"
+        "from vision_ft.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    print('jax imported' if 'jax' in sys.modules else 'no jax', file=sys.stderr)\n"
+    )
+    for args, code, expected in (
+        (["fit", "--help"], 0, "--layer-decay"),
+        (["fit", "--bogus"], 2, "error: No such option"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == code, out.stderr
+        assert expected in out.stdout + out.stderr
+        assert out.stderr.strip().endswith("no jax"), out.stderr
+
+
 @pytest.mark.parametrize("option", ["--output", "--data", "--data folder"])
 def test_a_path_that_is_not_utf8_is_refused_in_one_line(tmp_path, option):
     """Such a path went through a whole fit and then stopped on a UnicodeEncodeError traceback where

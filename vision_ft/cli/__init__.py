@@ -8,14 +8,11 @@ import sys
 import click
 
 from vision_ft import __version__
-from vision_ft.allocator import OPT_OUT
 from vision_ft.cli.data import stats
 from vision_ft.cli.errors import OneLineErrors
 from vision_ft.cli.fit import fit
 from vision_ft.cli.inference import embed, evaluate, predict, probe
 from vision_ft.cli.zoo import classify, models
-from vision_ft.compile_cache import use_persistent_compile_cache
-from vision_ft.cpu_runtime import keep_freed_host_memory
 
 __all__ = ["main"]
 
@@ -38,9 +35,7 @@ def main(verbose: bool) -> None:
     # huggingface_hub prints through a handler of its own; a root handler that an imported library
     # configured would print each of its lines a second time
     logging.getLogger("huggingface_hub").propagate = False
-    allocator = keep_freed_host_memory()
-    logger.debug("host memory: %s (%s=system keeps the system's allocator)", allocator, OPT_OUT)
-    use_persistent_compile_cache()
+    # the host allocator and the compilation cache: cli/runtime.py, when a command's body starts
 
 
 for command in (models, classify, fit, stats, embed, evaluate, predict, probe):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.errors import UserError
 from vision_ft.cli.paths import UserPath
+from vision_ft.cli.runtime import command_body
 from vision_ft.output_dirs import refuse_unwritable_file
 from vision_ft.train.config import FitConfig
 
@@ -50,7 +51,7 @@ class CropFraction(click.ParamType):
 @click.option("--data-dir", help="TFDS data directory.")
 @click.option("--window", help="DICOM window CENTER,WIDTH.")
 @click.option("--output", type=UserPath(), help="Also write the statistics as YAML.")
-@user_errors_exit_2
+@command_body
 def stats(
     data, model, img_size, split, val_fraction, test_fraction, seed, eval_crop_pct, data_dir, window, output
 ) -> None:

@@ -7,31 +7,45 @@ import functools
 import sys
 
 import click
-import jax
 
-from vision_ft.data.errors import DataError
-from vision_ft.infer.embeddings import EmbeddingFileError
-from vision_ft.models.registry import UnknownModelError
-from vision_ft.train.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
-from vision_ft.train.config import ConfigError
-from vision_ft.train.rules import RuleError
-from vision_ft.train.run_dir import RunDirError
-from vision_ft.weights.mapping import WeightLoadError
-from vision_ft.weights.sources import WeightSourceError
 
-# Errors that mean "the user's input is wrong": a message, exit code 2, no traceback.
-USER_ERRORS = (
-    WeightSourceError,
-    WeightLoadError,
-    UnknownModelError,
-    ConfigError,
-    DataError,
-    RuleError,
-    CheckpointMismatchError,
-    CheckpointUnreadableError,
-    EmbeddingFileError,
-    RunDirError,
-)
+@functools.cache
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "the user's input is wrong": a message, exit code 2, no traceback.
+
+    Imported when a command fails, not with the command line: their modules bring JAX, and
+    ``vision-ft --help`` or a mistyped option should answer at once."""
+    from vision_ft.data.errors import DataError
+    from vision_ft.infer.embeddings import EmbeddingFileError
+    from vision_ft.models.registry import UnknownModelError
+    from vision_ft.train.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
+    from vision_ft.train.config import ConfigError
+    from vision_ft.train.rules import RuleError
+    from vision_ft.train.run_dir import RunDirError
+    from vision_ft.weights.mapping import WeightLoadError
+    from vision_ft.weights.sources import WeightSourceError
+
+    return (
+        WeightSourceError,
+        WeightLoadError,
+        UnknownModelError,
+        ConfigError,
+        DataError,
+        RuleError,
+        CheckpointMismatchError,
+        CheckpointUnreadableError,
+        EmbeddingFileError,
+        RunDirError,
+    )
+
+
+def _is_out_of_device_memory(error: Exception) -> bool:
+    jax = sys.modules.get("jax")  # no JAX error without JAX imported
+    return (
+        jax is not None
+        and isinstance(error, jax.errors.JaxRuntimeError)
+        and "RESOURCE_EXHAUSTED" in str(error)
+    )
 
 
 class UserError(click.ClickException):
@@ -51,8 +65,6 @@ def user_errors_exit_2(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise UserError(e.args[0] if e.args else str(e)) from None
         except OSError as e:
             if e.filename is None or e.errno not in _REFUSED_PATH_ERRNOS:
                 raise  # a full disk, an I/O error: not the input's fault
@@ -61,13 +73,15 @@ def user_errors_exit_2(command):
             raise UserError(f"{e.filename}: {e.strerror or e}") from None
         except MemoryError as e:  # numpy's "Unable to allocate 37.3 GiB for an array ..."
             raise UserError(f"out of host memory: {e}; lower --batch-size or --img-size") from None
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            first_line = str(e).strip().splitlines()[0]
-            raise UserError(f"out of device memory: {first_line}; lower --batch-size or --img-size") from None
-        except RuntimeError as e:  # after JaxRuntimeError, which subclasses it
-            if "home directory" not in str(e):
+        except Exception as e:
+            if isinstance(e, user_errors()):
+                raise UserError(e.args[0] if e.args else str(e)) from None
+            if _is_out_of_device_memory(e):
+                first_line = str(e).strip().splitlines()[0]
+                raise UserError(
+                    f"out of device memory: {first_line}; lower --batch-size or --img-size"
+                ) from None
+            if not isinstance(e, RuntimeError) or "home directory" not in str(e):
                 raise
             # Path.expanduser() on "~name" where no user has that name, wherever a path is read
             given = [str(v) for v in click.get_current_context().params.values() if str(v).startswith("~")]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
-from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.errors import UserError
 from vision_ft.cli.paths import UserPath
 from vision_ft.cli.processes import distributed_options, start_processes
+from vision_ft.cli.runtime import command_body
 
 
 @click.command()
@@ -61,7 +62,7 @@ from vision_ft.cli.processes import distributed_options, start_processes
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --output exactly.")
 @click.option("--no-progress", is_flag=True, help="Log instead of drawing a progress bar.")
 @distributed_options
-@user_errors_exit_2
+@command_body
 def fit(
     config_path: Path | None, no_progress: bool, coordinator, num_processes, process_id, **overrides
 ) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.errors import UserError
 from vision_ft.cli.paths import UserPath
 from vision_ft.cli.processes import distributed_options, start_processes
+from vision_ft.cli.runtime import command_body
 from vision_ft.infer.precision import PRECISIONS
 from vision_ft.output_dirs import refuse_unwritable_file
 from vision_ft.progress import ProgressBar
@@ -76,7 +77,7 @@ def _metadata(predictor, **extra) -> dict:
 @precision_option
 @click.option("--no-progress", is_flag=True)
 @distributed_options
-@user_errors_exit_2
+@command_body
 def embed(
     model, pretrained, checkpoint, data, split, output, tta, layer, batch_size, data_dir, precision,
     no_progress, coordinator, num_processes, process_id,
@@ -160,7 +161,7 @@ def embed(
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory.")
 @precision_option
-@user_errors_exit_2
+@command_body
 def evaluate(checkpoint, data, split, output, batch_size, data_dir, precision) -> None:
     """Metrics of a run's best weights on a split, with ROC-AUC CI, operating points and calibration."""
     from vision_ft.infer.evaluate import evaluate_run
@@ -194,7 +195,7 @@ def evaluate(checkpoint, data, split, output, batch_size, data_dir, precision) -
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
 @click.option("--data-dir", help="TFDS data directory (for a tfds: --input).")
 @precision_option
-@user_errors_exit_2
+@command_body
 def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, data_dir, precision) -> None:
     """Class probabilities and top-k for new images, with the run's own preprocessing."""
     from vision_ft.infer.evaluate import predict_logits
@@ -239,7 +240,7 @@ def predict(checkpoint, probe_dir, input_, split, output, top_k, batch_size, dat
 @click.option("--test", "test_path", type=UserPath())
 @click.option("--output", required=True, type=UserPath(), help="Directory to create.")
 @click.option("--select", type=click.Choice(["loss", "auc", "accuracy"]), default="loss")
-@user_errors_exit_2
+@command_body
 def probe(train_path, val_path, test_path, output, select) -> None:
     """Linear probe (logistic regression, L2 chosen on val) and k-NN on embeddings from `embed`."""
     from vision_ft.infer.probe_files import run_probe

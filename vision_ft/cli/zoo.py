@@ -7,14 +7,15 @@ from pathlib import Path
 
 import click
 
-from vision_ft.cli.errors import UserError, user_errors_exit_2
+from vision_ft.cli.errors import UserError
 from vision_ft.cli.paths import UserPath
+from vision_ft.cli.runtime import command_body
 
 
 @click.command()
 @click.argument("pattern", default="*")
 @click.option("--pretrained", is_flag=True, help="Only models with pretrained weights.")
-@user_errors_exit_2
+@command_body
 def models(pattern: str, pretrained: bool) -> None:
     """List architectures matching PATTERN (shell wildcards) with size, input and weight tags."""
     from rich.console import Console
@@ -53,7 +54,7 @@ def models(pattern: str, pretrained: bool) -> None:
     help="'true' (default weights, offline where possible), 'hf-hub:timm/NAME.TAG' or a checkpoint file.",
 )
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
-@user_errors_exit_2
+@command_body
 def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -> None:
     """Classify IMAGE (default: a bundled photo) into ImageNet classes."""
     import jax
