@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -50,6 +52,34 @@ def test_a_refused_set_up_leaves_no_new_directory_behind(tmp_path):
     with pytest.raises(RuleError, match="matches no parameter"):
         FitRun(dataclasses.replace(cfg, output=str(kept), checkpoint_dir=None), progress=False)
     assert kept.is_dir() and not any(kept.iterdir())
+
+
+def test_a_fit_into_the_output_of_a_fit_still_running_is_refused(tmp_path):
+    """Two fits in one --output (a job relaunched while the first still ran, a --resume typed in a
+    second terminal) both wrote the same checkpoints, logs and config.json."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(  # another process's fit, holding the directory's lock
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         f"fcntl.flock(os.open({str(out)!r}, os.O_RDONLY), fcntl.LOCK_EX)\nprint('held', flush=True)\n"
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(
+            RunDirError, match=f"--output {out} is in use by another fit that is still running"
+        ):
+            FitRun(tiny_config(tmp_path, epochs=1), progress=False)
+        assert not any(out.iterdir())  # refused before writing anything
+    finally:
+        holder.communicate("")  # its end lets the lock go, as any process's end would
+    run = FitRun(tiny_config(tmp_path, epochs=1), progress=False)
+    with pytest.raises(RunDirError, match="in use by another fit"):
+        FitRun(tiny_config(tmp_path, epochs=1, resume=True), progress=False)
+    run.run()
+    # once the run has ended, its directory is free for a resume (here: of a finished run)
+    FitRun(tiny_config(tmp_path, epochs=1, resume=True), progress=False).release_output()
 
 
 def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, monkeypatch):

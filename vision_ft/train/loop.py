@@ -50,6 +50,7 @@ from vision_ft.train.evaluation import (
 )
 from vision_ft.train.metrics import selection_mode
 from vision_ft.train.output_dir import (
+    OutputDir,
     check_resumed_data,
     claim_output_dir,
     new_run_id,
@@ -95,6 +96,15 @@ class FitRun:
         if cfg.batch_size % n_dev or cfg.eval_batch_size % n_dev:
             raise ConfigError(f"batch_size and eval_batch_size must be multiples of the {n_dev} devices")
         claimed = claim_output_dir(cfg)
+        self._lock = claimed.lock
+        try:
+            self._prepare(claimed)
+        except BaseException:
+            self.release_output()
+            raise
+
+    def _prepare(self, claimed: OutputDir) -> None:
+        """The claimed run's set-up, on every process, and its first files."""
         self.checkpoint_dir, self.saved_by_release = claimed.checkpoint_dir, claimed.saved_by_release
         # which run the checkpoints belong to: a resume keeps the run's (runs from before have none)
         # (claimed.cfg: the rerun of a preempted run resumes it)
@@ -389,6 +399,13 @@ class FitRun:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train, evaluate and report; the lock on ``--output`` is let go however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.release_output()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         started = time.time()
         primary = is_primary()
@@ -495,6 +512,12 @@ class FitRun:
         metrics_log.close()
         self.checkpoints.close()
         return final
+
+    def release_output(self) -> None:
+        """Let another fit write ``--output``: at the end of ``run``, or of a refused set-up."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _resumed_notes(self, step: int) -> list:
         """The losses of the steps the resumed epoch had run (its train record averages them all),

@@ -7,8 +7,11 @@ earlier run exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ class OutputDir:
     saved: dict | None  # the run's config.json where it resumes one
     saved_by_release: str | None  # the release that last wrote the run; None for a new run
     made: tuple[Path, ...] = ()  # the directories the claim created, for a refused set-up to remove
+    lock: OutputLock | None = None  # held until the run ends (``OutputLock.release``)
 
 
 def claim_output_dir(cfg: FitConfig) -> OutputDir:
@@ -75,6 +79,23 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
 
 
 def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
+    """The checks and the directories, under the lock on an existing --output: a running fit's
+    half-written files would otherwise be judged. Process 0 alone locks, as it alone writes the run's
+    files; hosts that share one --output would otherwise lock each other out."""
+    out = Path(cfg.output)
+    lock = OutputLock(out) if is_primary() and out.is_dir() else None
+    try:
+        claimed = _checked_claim(cfg, preempted=preempted)
+        if is_primary() and lock is None:  # a directory the claim made
+            lock = OutputLock(out)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return dataclasses.replace(claimed, lock=lock)
+
+
+def _checked_claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
     out = Path(cfg.output)
     checkpoint_dir = checkpoint_location(cfg.checkpoint_dir or out / "checkpoints")
     if cfg.checkpoint_dir:
@@ -128,6 +149,36 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
         make_directory(Path(cfg.checkpoint_dir), "--checkpoint-dir")
     make_directory(out)
     return OutputDir(cfg, checkpoint_dir, saved, saved_by_release, tuple(made))
+
+
+class OutputLock:
+    """An exclusive ``flock`` on the ``--output`` directory itself: a second fit into a running one's
+    directory (a job relaunched while the first still runs, a ``--resume`` typed in another
+    terminal) is refused instead of writing the same checkpoints and logs. No lock file is left
+    behind, and the system drops the lock when the process ends, even by SIGKILL."""
+
+    def __init__(self, out: Path):
+        self._fd: int | None = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.release()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # a filesystem without directory locks (some network mounts): unguarded, as before
+                log.debug("--output %s: not locked (%s)", out, e)
+                return
+            raise RunDirError(
+                f"--output {out} is in use by another fit that is still running; wait for it to end, "
+                "or fit into another directory"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+    # a FitRun set up and dropped without run() (a notebook, a test) lets the directory go with it
+    __del__ = release
 
 
 def new_run_id() -> str:
