@@ -188,7 +188,10 @@ def new_run_id() -> str:
 def write_checkpoint_owner(checkpoint_dir: epath.Path, run_id: str, out: Path) -> None:
     """Mark ``checkpoint_dir`` as the checkpoints of run ``run_id`` (whose --output is ``out``)."""
     marker = {"run_id": run_id, "output": str(Path(out).absolute())}
-    (checkpoint_dir / OWNER_FILE).write_text(json.dumps(marker) + "\n")
+    # whole or not at all: a half-written mark would stop every resume of the run as unreadable
+    partial = checkpoint_dir / f"{OWNER_FILE}.tmp"
+    partial.write_text(json.dumps(marker) + "\n")
+    partial.replace(checkpoint_dir / OWNER_FILE)
 
 
 def check_checkpoint_owner(checkpoint_dir: epath.Path, run_id: str | None) -> None:
@@ -234,7 +237,7 @@ def refuse_foreign_entries(out: Path) -> None:
         ) from None
 
 
-CHECKPOINT_ENTRIES = frozenset({"latest", "best", OWNER_FILE})
+CHECKPOINT_ENTRIES = frozenset({"latest", "best", OWNER_FILE, f"{OWNER_FILE}.tmp"})
 
 
 def refuse_foreign_checkpoint_entries(checkpoint_dir: epath.Path) -> None:
