@@ -50,6 +50,10 @@ def test_models_table():
         (("stats", "--data", "csv:~nosuchuser/data.csv"), "~nosuchuser"),
         (("stats", "--output", "~nosuchuser/stats.yaml"), "~nosuchuser"),
         (("classify", "--pretrained", "~nosuchuser/w.pth"), "~nosuchuser/w.pth"),
+        (
+            ("classify", "--pretrained", "False"),
+            "--pretrained False: classify needs trained ImageNet weights",
+        ),
         (("stats", "--data", f"folder:/tmp/{'a' * 300}"), "a" * 300),
         (("stats", "--data", f"npz:/tmp/{'a' * 300}.npz"), "a" * 300),
         (("stats", "--data", f"csv:/tmp/{'a' * 300}.csv"), "a" * 300),

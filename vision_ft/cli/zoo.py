@@ -63,8 +63,13 @@ def classify(image: Path | None, model_name: str, pretrained: str, top_k: int) -
     from vision_ft.data.decode import read_image
     from vision_ft.data.pipeline import eval_geometry, eval_image
     from vision_ft.models.factory import create_model
+    from vision_ft.weights.sources import pretrained_from_text
 
-    spec: bool | str = True if pretrained.lower() == "true" else pretrained
+    spec = pretrained_from_text(pretrained)
+    if spec is False:  # random weights name no class; it read as a file called "false"
+        raise UserError(
+            f"--pretrained {pretrained}: classify needs trained ImageNet weights (true, hf-hub:... or a file)"
+        )
     model = create_model(model_name, pretrained=spec)
     if model.num_classes != 1000:
         raise UserError(
