@@ -556,16 +556,16 @@ def test_a_checkpoint_too_big_for_memory_is_not_called_damaged(error):
 def test_a_run_saved_before_the_crop_mode_was_recorded_resumes_with_the_center_crop(tmp_path, monkeypatch):
     """Such a run (a squash model, eval_crop_pct null) was evaluated with the center crop, which eval
     and predict still use for it; a resume switched its validation to squash mid-run."""
-    import vision_ft.train.loop as loop
+    import vision_ft.train.setup as setup
 
-    create = loop.create_model
+    create = setup.create_model
 
     def squash_model(*args, **kwargs):
         model = create(*args, **kwargs)
         model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, crop_mode="squash", crop_pct=0.9)
         return model
 
-    monkeypatch.setattr(loop, "create_model", squash_model)
+    monkeypatch.setattr(setup, "create_model", squash_model)
     cfg = dataclasses.replace(tiny_config(tmp_path, epochs=1), eval_crop_pct=None)
     FitRun(cfg, progress=False).run()
     path = tmp_path / "run" / "config.json"

@@ -376,10 +376,10 @@ def test_sigterm_before_training_starts_exits_75_for_a_rerun(tmp_path, monkeypat
     from vision_ft.cli import main
     from vision_ft.train import loop
 
-    def terminated_in_set_up(self, cfg, saved):
+    def terminated_in_set_up(cfg, saved, checkpoint_dir, out):
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.FitRun, "_set_up", terminated_in_set_up)
+    monkeypatch.setattr(loop, "set_up_run", terminated_in_set_up)
     handler = signal.getsignal(signal.SIGTERM)
     result = CliRunner().invoke(main, ["fit", "--no-progress", "--output", str(tmp_path / "run")])
     assert result.exit_code == 75, (result.output, result.exception)

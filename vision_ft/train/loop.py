@@ -15,17 +15,12 @@ from flax import nnx
 from vision_ft import __version__
 from vision_ft.data.errors import BadImageError
 from vision_ft.data.pipeline import (
-    bands_convertible,
-    eval_geometry,
     may_be_unusable,
     prefetch_to_device,
     train_batches,
 )
-from vision_ft.data.presets import resolve_augmentation
-from vision_ft.data.sources import DataOptions, Dataset, load_dataset, recorded_data
-from vision_ft.data.splitting import refuse_empty_held_out, write_split_file
-from vision_ft.data.stats import band_statistics
-from vision_ft.models.factory import create_model
+from vision_ft.data.sources import recorded_data
+from vision_ft.data.splitting import write_split_file
 from vision_ft.output_dirs import remove_empty
 from vision_ft.progress import ProgressBar
 from vision_ft.train import report
@@ -33,13 +28,10 @@ from vision_ft.train.checkpoint import (
     CheckpointMismatchError,
     RunCheckpoints,
     abstract_like,
-    holds_checkpoint,
 )
-from vision_ft.train.class_weights import class_counts, class_weights_for
 from vision_ft.train.config import ConfigError, FitConfig
 from vision_ft.train.distributed import is_primary, merged_from_all_processes, stop_together
 from vision_ft.train.evaluation import (
-    BadExamples,
     improves_selection,
     predict_split,
     public_metrics,
@@ -51,12 +43,11 @@ from vision_ft.train.evaluation import (
 from vision_ft.train.metrics import selection_mode
 from vision_ft.train.output_dir import (
     OutputDir,
-    check_resumed_data,
     claim_output_dir,
     new_run_id,
     write_checkpoint_owner,
 )
-from vision_ft.train.phases import Phase, num_layers, phase_optimizer, plan_phases, update_windows
+from vision_ft.train.phases import Phase, phase_optimizer, update_windows
 from vision_ft.train.preemption import (
     Interrupted,
     Preempted,
@@ -65,18 +56,14 @@ from vision_ft.train.preemption import (
     mark_preempted,
 )
 from vision_ft.train.resume_notes import read_resume_notes, write_resume_notes
-from vision_ft.train.rules import RuleError, build_plan
+from vision_ft.train.rules import build_plan
 from vision_ft.train.run_dir import (
     RUN_PREFIX,
     RunDirError,
-    adopt_recorded_pretrained_cfg,
-    evaluated_crop_mode,
-    load_run_model,
-    read_run_config,
 )
+from vision_ft.train.setup import set_up_run
 from vision_ft.train.sharding import MeshError, make_mesh
 from vision_ft.train.step import Augment, Trainer, freeze_batchnorm, to_global
-from vision_ft.weights.sources import pretrained_from_text
 
 log = logging.getLogger("vision_ft.fit")
 
@@ -109,9 +96,9 @@ class FitRun:
         # which run the checkpoints belong to: a resume keeps the run's (runs from before have none)
         # (claimed.cfg: the rerun of a preempted run resumes it)
         self.run_id = (claimed.saved or {}).get("run_id") if claimed.cfg.resume else new_run_id()
-        error = None
+        set_up, error = None, None
         try:
-            self._set_up(claimed.cfg, claimed.saved)
+            set_up = set_up_run(claimed.cfg, claimed.saved, self.checkpoint_dir, self.out)
         except Exception as e:  # re-raised below, on this process and the others
             error = e
         try:
@@ -121,6 +108,8 @@ class FitRun:
         except Exception:
             remove_empty(claimed.made)  # a refused command leaves no new, empty folder behind
             raise
+        # as attributes of the run: the loop's and a notebook's view of it
+        vars(self).update({field.name: getattr(set_up, field.name) for field in dataclasses.fields(set_up)})
         cfg = self.cfg
         if is_primary() and not cfg.resume:
             # first of a new run's files, which marks the directory as a run's (a compile that fails
@@ -135,155 +124,6 @@ class FitRun:
         self.checkpoints = RunCheckpoints(self.checkpoint_dir, best_mode=selection_mode(cfg.select_metric))
         if is_primary() and not cfg.resume:
             write_checkpoint_owner(self.checkpoint_dir, self.run_id, self.out)
-
-    def _set_up(self, cfg: FitConfig, saved: dict | None) -> None:
-        """Data, model and input pipeline, and the checks a resume makes against ``saved``."""
-        self.cfg = cfg
-        dtype = jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32
-        start_run = cfg.pretrained.removeprefix(RUN_PREFIX) if cfg.pretrained.startswith(RUN_PREFIX) else None
-        # a resume restores every weight from its latest checkpoint: the source it started from is
-        # not read again (it may have moved since); one with none yet starts again as the run did
-        restores = saved is not None and holds_checkpoint(self.checkpoint_dir, kinds=("latest",))
-        if saved is not None:  # the architecture is the run's
-            cfg = self.cfg = dataclasses.replace(cfg, model=saved["model"])
-        if restores:
-            start_run = None
-        if start_run is not None:
-            # A new fine-tune from an earlier run's weights: the architecture is the run's.
-            earlier = read_run_config(start_run)
-            if earlier["model"] != cfg.model:
-                log.info("model %s, as in run %s", earlier["model"], start_run)
-            cfg = self.cfg = dataclasses.replace(cfg, model=earlier["model"])
-        options = DataOptions(cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.window)
-        self.data: Dataset = load_dataset(cfg.data, options)
-        self.num_classes = len(self.data.class_names)
-        self.multi_label = self.data.multi_label
-        if cfg.select_metric == "map" and not self.multi_label:
-            raise ConfigError("select_metric map is for multi-label data; use auc, accuracy, ... here")
-        val = self.data.splits.get("val")
-        if cfg.select_metric == "auc" and not self.multi_label and val is not None and len(val):
-            present = np.unique(val.labels)
-            if len(present) == 1 and 0 <= present[0] < len(self.data.class_names):
-                # undefined at every epoch: no checkpoint would ever be kept
-                raise ConfigError(
-                    f"{cfg.data}: the val split holds one class only ({self.data.class_names[present[0]]}), "
-                    "so its AUC is undefined and cannot choose the checkpoint; set select_metric: loss "
-                    "(or accuracy), or give the val split images of other classes"
-                )
-        self.bad_examples = BadExamples(self.data.skipped, cfg.on_bad_image)
-        # the bands the model takes: the data's, or those of the run it continues or starts from
-        # where the data's count differs only as grey and RGB (the pipeline converts each image)
-        recorded = (saved or {}).get("in_chans") or (earlier["in_chans"] if start_run is not None else None)
-        self.channels = (
-            recorded if recorded and bands_convertible(self.data.channels, recorded) else self.data.channels
-        )
-        if start_run is not None:
-            if earlier["in_chans"] != self.channels:
-                raise RunDirError(
-                    f"--pretrained {cfg.pretrained}: the run's model takes {earlier['in_chans']} channels, "
-                    f"{cfg.data} has {self.data.channels}"
-                )
-            self.model = load_run_model(
-                start_run,
-                num_classes=self.num_classes,
-                class_names=self.data.class_names,
-                img_size=cfg.img_size,
-                drop_path_rate=cfg.drop_path_rate,
-                dtype=dtype,
-                seed=cfg.seed,
-            )
-        else:
-            self.model = create_model(
-                cfg.model,
-                pretrained=False if restores else pretrained_from_text(cfg.pretrained),
-                num_classes=self.num_classes,
-                in_chans=self.channels,
-                img_size=cfg.img_size,
-                drop_path_rate=cfg.drop_path_rate,
-                dtype=dtype,
-                seed=cfg.seed,
-            )
-            if restores:
-                adopt_recorded_pretrained_cfg(self.model, saved)  # normalized as the run was
-        self._set_input_pipeline(saved if restores else None)
-        # resolved, so that the run's config.json says what eval and predict do
-        if cfg.tta_flip is None:
-            cfg = self.cfg = dataclasses.replace(cfg, tta_flip=self.augment_settings["hflip"])
-        if cfg.tta_shift is None:
-            cfg = self.cfg = dataclasses.replace(cfg, tta_shift=self.augment_settings["translate"] / 2)
-        train = self.data.splits["train"]
-        self.steps_per_epoch = len(train) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training images")
-        refuse_empty_held_out(
-            {name: len(split) for name, split in self.data.splits.items()},
-            cfg.data,
-            {"val": cfg.val_fraction, "test": cfg.test_fraction},
-        )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.phases = plan_phases(cfg, self.steps_per_epoch, num_layers(self.model))
-        for phase in self.phases:  # the rules checked before anything is written, phase by phase
-            try:
-                build_plan(
-                    self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay
-                )
-            except RuleError as e:
-                raise RuleError(f"phase {phase.name}: {e}" if len(self.phases) > 1 else str(e)) from None
-        self.class_weights = class_weights_for(cfg.class_weights, train.labels, self.num_classes)
-        self._name_classes_without_training_images(train.labels)
-        if saved is not None:
-            check_resumed_data(saved, self.data, cfg.data, self.out)
-
-    def _name_classes_without_training_images(self, labels: np.ndarray) -> None:
-        """Labels counted from 1, or a class found only in val or test, give a head output that
-        training never sees: worth a word before the run."""
-        counts = class_counts(labels, self.num_classes)
-        unseen = [str(self.data.class_names[i]) for i in np.flatnonzero(counts == 0)]
-        if unseen and is_primary():
-            log.warning(
-                "%s: no training images of %s (%d of %d classes); the model will rarely predict them",
-                self.cfg.data, ", ".join(unseen), len(unseen), self.num_classes,
-            )  # fmt: skip
-
-    def _set_input_pipeline(self, saved: dict | None) -> None:
-        """Geometry, augmentation and normalization from the model, the modality and the config; a
-        resume resizes as the run (``saved``) did."""
-        cfg, channels = self.cfg, self.channels
-        pretrained = self.model.pretrained_cfg
-        self.augment_settings = resolve_augmentation(
-            cfg.modality, channels, random_crop=cfg.random_crop, hflip=cfg.hflip, vflip=cfg.vflip,
-            rot90=cfg.rot90, translate=cfg.translate, color_jitter=cfg.color_jitter,
-        )  # fmt: skip
-        # band statistics read a center crop; the model's own crop mode may pad with the mean
-        crop_pct = cfg.eval_crop_pct if cfg.eval_crop_pct is not None else pretrained.crop_pct
-        self.eval_geometry = eval_geometry(pretrained, cfg.img_size, crop_pct, channels)
-        mean, std = self._normalization()
-        self.model.pretrained_cfg = dataclasses.replace(pretrained, mean=mean, std=std)
-        self.eval_geometry = eval_geometry(
-            self.model.pretrained_cfg, cfg.img_size, cfg.eval_crop_pct, channels
-        )
-        if saved is not None:  # as eval and predict read the run (older runs center-cropped)
-            self.eval_geometry = dataclasses.replace(
-                self.eval_geometry, eval_crop_mode=evaluated_crop_mode(saved)
-            )
-        self.train_geometry = dataclasses.replace(
-            self.eval_geometry, train_scale=cfg.crop_scale if self.augment_settings["random_crop"] else None
-        )
-
-    def _normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        cfg, channels = self.cfg, self.channels
-        if cfg.mean is not None:
-            if len(cfg.mean) != channels or len(cfg.std) != channels:
-                raise ConfigError(f"mean/std have {len(cfg.mean)} values, the data has {channels} bands")
-            return cfg.mean, cfg.std
-        if cfg.normalize == "dataset" or (cfg.normalize == "auto" and channels not in (1, 3)):
-            # ImageNet statistics mean nothing for these bands: never normalize with them silently
-            mean, std, used = band_statistics(
-                self.data.splits["train"], self.eval_geometry, threads=cfg.loader_threads
-            )
-            log.info("per-band statistics of %d training images: mean %s std %s", used, mean, std)
-            return mean, std
-        return self.model.pretrained_cfg.mean, self.model.pretrained_cfg.std
 
     def _write_run_config(self) -> None:
         cfg = self.cfg
