@@ -97,9 +97,10 @@ def test_cli_runs_on_tcmalloc_where_installed(opt_out):
     if opt_out:
         env[OPT_OUT] = "system"
     out = subprocess.run(
-        [sys.executable, "-m", "vision_ft.cli", "-v", "models", "--help"],
-        capture_output=True, text=True, env=env, check=True,
+        [sys.executable, "-m", "vision_ft.cli", "-v", "models", "no_such_model*"],  # a body, not --help
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
+    assert out.returncode == 2 and "no model matches" in out.stderr, out.stderr
     assert ("host memory: tcmalloc" in out.stderr) != opt_out
 
 

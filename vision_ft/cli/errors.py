@@ -39,13 +39,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def _is_out_of_device_memory(error: Exception) -> bool:
+def _is_jax_error(error: Exception) -> bool:
     jax = sys.modules.get("jax")  # no JAX error without JAX imported
-    return (
-        jax is not None
-        and isinstance(error, jax.errors.JaxRuntimeError)
-        and "RESOURCE_EXHAUSTED" in str(error)
-    )
+    return jax is not None and isinstance(error, jax.errors.JaxRuntimeError)
 
 
 class UserError(click.ClickException):
@@ -74,9 +70,15 @@ def user_errors_exit_2(command):
         except MemoryError as e:  # numpy's "Unable to allocate 37.3 GiB for an array ..."
             raise UserError(f"out of host memory: {e}; lower --batch-size or --img-size") from None
         except Exception as e:
-            if isinstance(e, user_errors()):
+            try:
+                known = user_errors()
+            except ImportError:  # a broken install: the error it caused, re-raised below, says more
+                known = ()
+            if isinstance(e, known):
                 raise UserError(e.args[0] if e.args else str(e)) from None
-            if _is_out_of_device_memory(e):
+            if _is_jax_error(e):
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
                 first_line = str(e).strip().splitlines()[0]
                 raise UserError(
                     f"out of device memory: {first_line}; lower --batch-size or --img-size"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +74,13 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
         claimed = _claim(cfg, preempted=preempted)
     except Exception as e:  # re-raised below, on this process and the others
         error = e
-    stop_together(error, "--output")
-    check_shared_directory(claimed.checkpoint_dir, "the checkpoint directory")
+    try:
+        stop_together(error, "--output")
+        check_shared_directory(claimed.checkpoint_dir, "the checkpoint directory")
+    except BaseException:  # another host refused: this one's lock goes too
+        if claimed is not None and claimed.lock is not None:
+            claimed.lock.release()
+        raise
     return claimed
 
 
@@ -158,27 +164,24 @@ class OutputLock:
     behind, and the system drops the lock when the process ends, even by SIGKILL."""
 
     def __init__(self, out: Path):
-        self._fd: int | None = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        # closed by release(), or when a FitRun set up and never run (a notebook, a test) is dropped
+        self._close = weakref.finalize(self, os.close, fd)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             self.release()
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                # a filesystem without directory locks (some network mounts): unguarded, as before
-                log.debug("--output %s: not locked (%s)", out, e)
+                # a file system without directory locks (NFS, some cluster mounts): unguarded
+                log.info("--output %s is not locked (%s): start no second fit into it meanwhile", out, e)
                 return
             raise RunDirError(
-                f"--output {out} is in use by another fit that is still running; wait for it to end, "
-                "or fit into another directory"
+                f"--output {out} is in use by another fit that is still running (or, in this process, "
+                "one set up and not yet run); wait for it to end, or fit into another directory"
             ) from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock
-            self._fd = None
-
-    # a FitRun set up and dropped without run() (a notebook, a test) lets the directory go with it
-    __del__ = release
+        self._close()  # closing drops the lock; a second call does nothing
 
 
 def new_run_id() -> str:
