@@ -558,3 +558,19 @@ def test_classes_without_training_images_are_named(tmp_path, caplog):
         FitRun(tiny_config(tmp_path, data=f"npz:{data}"), progress=False)
     warned = [r.getMessage() for r in caplog.records if r.name == "vision_ft.fit"]
     assert any("no training images of class 1, class 2 (2 of 4" in m for m in warned), warned
+
+
+@pytest.mark.parametrize(
+    "model, img_size, seen",
+    [("vit_tiny_patch16_224", 40, 32), ("convnext_atto", 100, 96), ("test_resnet", 33, None)],
+)
+def test_an_image_size_whose_border_the_model_leaves_out_is_named(tmp_path, caplog, model, img_size, seen):
+    """A ViT's patches and ConvNeXt's strided convolutions leave out the rows and columns past the
+    last whole patch, as in timm: --img-size 40 trained a ViT-16 on 32 px without a word."""
+    with caplog.at_level("WARNING", logger="vision_ft.fit"):
+        FitRun(tiny_config(tmp_path, model=model, img_size=img_size), progress=False).release_output()
+    warned = [r.getMessage() for r in caplog.records if "is not a multiple of" in r.getMessage()]
+    if seen is None:  # padded convolutions see every pixel
+        assert not warned
+    else:
+        assert len(warned) == 1 and f"sees the first {seen} of each image's {img_size} rows" in warned[0]

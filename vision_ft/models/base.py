@@ -15,6 +15,9 @@ class Backbone(nnx.Module):
     pretrained_cfg: PretrainedCfg
     num_classes: int
     num_features: int
+    # An input side that is not a multiple of this loses its last rows or columns, as in timm: a
+    # ViT's patches and ConvNeXt's unpadded strided convolutions leave the remainder out
+    input_multiple: int = 1
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         raise NotImplementedError

@@ -184,6 +184,7 @@ class ConvNeXt(Backbone):
             stages.append(ConvNeXtStage(prev, dim, 2 if i > 0 else 1, config, dp, rngs=rngs, **kw))
             prev = dim
         self.stages = nnx.List(stages)
+        self.input_multiple = p * 2 ** (len(stages) - 1)
         self.num_features = prev
         self.num_classes = num_classes
         self.head = NormHead(prev, num_classes, rngs=rngs, **kw)

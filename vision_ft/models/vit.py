@@ -198,6 +198,7 @@ class VisionTransformer(Backbone):
             img_size or config.img_size, config.patch_size, in_chans, dim, rngs=rngs, **kw
         )
         self.img_size, self.grid_size = self.patch_embed.img_size, self.patch_embed.grid_size
+        self.input_multiple = config.patch_size
         key = rngs.params()
         k_cls, k_reg, k_pos = jax.random.split(key, 3)
         # nnx.data: attributes that may be None stay data, so they can be replaced later

@@ -115,6 +115,7 @@ def set_up_run(cfg: FitConfig, saved: dict | None, checkpoint_dir: epath.Path, o
         )
         if restores:
             adopt_recorded_pretrained_cfg(model, saved)  # normalized as the run was
+    _name_an_unseen_border(cfg, model)
     resized_as = saved if restores else None
     augment_settings, eval_at, train_at = _input_pipeline(cfg, model, data, channels, resized_as)
     # resolved, so that the run's config.json says what eval and predict do
@@ -172,6 +173,17 @@ def _check_select_metric(cfg: FitConfig, data: Dataset) -> None:
                 "so its AUC is undefined and cannot choose the checkpoint; set select_metric: loss "
                 "(or accuracy), or give the val split images of other classes"
             )
+
+
+def _name_an_unseen_border(cfg: FitConfig, model: nnx.Module) -> None:
+    multiple = model.input_multiple
+    if cfg.img_size % multiple and is_primary():
+        seen = cfg.img_size // multiple * multiple
+        log.warning(
+            "img_size %d is not a multiple of %d: %s sees the first %d of each image's %d rows and "
+            "columns (as timm's); choose %d or %d to see them all",
+            cfg.img_size, multiple, cfg.model, seen, cfg.img_size, seen, seen + multiple,
+        )  # fmt: skip
 
 
 def _name_classes_without_training_images(cfg: FitConfig, data: Dataset, labels: np.ndarray) -> None:
