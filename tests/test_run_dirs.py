@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.train_fixtures import tiny_config
@@ -80,6 +81,21 @@ def test_a_fit_into_the_output_of_a_fit_still_running_is_refused(tmp_path):
     run.run()
     # once the run has ended, its directory is free for a resume (here: of a finished run)
     FitRun(tiny_config(tmp_path, epochs=1, resume=True), progress=False).release_output()
+
+
+def test_a_resume_on_other_data_of_the_same_split_sizes_is_refused(tmp_path):
+    """Split sizes were all a resume compared for npz data: another file of the same sizes (or the
+    same images relabelled) continued the run on it without a word."""
+    cfg = tiny_config(tmp_path, epochs=1)
+    FitRun(cfg, progress=False).run()
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    data = tmp_path / "data.npz"
+    arrays = dict(np.load(data))
+    arrays["train_labels"] = arrays["train_labels"][::-1].copy()  # the same sizes and classes
+    np.savez(data, **arrays)
+    with pytest.raises(RunDirError, match=r"--resume: npz:\S+ has other labels than the run in"):
+        FitRun(dataclasses.replace(cfg, resume=True), progress=False)
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
 
 
 def test_a_relative_checkpoint_dir_is_recorded_as_the_place_it_named(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ from vision_ft.train.metrics import selection_mode
 from vision_ft.train.output_dir import (
     OutputDir,
     claim_output_dir,
+    labels_digest,
     new_run_id,
     write_checkpoint_owner,
 )
@@ -136,6 +137,7 @@ class FitRun:
                 "num_classes": self.num_classes,
                 "class_names": list(self.data.class_names),
                 "split_sizes": {name: len(split) for name, split in self.data.splits.items()},
+                "labels_digest": labels_digest(self.data),  # a resume on other data is refused
                 # what the losses in metrics.jsonl and final.json weigh classes by; eval reads it
                 "loss_class_weights": [float(w) for w in self.class_weights],
                 "multi_label": self.multi_label,

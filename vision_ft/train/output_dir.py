@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from etils import epath
 
 from vision_ft.data.sources import Dataset
@@ -300,10 +302,25 @@ def check_resumed_data(saved: dict, data: Dataset, spec: str, out: Path) -> None
             f"{saved['split_sizes']}; resume with the same data, or fit into a new --output"
         )
     recorded = out / "splits.csv"
-    if data.index is None or not recorded.is_file():
-        return
-    if not matches_split_file(recorded, data.index.splits, data.class_names):
+    if data.index is not None and recorded.is_file():
+        if not matches_split_file(recorded, data.index.splits, data.class_names):
+            raise RunDirError(
+                f"--resume: {spec} no longer splits as the run's {recorded} records (images added, "
+                "removed or moved); resume with the same data, or fit into a new --output"
+            )
+    if saved.get("labels_digest") not in (None, labels_digest(data)):
         raise RunDirError(
-            f"--resume: {spec} no longer splits as the run's {recorded} records (images added, "
-            "removed or moved); resume with the same data, or fit into a new --output"
+            f"--resume: {spec} has other labels than the run in {out} was started on (same split sizes: "
+            "another file, or relabelled); resume with the same data, or fit into a new --output"
         )
+
+
+def labels_digest(data: Dataset) -> str:
+    """A fingerprint of every split's labels in order, which a run records: split sizes alone let a
+    resume continue on another file of the same sizes, or on relabelled data."""
+    digest = hashlib.sha256()
+    for name in sorted(data.splits):
+        labels = np.ascontiguousarray(data.splits[name].labels, dtype=np.int64)
+        digest.update(f"{name} {labels.shape};".encode())
+        digest.update(labels.tobytes())
+    return digest.hexdigest()[:16]
