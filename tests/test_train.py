@@ -205,6 +205,29 @@ def test_one_device_and_eight_devices_agree(tmp_path):
             np.testing.assert_allclose(a[path], b[path], rtol=1e-3, atol=1e-4, err_msg=path)
 
 
+def test_the_model_stays_readable_while_its_trainer_steps_on_one_device(tmp_path):
+    """On one device device_put hands back the very buffers it is given: the first step donated the
+    model's own weights, and the model (a notebook's run.model after a failed or stopped fit) held
+    deleted arrays; so did it after each write_back."""
+    run = FitRun(tiny_config(tmp_path), progress=False)
+    batches = [train_batch(run, s) for s in range(3)]
+    run.release_output()
+    model = vision_ft.create_model("test_resnet", num_classes=2, in_chans=1)
+    trainer = Trainer(
+        model, build_plan(model), optax.sgd(0.05), data_mesh(jax.devices()[:1]), class_weights=np.ones(2),
+        ema_decay=0.9,
+    )  # fmt: skip
+    trainer.train_step(*batches[0], 0)
+    for evaluated in (False, True):
+        trainer.write_back(model, evaluated=evaluated)
+        trainer.train_step(*batches[1 + evaluated], 1 + evaluated)
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param)) + jax.tree.leaves(
+            nnx.state(model, nnx.BatchStat)
+        )
+        assert not any(leaf.is_deleted() for leaf in leaves), evaluated
+        numpy_state(model, nnx.Param)  # readable
+
+
 def test_no_recompilation_after_first_step(tmp_path):
     cfg = tiny_config(tmp_path)
     run = FitRun(cfg, progress=False)

@@ -48,13 +48,16 @@ class Augment:
     cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0 disables
 
 
-def to_global(tree, sharding):
+def to_global(tree, sharding, *, owned: bool = False):
     """Values every process holds in full -> global arrays laid out as ``sharding`` (one sharding,
     or a tree of them matching ``tree``). One process: ``jax.device_put``; several: each process
     supplies its own devices' shards (device_put cannot address other processes' devices). Arrays
-    that are already global keep their layout, or are resharded when it differs."""
+    that are already global keep their layout, or are resharded when it differs.
+
+    ``owned``: never the caller's own buffers, as device_put returns an array already in place on
+    one device: a step that donates them would delete the arrays a model still holds."""
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        return jax.device_put(tree, sharding, may_alias=False if owned else None)
     if isinstance(sharding, NamedSharding):
         sharding = jax.tree.map(lambda _: sharding, tree)
 
@@ -256,7 +259,7 @@ class Trainer:
         # an abstract model (from nnx.eval_shape) gives a trainer that can only be compiled and
         # measured (step_memory): how much a large model needs per device, without allocating it
         self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trainable))
-        place = _with_shardings if self.abstract else to_global
+        place = _with_shardings if self.abstract else functools.partial(to_global, owned=True)
         self.trainable, self.frozen, self.stats, self.other = (
             place(trainable, sh["trainable"]),
             place(frozen, sh["frozen"]),
@@ -487,8 +490,8 @@ class Trainer:
         without compiling its eval steps again (a second Trainer did: 10-25 s on two cores)."""
         _, trainable, frozen, stats, _ = nnx.split(model, self._is_trainable, nnx.Param, nnx.BatchStat, ...)
         sh = self.shardings
-        self.trainable = to_global(trainable, sh["trainable"])
-        self.frozen, self.stats = to_global(frozen, sh["frozen"]), to_global(stats, sh["stats"])
+        self.trainable = to_global(trainable, sh["trainable"], owned=True)
+        self.frozen, self.stats = to_global(frozen, sh["frozen"]), to_global(stats, sh["stats"], owned=True)
         if self.ema is not None:
             self.ema = jax.tree.map(jnp.copy, (self.trainable, self.stats))
 
@@ -496,4 +499,5 @@ class Trainer:
         """Copy the trained state into ``model`` (e.g. to save or embed with it); ``evaluated``
         copies the weights ``predict`` uses instead (the EMA, where enabled)."""
         trainable, stats = self.ema if evaluated and self.ema is not None else (self.trainable, self.stats)
-        nnx.update(model, trainable, self.frozen, stats)
+        # copies: the next step donates the trainer's own buffers, and the model must outlive them
+        nnx.update(model, *jax.tree.map(jnp.copy, (trainable, stats)), self.frozen)
