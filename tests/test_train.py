@@ -556,6 +556,32 @@ def test_mixup_weighs_each_share_of_an_image_by_its_own_class(monkeypatch):
         np.testing.assert_allclose(params[path], reference_params[path], rtol=1e-4, atol=1e-6, err_msg=path)
 
 
+def test_class_weights_with_label_smoothing_give_torch_s_loss():
+    """torch's CrossEntropyLoss(weight=w, label_smoothing=e) weighs the smoothing term class by class:
+    (1 - e) w_y nll_y + e/C sum_c w_c nll_c over sum w_y. The true class's weight scaled the whole
+    smoothed target instead: 1.3734 where torch gives 1.3760 for the batch below."""
+    import torch
+
+    model = vision_ft.create_model("test_resnet", num_classes=3, in_chans=1)
+    images = np.random.default_rng(0).uniform(0, 1, (6, 32, 32, 1)).astype(np.float32)
+    labels = np.array([0, 1, 2, 2, 1, 0], np.int32)
+    class_weights = np.array([0.5, 2.0, 4.0], np.float32)
+    cfg = model.pretrained_cfg
+    normalized = (images - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    logits = np.array(nnx.clone(model)(jnp.asarray(normalized), train=True))  # the step's own
+    for smoothing in (0.0, 0.1):
+        trainer = Trainer(
+            nnx.clone(model), build_plan(model), optax.sgd(0.0), data_mesh(jax.devices()[:1]),
+            class_weights=class_weights, label_smoothing=smoothing, augment=Augment(hflip=False),
+        )  # fmt: skip
+        loss = float(trainer.train_step(images, labels, np.ones(6, np.float32), 0)["loss"])
+        expected = torch.nn.functional.cross_entropy(
+            torch.from_numpy(logits), torch.from_numpy(labels).long(), weight=torch.from_numpy(class_weights),
+            label_smoothing=smoothing,
+        )  # fmt: skip
+        assert loss == pytest.approx(float(expected), rel=1e-5), smoothing
+
+
 def test_a_validation_split_of_one_class_cannot_choose_checkpoints_by_auc(tmp_path):
     """Its AUC is undefined at every epoch: no checkpoint was ever kept, and final.json tested the
     last weights under best_val: null, without a word."""

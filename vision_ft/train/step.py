@@ -306,10 +306,13 @@ class Trainer:
                 weights = mask
             else:
                 weights = self.class_weights[labels] * mask
-                # the weight rides on the target, so mixup weighs each image's share by its own class
+                # each class's share of the target carries that class's weight, as torch's
+                # CrossEntropyLoss(weight=, label_smoothing=) weighs its smoothing term, normalized by
+                # the true classes' weights; mixup then weighs each image's share by its own class
                 # (mixing a weight of 9 and one of 1 into 5 for a half-and-half target weighs them 1:1)
                 one_hot = jax.nn.one_hot(labels, num_classes)
-                targets = weights[:, None] * optax.smooth_labels(one_hot, label_smoothing)
+                smoothed = optax.smooth_labels(one_hot, label_smoothing)
+                targets = smoothed * self.class_weights[None, :] * mask[:, None]
             usable = mask
             if augment.mixup > 0 or augment.cutmix > 0:
                 x, targets, weights = mix_batch(x, targets, weights, mix_key, augment)
