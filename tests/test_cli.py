@@ -50,6 +50,12 @@ def test_models_table():
         (("stats", "--data", "csv:~nosuchuser/data.csv"), "~nosuchuser"),
         (("stats", "--output", "~nosuchuser/stats.yaml"), "~nosuchuser"),
         (("classify", "--pretrained", "~nosuchuser/w.pth"), "~nosuchuser/w.pth"),
+        # a storage etils does not know: no run is started
+        (
+            ("fit", "--output", "/proc/no-run", "--checkpoint-dir", "file:///tmp/ckpt"),
+            "no storage for file://",
+        ),
+        (),
         (
             ("classify", "--pretrained", "False"),
             "--pretrained False: classify needs trained ImageNet weights",

@@ -18,7 +18,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from vision_ft.data.errors import DataError
     from vision_ft.infer.embeddings import EmbeddingFileError
     from vision_ft.models.registry import UnknownModelError
-    from vision_ft.train.checkpoint import CheckpointMismatchError, CheckpointUnreadableError
+    from vision_ft.train.checkpoint import (
+        CheckpointLocationError,
+        CheckpointMismatchError,
+        CheckpointUnreadableError,
+    )
     from vision_ft.train.config import ConfigError
     from vision_ft.train.rules import RuleError
     from vision_ft.train.run_dir import RunDirError
@@ -34,6 +38,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         RuleError,
         CheckpointMismatchError,
         CheckpointUnreadableError,
+        CheckpointLocationError,
         EmbeddingFileError,
         RunDirError,
     )

@@ -163,9 +163,22 @@ def checkpoint_location(directory: str | Path) -> epath.Path:
     """A local directory made absolute, or a URL (``gs://bucket/run``) kept as it is: Orbax and
     tensorstore write to cloud storage themselves, from every host of a multi-host run."""
     text = str(directory)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(Path(text).expanduser().absolute())
+    if "://" not in text:
+        return epath.Path(Path(text).expanduser().absolute())
+    try:
+        path = epath.Path(text)
+        path.exists()  # where the storage's package is missing, or the scheme is none etils knows
+    except ImportError as e:
+        raise CheckpointLocationError(f"{text}: {e} (or use a local directory)") from None
+    except KeyError:
+        raise CheckpointLocationError(
+            f"{text}: no storage for {text.split('://')[0]}:// (gs:// and s3:// are, with gcsfs or s3fs)"
+        ) from None
+    return path
+
+
+class CheckpointLocationError(ValueError):
+    """A checkpoint URL this installation cannot write to."""
 
 
 def holds_checkpoint(directory: epath.Path, kinds: tuple[str, ...] = ("latest", "best")) -> bool:
