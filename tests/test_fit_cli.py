@@ -385,3 +385,43 @@ def test_sigterm_before_training_starts_exits_75_for_a_rerun(tmp_path, monkeypat
     assert result.exit_code == 75, (result.output, result.exception)
     assert "rerun the same command" in result.output
     assert signal.getsignal(signal.SIGTERM) is handler  # a notebook or test process goes on as before
+
+
+_RUN_CONFIG = {
+    "model": "resnet18", "num_classes": 2, "in_chans": 1, "img_size": 32, "class_names": ["a", "b"],
+    "pretrained_cfg": {
+        "mean": [0.5], "std": [0.25], "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
+    },
+    "eval_crop_mode": "center", "multi_label": False, "loss_class_weights": [1.0, 3.0],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "damage, culprit",
+    [
+        ({}, None),  # the undamaged file reads
+        ({"eval_crop_mode": "bogus"}, "eval_crop_mode 'bogus': one of center, squash, border expected"),
+        ({"eval_crop_mode": None}, "eval_crop_mode None"),
+        (
+            {"pretrained_cfg": {**_RUN_CONFIG["pretrained_cfg"], "interpolation": "nope"}},
+            "interpolation 'nope'",
+        ),
+        ({"pretrained_cfg": {**_RUN_CONFIG["pretrained_cfg"], "crop_pct": "x"}}, "crop_pct 'x'"),
+        ({"pretrained_cfg": {**_RUN_CONFIG["pretrained_cfg"], "std": [0]}}, "std [0]: one positive number"),
+        ({"loss_class_weights": "x"}, "loss_class_weights 'x': 2 weights expected"),
+        ({"multi_label": "yes"}, "multi_label 'yes': true or false expected"),
+        ({"class_names": None}, "class_names None: 2 names expected"),
+    ],
+)
+def test_a_hand_edited_run_config_is_named_before_it_is_used(tmp_path, damage, culprit):
+    """Each of these went through: tracebacks deep in the input pipeline or the report (exit 1), an
+    AUC of 0.5 from a std of 0, multi-label metrics from a string, or the data blamed for the classes."""
+    from vision_ft.train.run_dir import RunDirError, read_run_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**_RUN_CONFIG, **damage}))
+    if culprit is None:
+        assert read_run_config(tmp_path)["loss_class_weights"] == [1.0, 3.0]
+        return
+    with pytest.raises(RunDirError, match="damaged") as raised:
+        read_run_config(tmp_path)
+    assert culprit in str(raised.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def _check_recorded_settings(path: Path, config: dict) -> None:
     except ConfigError as e:
         raise RunDirError(f"{path}: damaged ({e})") from None
     names = config.get("class_names")
-    if names is not None and (
+    if "class_names" in config and (
         not isinstance(names, list)
         or not all(isinstance(n, str) for n in names)
         or (len(names) != config["num_classes"] and not config.get("multi_label"))
@@ -70,12 +71,54 @@ def _check_recorded_settings(path: Path, config: dict) -> None:
     recorded = config.get("pretrained_cfg")
     for key in ("mean", "std"):
         values = recorded.get(key) if isinstance(recorded, dict) else None
-        numbers = isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)
+        numbers = isinstance(values, list) and all(_is_finite_number(v) for v in values)
+        if key == "std":
+            numbers = numbers and all(v > 0 for v in values)
         if recorded is not None and not (numbers and len(values) == config["in_chans"]):
             raise RunDirError(
-                f"{path}: damaged (pretrained_cfg {key} {values!r}: one number per band expected, "
-                f"{config['in_chans']} bands)"
+                f"{path}: damaged (pretrained_cfg {key} {values!r}: one {'positive ' * (key == 'std')}number "
+                f"per band expected, {config['in_chans']} bands)"
             )
+    _check_recorded_resizing(path, config, recorded)
+    if "multi_label" in config and not isinstance(config["multi_label"], bool):
+        raise RunDirError(f"{path}: damaged (multi_label {config['multi_label']!r}: true or false expected)")
+    weights = config.get("loss_class_weights")
+    if "loss_class_weights" in config and not (
+        isinstance(weights, list)
+        and len(weights) == config["num_classes"]
+        and all(_is_finite_number(w) and w >= 0 for w in weights)
+    ):
+        raise RunDirError(
+            f"{path}: damaged (loss_class_weights {weights!r}: {config['num_classes']} weights expected)"
+        )
+
+
+def _check_recorded_resizing(path: Path, config: dict, recorded: dict | None) -> None:
+    """How eval and predict resize: the modes and numbers the pipeline takes, or a damaged file."""
+    from vision_ft.data.transforms import CROP_MODES, PIL_INTERPOLATION
+
+    settings = [("eval_crop_mode", config.get("eval_crop_mode", "center"), CROP_MODES)]
+    if isinstance(recorded, dict):
+        settings += [
+            (
+                "pretrained_cfg interpolation",
+                recorded.get("interpolation", "bicubic"),
+                tuple(PIL_INTERPOLATION),
+            ),
+            ("pretrained_cfg crop_mode", recorded.get("crop_mode", "center"), CROP_MODES),
+        ]
+        crop_pct = recorded.get("crop_pct", 1.0)
+        if not (_is_finite_number(crop_pct) and 0 < crop_pct <= 1):
+            raise RunDirError(
+                f"{path}: damaged (pretrained_cfg crop_pct {crop_pct!r}: a number in (0, 1] expected)"
+            )
+    for name, value, allowed in settings:
+        if value not in allowed:
+            raise RunDirError(f"{path}: damaged ({name} {value!r}: one of {', '.join(allowed)} expected)")
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_positive_int(value) -> bool:
