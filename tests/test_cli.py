@@ -55,7 +55,6 @@ def test_models_table():
             ("fit", "--output", "/proc/no-run", "--checkpoint-dir", "file:///tmp/ckpt"),
             "no storage for file://",
         ),
-        (),
         (
             ("classify", "--pretrained", "False"),
             "--pretrained False: classify needs trained ImageNet weights",
