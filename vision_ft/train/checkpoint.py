@@ -166,15 +166,20 @@ def checkpoint_location(directory: str | Path) -> epath.Path:
     if "://" not in text:
         return epath.Path(Path(text).expanduser().absolute())
     try:
-        path = epath.Path(text)
-        path.exists()  # where the storage's package is missing, or the scheme is none etils knows
-    except ImportError as e:
-        raise CheckpointLocationError(f"{text}: {e} (or use a local directory)") from None
-    except KeyError:
+        return epath.Path(text)
+    except KeyError:  # a scheme etils knows no storage for
         raise CheckpointLocationError(
             f"{text}: no storage for {text.split('://')[0]}:// (gs:// and s3:// are, with gcsfs or s3fs)"
         ) from None
-    return path
+
+
+def check_checkpoint_storage(path: epath.Path) -> None:
+    """Raise ``CheckpointLocationError`` where this installation cannot reach ``path``'s storage
+    (gs:// without gcsfs): before a fit starts, not at its first save."""
+    try:
+        path.exists()
+    except ImportError as e:
+        raise CheckpointLocationError(f"{path}: {e} (or use a local directory)") from None
 
 
 class CheckpointLocationError(ValueError):

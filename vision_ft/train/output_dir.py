@@ -24,7 +24,7 @@ from etils import epath
 from vision_ft.data.sources import Dataset
 from vision_ft.data.splitting import matches_split_file
 from vision_ft.output_dirs import absent_directories, make_directory
-from vision_ft.train.checkpoint import checkpoint_location, holds_checkpoint
+from vision_ft.train.checkpoint import check_checkpoint_storage, checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
 from vision_ft.train.distributed import check_shared_directory, is_primary, process_zero_says, stop_together
 from vision_ft.train.preemption import MARKER, was_preempted
@@ -106,6 +106,7 @@ def _claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
 def _checked_claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
     out = Path(cfg.output)
     checkpoint_dir = checkpoint_location(cfg.checkpoint_dir or out / "checkpoints")
+    check_checkpoint_storage(checkpoint_dir)
     if cfg.checkpoint_dir:
         # config.json records where the checkpoints are: eval, predict and run:DIR read it from
         # whatever directory they start in, where a relative path would name another place
