@@ -97,7 +97,7 @@ def _check_recorded_resizing(path: Path, config: dict, recorded: dict | None) ->
     """How eval and predict resize: the modes and numbers the pipeline takes, or a damaged file."""
     from vision_ft.data.transforms import CROP_MODES, PIL_INTERPOLATION
 
-    settings = [("eval_crop_mode", config.get("eval_crop_mode", "center"), CROP_MODES)]
+    settings = [("eval_crop_mode", evaluated_crop_mode(config), CROP_MODES)]
     if isinstance(recorded, dict):
         settings += [
             (
