@@ -40,6 +40,7 @@ from vision_ft.train.evaluation import (
     test_reports,
     worst_selection_score,
 )
+from vision_ft.train.memory import StepMemoryError, check_step_fits
 from vision_ft.train.metrics import selection_mode
 from vision_ft.train.output_dir import (
     OutputDir,
@@ -194,7 +195,22 @@ class FitRun:
         size = self.eval_geometry.img_size
         eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.channels), jnp.float32)
         trainer.compile_in_background(eval_images)
+        self._check_train_step_fits(trainer)
         return trainer
+
+    def _check_train_step_fits(self, trainer: Trainer) -> None:
+        """Compile the train step now, for the batches it will get (the first step finds it in jit's
+        cache), and refuse one that cannot fit before any batch is loaded."""
+        geometry, batch = self.train_geometry, self.cfg.batch_size
+        images = (batch, geometry.img_size, geometry.img_size, geometry.channels or 1)
+        needed = trainer.step_memory(images, self.data.splits["train"].labels.shape[1:])["peak_estimate"]
+        error = None
+        try:
+            device = trainer.mesh.local_devices[0]
+            check_step_fits(needed, device, batch_size=batch, img_size=geometry.img_size)
+        except StepMemoryError as e:
+            error = e
+        stop_together(error, "train step's memory check")
 
     def _phase_at(self, step: int) -> Phase:
         return next(p for p in self.phases if p.first_step <= step < p.last_step)

@@ -1,0 +1,84 @@
+"""Does the compiled train step fit in memory? Asked once its program exists and before it runs:
+on a CPU an over-sized step is otherwise killed by the kernel minutes later, without a message."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from vision_ft.train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# above this share of a device's memory the step may still run, but little is left for the rest
+_TIGHT_SHARE = 0.8
+
+
+class StepMemoryError(ConfigError):
+    """The train step needs more memory than a device has; the message names the options to lower."""
+
+
+# cgroup v2's limit, then v1's
+_CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def cgroup_limit_bytes(files: tuple[str, ...] = _CGROUP_LIMIT_FILES) -> int | None:
+    """The memory limit of this process's control group (a container's), or None where it has none."""
+    for path in files:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max", or v1's near-2**63 "no limit"
+            return int(text)
+    return None
+
+
+def host_memory_bytes() -> int | None:
+    """The physical memory this process may use: the machine's, or its control group's limit."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        physical = None
+    limits = [b for b in (physical, cgroup_limit_bytes()) if b]
+    return min(limits) if limits else None
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """What one device can hold: an accelerator's own memory, or a CPU device's share of the host's
+    (simulated CPU devices all live in the one process's memory). None where it cannot be told."""
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        host = host_memory_bytes()
+        return host // len(jax.local_devices(backend="cpu")) if host else None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_step_fits(needed: int, device: jax.Device, *, batch_size: int, img_size: int) -> None:
+    """Raise StepMemoryError when a step needing ``needed`` bytes per device cannot fit on ``device``;
+    log a warning when it leaves little room."""
+    available = device_memory_bytes(device)
+    if available is None:
+        return
+    where = "this machine's memory" if device.platform == "cpu" else f"{device.platform.upper()} memory"
+    options = f"--batch-size {batch_size} at --img-size {img_size}"
+    if needed > available:
+        raise StepMemoryError(
+            f"{options}: the train step needs about {_gib(needed)} per device, more than the "
+            f"{_gib(available)} of {where} each device has; lower --batch-size (accumulate_steps keeps "
+            "the effective batch) or --img-size"
+        )
+    if needed > _TIGHT_SHARE * available:
+        log.warning(
+            "%s: the train step needs about %s per device, %.0f%% of the %s each device has",
+            options, _gib(needed), 100 * needed / available, _gib(available),
+        )  # fmt: skip
