@@ -359,3 +359,68 @@ def test_predict_input_folders_skip_hidden_folders_and_files(tmp_path):
 def test_an_embeddings_path_that_is_a_directory_is_named_as_one(tmp_path):
     with pytest.raises(EmbeddingFileError, match=f"embeddings file {tmp_path} is a directory, not a file"):
         read_embeddings(tmp_path)  # said "does not exist"
+
+
+def _rewritten(path, **arrays):
+    """``path``'s embeddings file written again with some arrays replaced, as a user's own code might."""
+    e = read_embeddings(path)
+    fields = {"embeddings": e.embeddings, "labels": e.labels, "ids": e.ids, **arrays}
+    np.savez(path, **fields, metadata=np.asarray(json.dumps(e.metadata)))
+    return path
+
+
+def _with_row_3(values, value):
+    return np.where(np.arange(len(values)) == 3, value, values)
+
+
+@pytest.mark.parametrize(
+    "role, damage, culprit",
+    [
+        ("train", lambda e: {"labels": (e.labels * 0.6)}, "label 0.6 is not a whole class index"),
+        (
+            "train",
+            lambda e: {"labels": _with_row_3(e.labels, 5)},
+            "label 5 at row 3 is outside the 2 classes",
+        ),
+        ("val", lambda e: {"labels": _with_row_3(e.labels, 5)}, "label 5 at row 3 is outside the 2 classes"),
+        (
+            "train",
+            lambda e: {"labels": _with_row_3(e.labels, -1)},
+            "(label -1 at row 3) cannot train a probe",
+        ),
+        (
+            "val",
+            lambda e: {"labels": _with_row_3(e.labels, -1)},
+            "(label -1 at row 3) cannot evaluate a probe",
+        ),
+        (
+            "val",
+            lambda e: {"embeddings": np.where(np.arange(len(e))[:, None] == 3, np.nan, e.embeddings)},
+            "1 embeddings hold NaN or inf (first: row 3)",
+        ),
+    ],
+)
+def test_the_probe_names_the_file_whose_labels_or_values_it_cannot_use(tmp_path, role, damage, culprit):
+    """Float labels were truncated (0.6 became class 0), a label beyond the classes added classes of
+    its own, and the rest were refused naming an array (``val_x``) instead of the file."""
+    files = {
+        "train": blob_file(tmp_path / "train.npz", "train", 40, 0),
+        "val": blob_file(tmp_path / "val.npz", "val", 20, 1),
+    }
+    _rewritten(files[role], **damage(read_embeddings(files[role])))
+    result = cli("probe", "--train", files["train"], "--val", files["val"], "--output", tmp_path / "probe")
+    assert result.exit_code == 2, result.output
+    [line] = error_lines(result)
+    assert line.startswith(f"error: {files[role]}: ") and culprit in line, line
+    assert not (tmp_path / "probe").exists()
+
+
+def test_labels_beyond_the_train_file_s_classes_are_refused_in_files_made_elsewhere(tmp_path):
+    train = blob_file(tmp_path / "train.npz", "train", 40, 0, dataset_classes=None)
+    val = _rewritten(blob_file(tmp_path / "val.npz", "val", 20, 1, dataset_classes=None),
+                     labels=_with_row_3(np.arange(20) % 2, 2))  # fmt: skip
+    result = cli("probe", "--train", train, "--val", val, "--output", tmp_path / "probe")
+    assert error_lines(result) == [f"error: {val}: label 2 at row 3 is outside the train file's classes 0-1"]
+    whole = _rewritten(val, labels=(np.arange(20) % 2).astype(np.float64))  # 1.0 is class 1
+    assert read_embeddings(whole).labels.dtype == np.int64
+    assert cli("probe", "--train", train, "--val", whole, "--output", tmp_path / "ok").exit_code == 0

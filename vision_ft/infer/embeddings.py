@@ -145,6 +145,18 @@ def read_embeddings(path: str | Path) -> Embeddings:
     return read
 
 
+def _class_indices(path: Path, labels: np.ndarray) -> np.ndarray:
+    """Labels as int64, refusing values a cast would change (0.6 would become class 0)."""
+    if labels.dtype.kind in "biu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind != "f":
+        raise EmbeddingFileError(f"{path}: labels of type {labels.dtype}, not class indices")
+    fractional = labels != np.round(labels)  # NaN is never equal: refused too
+    if fractional.any():
+        raise EmbeddingFileError(f"{path}: label {labels[fractional].flat[0]} is not a whole class index")
+    return labels.astype(np.int64)
+
+
 def _read_embeddings(path: Path) -> Embeddings:
     if not path.is_file():
         missing = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -161,10 +173,10 @@ def _read_embeddings(path: Path) -> Embeddings:
             meta = (table.schema.metadata or {}).get(b"vision_ft", b"{}").decode()
             labels = table.column("label").combine_chunks()
             if hasattr(labels, "flatten"):  # multi-hot rows, a fixed-size list per example
-                labels = np.asarray(labels.flatten(), np.int64).reshape(len(table), -1)
+                labels = np.asarray(labels.flatten()).reshape(len(table), -1)
             return Embeddings(
                 embeddings,
-                np.asarray(labels, np.int64),
+                _class_indices(path, np.asarray(labels)),
                 np.asarray(table.column("id").to_pylist(), dtype=str),
                 json.loads(meta),
             )
@@ -174,7 +186,7 @@ def _read_embeddings(path: Path) -> Embeddings:
                 raise EmbeddingFileError(f"{path}: not an embeddings file (no {', '.join(missing)})")
             meta = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
             return Embeddings(
-                f["embeddings"].astype(np.float32), f["labels"].astype(np.int64), f["ids"], meta
+                f["embeddings"].astype(np.float32), _class_indices(path, f["labels"]), f["ids"], meta
             )
     except EmbeddingFileError:
         raise

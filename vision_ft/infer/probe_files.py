@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import recorded_data
 from vision_ft.infer.embeddings import Embeddings, read_embeddings
@@ -66,6 +68,29 @@ def _comparable(key: str, value):
     if key in ("checkpoint", "pretrained") and isinstance(value, str) and Path(value).is_absolute():
         return str(Path(value).resolve())
     return value
+
+
+def _check_values(path: Path, part: Embeddings, role: str, train: Embeddings) -> None:
+    """Raise ``DataError`` naming the file where its values would fail the probe, or pass it wrongly:
+    the probe's own checks would name an array (``val_x``) instead, and a label beyond the classes
+    would quietly add classes of its own."""
+    finite = np.isfinite(part.embeddings).all(axis=1)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise DataError(f"{path}: {int((~finite).sum())} embeddings hold NaN or inf (first: row {first})")
+    if (part.labels < 0).any():
+        first = int(np.flatnonzero(part.labels < 0)[0])
+        why = "cannot train a probe" if role == "train" else "cannot evaluate a probe"
+        raise DataError(f"{path}: unlabelled examples (label {part.labels[first]} at row {first}) {why}")
+    names = train.metadata.get("dataset_classes")
+    if names:
+        limit, what = len(names), f"the {len(names)} classes its embeddings were made with"
+    else:  # arrays made elsewhere: the train file's labels are the classes
+        limit, what = int(train.labels.max()) + 1, f"the train file's classes 0-{int(train.labels.max())}"
+    beyond = part.labels >= limit
+    if beyond.any():
+        first = int(np.flatnonzero(beyond)[0])
+        raise DataError(f"{path}: label {part.labels[first]} at row {first} is outside {what}")
 
 
 _WHY_DISJOINT = {
@@ -134,8 +159,8 @@ def run_probe(
             raise DataError(
                 f"{path}: dimension {part.embeddings.shape[1]}, train has {train.embeddings.shape[1]}"
             )
-        if (part.labels < 0).any():
-            raise DataError(f"{path}: unlabelled examples cannot evaluate a probe")
+    for role, (path, part) in roles.items():
+        _check_values(path, part, role, train)
     names = _class_names(train, splits)
     probe, sweep = fit_linear_probe(
         train.embeddings, train.labels, val.embeddings, val.labels, class_names=names, select=select
