@@ -1,5 +1,6 @@
 """eval on a small fitted run: consistency with fit, class matching, bad input and damaged runs."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -291,6 +292,30 @@ def test_a_damaged_run_config_is_named_in_one_line(fitted, tmp_path, edit, culpr
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and culprit in errors[0], result.output
     assert str(run / "config.json") in errors[0] or "--data" in errors[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs would reach for the bucket")
+def test_a_run_kept_in_cloud_storage_this_install_cannot_reach_is_one_line(fitted, tmp_path):
+    """eval, predict, embed and fit --pretrained run: on a run whose config.json names a gs://
+    checkpoint_dir, without gcsfs installed: fsspec's ImportError traceback, exit code 1."""
+    root, cfg, _ = fitted
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "checkpoint_dir": "gs://bucket/run"}))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(image)
+    commands = [
+        ("eval", "--checkpoint", run),
+        ("predict", "--checkpoint", run, "--input", image, "--output", tmp_path / "p.csv"),
+        ("embed", "--checkpoint", run, "--data", cfg.data, "--output", tmp_path / "e.npz"),
+        ("fit", "--pretrained", f"run:{run}", "--data", cfg.data, "--epochs", 1, "--output", tmp_path / "f"),
+    ]
+    for args in commands:
+        result = cli(*args)
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1, (args[0], result.output, result.exception)
+        assert errors[0].startswith("error: gs://bucket/run: ") and str(run / "config.json") in errors[0]
 
 
 def test_eval_checks_the_split_when_data_names_the_runs_own(fitted, tmp_path, monkeypatch):

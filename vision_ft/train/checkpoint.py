@@ -173,13 +173,14 @@ def checkpoint_location(directory: str | Path) -> epath.Path:
         ) from None
 
 
-def check_checkpoint_storage(path: epath.Path) -> None:
+def check_checkpoint_storage(path: epath.Path, *, hint: str = "or use a local directory") -> None:
     """Raise ``CheckpointLocationError`` where this installation cannot reach ``path``'s storage
-    (gs:// without gcsfs): before a fit starts, not at its first save."""
+    (gs:// without gcsfs): before a fit starts, not at its first save, and before a run's
+    checkpoints are read."""
     try:
         path.exists()
     except ImportError as e:
-        raise CheckpointLocationError(f"{path}: {e} (or use a local directory)") from None
+        raise CheckpointLocationError(f"{path}: {e} ({hint})") from None
 
 
 class CheckpointLocationError(ValueError):

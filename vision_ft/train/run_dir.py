@@ -16,7 +16,12 @@ from flax import nnx
 
 from vision_ft.models.factory import create_model
 from vision_ft.models.registry import PretrainedCfg
-from vision_ft.train.checkpoint import CheckpointMismatchError, RunCheckpoints
+from vision_ft.train.checkpoint import (
+    CheckpointMismatchError,
+    RunCheckpoints,
+    check_checkpoint_storage,
+    checkpoint_location,
+)
 from vision_ft.train.metrics import selection_mode
 
 log = logging.getLogger("vision_ft.run")
@@ -218,7 +223,10 @@ def _on(state: nnx.State, sharding: jax.sharding.Sharding) -> nnx.State:
 def run_checkpoints(run_dir: str | Path, config: dict) -> RunCheckpoints:
     """A run's checkpoints, to read: the best is the one its ``select_metric`` ranks best."""
     mode = selection_mode(config.get("select_metric", "auc"))
-    return RunCheckpoints(run_checkpoint_dir(run_dir, config), best_mode=mode, create=False)
+    location = checkpoint_location(run_checkpoint_dir(run_dir, config))
+    # gs:// without gcsfs: one line, not fsspec's ImportError
+    check_checkpoint_storage(location, hint=f"the checkpoint_dir of {Path(run_dir) / 'config.json'}")
+    return RunCheckpoints(location, best_mode=mode, create=False)
 
 
 def _restore(run_dir: Path, config: dict, target: dict, which: str) -> dict:
