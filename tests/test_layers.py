@@ -112,6 +112,20 @@ def test_training_batch_norm_matches_flax_values_and_gradients():
         np.testing.assert_allclose(d_ours[name][...], d_ref[name][...], rtol=1e-5, atol=1e-5)
 
 
+def test_training_batch_norm_traces_activations_of_more_than_2_31_values_per_channel():
+    """The backward pass's count entered the program as a Python int: past int32 (a batch of 32 at
+    10000 px), tracing the train step failed with an OverflowError before any memory check."""
+    from vision_ft.models.fused_norm import batch_norm_train
+
+    def loss(x, scale, bias):
+        return jnp.sum(batch_norm_train(x, scale, bias, 1e-5)[0])
+
+    x = jax.ShapeDtypeStruct((32, 10000, 10000, 1), jnp.float32)  # traced only: nothing is allocated
+    channel = jax.ShapeDtypeStruct((1,), jnp.float32)
+    grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), x, channel, channel)
+    assert [g.shape for g in grads] == [x.shape, (1,), (1,)]
+
+
 def test_batch_statistics_leave_out_the_examples_weighted_zero():
     """A blank standing in for an unreadable image (weight 0) changes neither the outputs, the
     running statistics nor the gradients of the others: the same as BatchNorm over the rest alone.

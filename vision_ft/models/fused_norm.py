@@ -84,7 +84,7 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
     dscale = jnp.sum(dy * centred, axis=axes) * inv
     # d/dx of (x - mean) * inv through mean and var, plus the statistics' own cotangents
     if weights is None:
-        n = x.size // x.shape[-1]
+        n = float(x.size // x.shape[-1])  # a Python int past 2**31 cannot enter the traced program
         dx = (scale * inv) * (dy - dbias / n - centred * (inv * dscale / n)) + (
             dmean + 2 * dvar * centred
         ) / n
