@@ -351,6 +351,23 @@ def test_csv_integer_labels_sort_numerically(tmp_path):
     assert [r.label for r in ds.splits["train"]] == [3, 2, 1, 0, 2, 3]
 
 
+@pytest.mark.parametrize("presplit", [False, True])
+def test_folder_classes_take_the_integer_and_natural_order_csv_labels_take(tmp_path, presplit):
+    """Folder "10" sorted as text between "1" and "2": index 2 for what the dataset calls class 10."""
+    names = ["10", "2", "0", "1", "grade10", "Grade3", "grade2"]
+    for name in names:
+        for i in range(2):
+            _png(tmp_path / ("train" if presplit else "") / name / f"{i}.png")
+    ds = index_folder(tmp_path, val_fraction=0.0)
+    expected = ("0", "1", "2", "10", "grade2", "Grade3", "grade10")
+    assert ds.class_names == expected
+    assert {Path(r.path).parent.name: r.label for r in ds.splits["train"]} == {
+        n: expected.index(n) for n in names
+    }
+    lines = ["path,label", *(f"{'train/' if presplit else ''}{n}/0.png,{n}" for n in names)]
+    assert index_csv(_write_csv(tmp_path / "labels.csv", lines), val_fraction=0.0).class_names == expected
+
+
 @pytest.mark.parametrize(
     ("lines", "message"),
     [

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vision_ft.data.errors import DataError
-from vision_ft.data.records import IndexedDataset, Record
+from vision_ft.data.records import IndexedDataset, Record, class_name_key
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
 
 REQUIRED_COLUMNS = ("path", "label")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -119,11 +117,6 @@ def _parse_rows(
     return rows
 
 
-def _sort_key(name: str) -> tuple[int, int, str]:
-    # integer-looking class names in numeric order (2 before 10), ahead of any other names
-    return (0, int(name), name) if _INTEGER.fullmatch(name) else (1, 0, name)
-
-
 def _class_names(csv_path: Path, rows: list[_Row], classes: Sequence[str] | None) -> tuple[str, ...]:
     if classes is not None:
         names = tuple(str(c) for c in classes)
@@ -132,7 +125,7 @@ def _class_names(csv_path: Path, rows: list[_Row], classes: Sequence[str] | None
     else:
         # every labelled row counts, even one whose file is missing, so class indices do not
         # depend on which files happen to be present
-        names = tuple(sorted({label for row in rows for label in row.labels}, key=_sort_key))
+        names = tuple(sorted({label for row in rows for label in row.labels}, key=class_name_key))
     if len(names) < 2:
         raise DataError(
             f"CSV file {csv_path}: need at least two classes, found {len(names)} ({', '.join(names)})"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vision_ft.data.decode import IMAGE_SUFFIXES, image_kind
 from vision_ft.data.errors import BadImageError, DataError, is_utf8
-from vision_ft.data.records import IndexedDataset, Record
+from vision_ft.data.records import IndexedDataset, Record, class_name_key
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
 
 # folder names (lower-cased) that mark a pre-split layout, and the split each one holds
@@ -32,13 +32,13 @@ def _listing_error(error: OSError) -> DataError:
 
 
 def _visible_subdirs(folder: Path) -> list[Path]:
-    """Subfolders in name order; hidden ones ('.git', '.ipynb_checkpoints') are never classes."""
+    """Subfolders in class-name order; hidden ones ('.git', '.ipynb_checkpoints') are never classes."""
     try:
         with os.scandir(folder) as entries:
             names = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
     except OSError as e:
         raise _listing_error(e) from None
-    return [folder / name for name in sorted(names)]
+    return [folder / name for name in sorted(names, key=class_name_key)]
 
 
 def _raise(error: OSError) -> None:
@@ -168,7 +168,7 @@ def _index_presplit(root: Path, split_dirs: dict[str, Path]) -> IndexedDataset:
                 raise DataError(
                     f"class folder {d} is not in {split_dirs['train']}: every class needs training images"
                 )
-    class_names = sorted(train_classes)
+    class_names = sorted(train_classes, key=class_name_key)
     _check_class_count(split_dirs["train"], class_names)
     index = {name: i for i, name in enumerate(class_names)}
     splits = {}
@@ -181,7 +181,7 @@ def _index_presplit(root: Path, split_dirs: dict[str, Path]) -> IndexedDataset:
 def index_folder(
     root: str | Path, *, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0
 ) -> IndexedDataset:
-    """Index ``root/<class>/**/<image>`` into splits; class index = position of the name in sorted order.
+    """Index ``root/<class>/**/<image>`` into splits; a class index is its place in ``class_name_key`` order.
 
     If ``root`` holds ``train/`` (or ``training/``; optionally ``val/``, ``valid/``, ``test/``), those
     folders are the splits as the dataset's authors made them and the fractions are not used; other

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DIGIT_RUNS = re.compile(r"([0-9]+)")
+
+
+def class_name_key(name: str) -> tuple:
+    """The order that gives class names their indices, for folders and CSV labels alike: integer
+    names numerically (2 before 10), ahead of the others, which follow timm's natural order ("grade2"
+    before "grade10", case aside), the name itself breaking ties. Text order put folder "10" between
+    "1" and "2": index 2 for what a dataset's own labels call class 10."""
+    if _INTEGER.fullmatch(name):
+        return (0, int(name), (), name)
+    # the split alternates text and digit runs, so that like is compared with like
+    parts = tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGIT_RUNS.split(name.lower())))
+    return (1, 0, parts, name)
 
 
 @dataclass(frozen=True)
