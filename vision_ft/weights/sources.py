@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -90,7 +91,10 @@ def _hub_config(repo_id: str, *, cache_only: bool) -> dict:
     from huggingface_hub import hf_hub_download
 
     try:
-        with open(hf_hub_download(repo_id, "config.json", local_files_only=cache_only)) as f:
+        with (
+            _quiet_hub_retries(repo_id),
+            open(hf_hub_download(repo_id, "config.json", local_files_only=cache_only)) as f,
+        ):
             cfg = json.load(f).get("pretrained_cfg", {})
     except Exception:  # a repo without config.json still has usable weights
         return {}
@@ -99,6 +103,39 @@ def _hub_config(repo_id: str, *, cache_only: bool) -> dict:
         if k in out:
             out[k] = tuple(out[k])
     return out
+
+
+class _OneLineForHubRetries(logging.Filter):
+    """huggingface_hub logs two warning lines per retry of an unreachable hub (11 for one file);
+    this keeps the first, worded as what is happening, and drops the rest."""
+
+    def __init__(self, repo_id: str):
+        super().__init__()
+        self.repo_id, self.told = repo_id, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "thrown while requesting" not in message and not message.startswith("Retrying in"):
+            return True
+        if not self.told:
+            self.told = True
+            log.warning(
+                "hf-hub:%s: the hub did not answer (%s); huggingface_hub retries for about 25 s "
+                "(HF_HUB_OFFLINE=1 reads the local cache at once)",
+                self.repo_id, message.split("' thrown")[0].lstrip("'"),
+            )  # fmt: skip
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_hub_retries(repo_id: str):
+    hub_http = logging.getLogger("huggingface_hub.utils._http")
+    quiet = _OneLineForHubRetries(repo_id)
+    hub_http.addFilter(quiet)
+    try:
+        yield
+    finally:
+        hub_http.removeFilter(quiet)
 
 
 def from_hub(repo_id: str) -> WeightSource:
@@ -111,7 +148,8 @@ def from_hub(repo_id: str) -> WeightSource:
     cache_only = False
     for filename in ("model.safetensors", "pytorch_model.bin"):
         try:
-            path = hf_hub_download(repo_id, filename, local_files_only=cache_only)
+            with _quiet_hub_retries(repo_id):
+                path = hf_hub_download(repo_id, filename, local_files_only=cache_only)
         except LocalEntryNotFoundError as e:
             if not cache_only:  # the hub's failure says more than a later miss in the cache
                 last_error = e
