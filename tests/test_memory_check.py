@@ -63,24 +63,37 @@ def test_a_container_limit_is_read_from_its_cgroup(tmp_path, content, limit):
     assert cgroup_limit_bytes((str(tmp_path / "missing"), str(tmp_path / "memory.max"))) == limit
 
 
-def test_fit_refuses_an_oversized_step_before_loading_a_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "per_device, culprit",
+    [
+        # more than the batch, less than the step: XLA's analysis of the compiled step refuses it
+        (2**20, "the train step needs about"),
+        # less than the input batch alone (16 x 64 x 64 floats over 8 devices, 32 KiB each): refused
+        # before compiling, which for a batch of 32 at 20000 px took minutes and 14 GB
+        (16 * 2**10, "its input batch alone needs about 0.0 GiB"),
+    ],
+)
+def test_fit_refuses_an_oversized_step_before_loading_a_batch(tmp_path, monkeypatch, per_device, culprit):
     from click.testing import CliRunner
 
     from tests.train_fixtures import write_synthetic_npz
     from vision_ft.cli import main
     from vision_ft.train import loop
+    from vision_ft.train.step import Trainer
 
     def no_batches(*args, **kwargs):
         raise AssertionError("a train batch was asked for")
 
-    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 2**20)  # 1 MiB for each of 8 devices
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * per_device)  # 8 devices share it
     monkeypatch.setattr(loop, "train_batches", no_batches)
+    if "batch" in culprit:
+        monkeypatch.setattr(Trainer, "step_memory", lambda *a, **k: pytest.fail("the step was compiled"))
     data = write_synthetic_npz(tmp_path / "data.npz")
     args = [
         "fit", "--no-progress", "--model", "test_resnet", "--pretrained", "false", "--data", f"npz:{data}",
-        "--img-size", "32", "--batch-size", "16", "--epochs", "1", "--output", str(tmp_path / "run"),
+        "--img-size", "64", "--batch-size", "16", "--epochs", "1", "--output", str(tmp_path / "run"),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, (result.output, result.exception)
-    assert "error: --batch-size 16 at --img-size 32: the train step needs about" in result.output
+    assert f"error: --batch-size 16 at --img-size 64: {culprit}" in result.output
     assert "of this machine's memory each device has" in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -194,20 +195,27 @@ class FitRun:
         )
         size = self.eval_geometry.img_size
         eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.channels), jnp.float32)
+        self._check_memory(trainer, compile=False)  # before XLA spends minutes on a hopeless size
         trainer.compile_in_background(eval_images)
-        self._check_train_step_fits(trainer)
+        self._check_memory(trainer, compile=True)
         return trainer
 
-    def _check_train_step_fits(self, trainer: Trainer) -> None:
-        """Compile the train step now, for the batches it will get (the first step finds it in jit's
-        cache), and refuse one that cannot fit before any batch is loaded."""
+    def _check_memory(self, trainer: Trainer, *, compile: bool) -> None:
+        """Refuse a train step that cannot fit in a device's memory before any batch is loaded: by the
+        input batch alone, or by XLA's analysis of the step, compiled now for the batches it will get
+        (the first step finds it in jit's cache)."""
         geometry, batch = self.train_geometry, self.cfg.batch_size
         images = (batch, geometry.img_size, geometry.img_size, geometry.channels or 1)
-        needed = trainer.step_memory(images, self.data.splits["train"].labels.shape[1:])["peak_estimate"]
         error = None
         try:
-            device = trainer.mesh.local_devices[0]
-            check_step_fits(needed, device, batch_size=batch, img_size=geometry.img_size)
+            if compile:
+                labels = self.data.splits["train"].labels.shape[1:]
+                needed, what = trainer.step_memory(images, labels)["peak_estimate"], "the train step"
+            else:  # float32, spread over every device at best
+                needed, what = math.prod(images) * 4 // trainer.num_devices, "its input batch alone"
+            check_step_fits(
+                needed, trainer.mesh.local_devices[0], batch_size=batch, img_size=geometry.img_size, what=what
+            )
         except StepMemoryError as e:
             error = e
         stop_together(error, "train step's memory check")

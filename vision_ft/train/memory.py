@@ -63,9 +63,11 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_step_fits(needed: int, device: jax.Device, *, batch_size: int, img_size: int) -> None:
-    """Raise StepMemoryError when a step needing ``needed`` bytes per device cannot fit on ``device``;
-    log a warning when it leaves little room."""
+def check_step_fits(
+    needed: int, device: jax.Device, *, batch_size: int, img_size: int, what: str = "the train step"
+) -> None:
+    """Raise StepMemoryError when ``what`` (the step, or a part of it) needing ``needed`` bytes per
+    device cannot fit on ``device``; log a warning when it leaves little room."""
     available = device_memory_bytes(device)
     if available is None:
         return
@@ -73,12 +75,12 @@ def check_step_fits(needed: int, device: jax.Device, *, batch_size: int, img_siz
     options = f"--batch-size {batch_size} at --img-size {img_size}"
     if needed > available:
         raise StepMemoryError(
-            f"{options}: the train step needs about {_gib(needed)} per device, more than the "
+            f"{options}: {what} needs about {_gib(needed)} per device, more than the "
             f"{_gib(available)} of {where} each device has; lower --batch-size (accumulate_steps keeps "
             "the effective batch) or --img-size"
         )
     if needed > _TIGHT_SHARE * available:
         log.warning(
-            "%s: the train step needs about %s per device, %.0f%% of the %s each device has",
-            options, _gib(needed), 100 * needed / available, _gib(available),
+            "%s: %s needs about %s per device, %.0f%% of the %s each device has",
+            options, what, _gib(needed), 100 * needed / available, _gib(available),
         )  # fmt: skip
