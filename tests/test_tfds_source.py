@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 
 import numpy as np
@@ -275,9 +276,10 @@ def test_unknown_dataset_and_config(tmp_path):
         load_tfds("eurosat/nope", data_dir=str(tmp_path))
 
 
-def test_not_prepared_says_how_to_prepare(tmp_path):
-    with pytest.raises(DataError) as caught:
+def test_not_prepared_says_how_to_prepare(tmp_path, caplog):
+    with pytest.raises(DataError) as caught, caplog.at_level(logging.WARNING):
         load_tfds("eurosat/rgb", data_dir=str(tmp_path))
+    assert caplog.records == []  # tfds's warning of a missing dataset_info.json said it first
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"tfds:eurosat/rgb: not prepared in {tmp_path}")
     assert f"tfds build eurosat/rgb --data_dir {tmp_path} --file_format array_record" in message

@@ -24,6 +24,7 @@ worth.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import re
 from dataclasses import dataclass
@@ -302,11 +303,28 @@ def _builder(spec: TfdsSpec, data_dir: str | None) -> Any:
         ) from None
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.part not in record.getMessage()
+
+
 def _check_prepared(builder: Any, dataset: str) -> None:
     """Refuse data that is missing or lacks random access, saying how to prepare it (never preparing here)."""
     import tensorflow_datasets as tfds
 
-    if not builder.is_prepared():
+    # tfds warns that the folder has no dataset_info.json: the error below says so, with the fix
+    absl = logging.getLogger("absl")
+    unprepared = _DropMessages("has no dataset_info.json")
+    absl.addFilter(unprepared)
+    try:
+        prepared = builder.is_prepared()
+    finally:
+        absl.removeFilter(unprepared)
+    if not prepared:
         raise DataError(_not_prepared_message(builder, dataset))
     formats = builder.info.available_file_formats()
     if not formats & tfds.core.file_adapters.FileFormat.with_random_access():
