@@ -94,6 +94,38 @@ def test_resume_on_changed_data_is_refused_and_leaves_the_run_as_it_was(tmp_path
         assert (tmp_path / "run" / "config.json").read_bytes() == config, change
 
 
+def test_a_run_made_when_classes_sorted_as_text_resumes_and_evaluates(tmp_path, monkeypatch):
+    """Folder classes "1", "2", "10" now take indices in that order; a run recorded with the text
+    order ("1", "10", "2") was refused on --resume, and its flat folder's split, drawn again class by
+    class, made eval call the folder changed."""
+    from vision_ft.data import records
+    from vision_ft.infer.evaluate import evaluate_run
+    from vision_ft.train.config import load_config
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "digits"
+    for c, name in enumerate(("1", "2", "10")):
+        (root / name).mkdir(parents=True)
+        for i in range(8 + 2 * c):
+            Image.fromarray(rng.integers(0, 80, (16, 16), np.uint8) + 60 * c).save(root / name / f"{i}.png")
+    cfg = tiny_config(
+        tmp_path, data=f"folder:{root}", epochs=2, batch_size=8, eval_batch_size=8, val_fraction=0.25,
+        test_fraction=0.25,
+    )  # fmt: skip
+    with monkeypatch.context() as earlier_release:
+        earlier_release.setattr(records, "class_name_key", lambda name: name)
+        made = FitRun(cfg, progress=False).run()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["class_names"] == ["1", "10", "2"]
+    evaluated = evaluate_run(tmp_path / "run", split="val")
+    assert (
+        evaluated["metrics"]["count"]
+        == json.loads((tmp_path / "run" / "config.json").read_text())["split_sizes"]["val"]
+    )
+    resumed = FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False)
+    assert resumed.data.class_names == ("1", "10", "2")
+    assert resumed.run()["test"]["auc"] == pytest.approx(made["test"]["auc"])  # a finished run: scored again
+
+
 def test_multispectral_geotiffs_get_their_own_band_statistics(tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "s2"

@@ -368,6 +368,36 @@ def test_folder_classes_take_the_integer_and_natural_order_csv_labels_take(tmp_p
     assert index_csv(_write_csv(tmp_path / "labels.csv", lines), val_fraction=0.0).class_names == expected
 
 
+@pytest.mark.parametrize("presplit", [False, True])
+def test_a_run_s_recorded_class_order_indexes_its_data_as_when_it_was_made(tmp_path, presplit, monkeypatch):
+    """Runs made while classes sorted as text record that order: indexing their data again (resume,
+    eval) in it keeps each class's index and the seeded split, which is drawn class by class."""
+    from vision_ft.data import records
+
+    names = ["10", "2", "1", "b", "A"]
+    for n, name in enumerate(names):
+        for i in range(6 + n):
+            _png(tmp_path / ("train" if presplit else "") / name / f"{i}.png")
+        if presplit:
+            _png(tmp_path / "val" / name / "0.png")
+    with monkeypatch.context() as earlier_release:
+        earlier_release.setattr(records, "class_name_key", lambda name: name)  # text order
+        made = index_folder(tmp_path, val_fraction=0.3, seed=1)
+    assert made.class_names == ("1", "10", "2", "A", "b")
+    assert index_folder(tmp_path, val_fraction=0.3, seed=1).class_names == ("1", "2", "10", "A", "b")
+    assert index_folder(tmp_path, val_fraction=0.3, seed=1, class_order=made.class_names) == made
+    # another set of names than the run's: the order of this release, and the run's checks refuse it
+    other = ("1", "10", "2", "A", "c")
+    assert index_folder(tmp_path, val_fraction=0.3, seed=1, class_order=other).class_names[:3] == (
+        "1",
+        "2",
+        "10",
+    )
+    lines = ["path,label", *(f"{'train/' if presplit else ''}{n}/0.png,{n}" for n in names)]
+    table = _write_csv(tmp_path / "labels.csv", lines)
+    assert index_csv(table, val_fraction=0.0, class_order=made.class_names).class_names == made.class_names
+
+
 @pytest.mark.parametrize(
     ("lines", "message"),
     [

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vision_ft.data.errors import DataError
-from vision_ft.data.records import IndexedDataset, Record, class_name_key
+from vision_ft.data.records import IndexedDataset, Record, ordered_classes
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
 
 REQUIRED_COLUMNS = ("path", "label")
@@ -117,7 +117,9 @@ def _parse_rows(
     return rows
 
 
-def _class_names(csv_path: Path, rows: list[_Row], classes: Sequence[str] | None) -> tuple[str, ...]:
+def _class_names(
+    csv_path: Path, rows: list[_Row], classes: Sequence[str] | None, class_order: tuple[str, ...] | None
+) -> tuple[str, ...]:
     if classes is not None:
         names = tuple(str(c) for c in classes)
         if len(set(names)) != len(names):
@@ -125,7 +127,7 @@ def _class_names(csv_path: Path, rows: list[_Row], classes: Sequence[str] | None
     else:
         # every labelled row counts, even one whose file is missing, so class indices do not
         # depend on which files happen to be present
-        names = tuple(sorted({label for row in rows for label in row.labels}, key=class_name_key))
+        names = tuple(ordered_classes({label for row in rows for label in row.labels}, class_order))
     if len(names) < 2:
         raise DataError(
             f"CSV file {csv_path}: need at least two classes, found {len(names)} ({', '.join(names)})"
@@ -170,15 +172,17 @@ def index_csv(
     test_fraction: float = 0.0,
     seed: int = 0,
     classes: Sequence[str] | None = None,
+    class_order: tuple[str, ...] | None = None,
 ) -> IndexedDataset:
     """Index a CSV manifest into splits; relative paths resolve against the folder of ``path`` as given
     (if ``path`` is a symlink, its own folder, not its target's).
 
     ``label`` is a class name, or names joined by ``|`` for multi-label data (then ``multi_label`` is
     set, ``Record.labels`` holds every class index and ``Record.label`` the first). Class names are
-    the sorted unique labels (integer-looking ones numerically) unless ``classes`` fixes them, in which
-    case rows with other labels are skipped. With a ``split`` column (train, val/valid/validation,
-    test) the rows are split as written; without one, by ``stratified_split`` on each row's first label.
+    the unique labels in ``class_name_key`` order (or ``class_order``'s, for the same names) unless
+    ``classes`` fixes them, in which case rows with other labels are skipped. With a ``split`` column
+    (train, val/valid/validation, test) the rows are split as written; without one, by
+    ``stratified_split`` on each row's first label.
     """
     csv_path = Path(path).expanduser().absolute()  # not resolve(): that would follow a linked CSV
     header, table = _read_table(csv_path)
@@ -187,7 +191,7 @@ def index_csv(
         check_fractions(val_fraction, test_fraction)
     skipped: dict[str, str] = {}
     rows = _parse_rows(csv_path, positions, table, skipped)
-    class_names = _class_names(csv_path, rows, classes) if rows else ()
+    class_names = _class_names(csv_path, rows, classes, class_order) if rows else ()
     multi_label = any(len(row.labels) > 1 for row in rows)
     records, row_splits = _records(rows, class_names, multi_label, skipped)
     if not records:

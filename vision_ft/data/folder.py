@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vision_ft.data.decode import IMAGE_SUFFIXES, image_kind
 from vision_ft.data.errors import BadImageError, DataError, is_utf8
-from vision_ft.data.records import IndexedDataset, Record, class_name_key
+from vision_ft.data.records import IndexedDataset, Record, class_name_key, ordered_classes
 from vision_ft.data.splitting import SPLIT_ORDER, check_fractions, stratified_split
 
 # folder names (lower-cased) that mark a pre-split layout, and the split each one holds
@@ -156,7 +156,9 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def _index_presplit(root: Path, split_dirs: dict[str, Path]) -> IndexedDataset:
+def _index_presplit(
+    root: Path, split_dirs: dict[str, Path], class_order: tuple[str, ...] | None
+) -> IndexedDataset:
     class_dirs = {split: _visible_subdirs(folder) for split, folder in split_dirs.items()}
     for split, dirs in class_dirs.items():
         if not dirs:
@@ -168,18 +170,24 @@ def _index_presplit(root: Path, split_dirs: dict[str, Path]) -> IndexedDataset:
                 raise DataError(
                     f"class folder {d} is not in {split_dirs['train']}: every class needs training images"
                 )
-    class_names = sorted(train_classes, key=class_name_key)
+    class_names = ordered_classes(train_classes, class_order)
     _check_class_count(split_dirs["train"], class_names)
     index = {name: i for i, name in enumerate(class_names)}
     splits = {}
     for split in SPLIT_ORDER:
         if split in class_dirs:
-            splits[split] = [r for d in class_dirs[split] for r in _class_records(d, index[d.name])]
+            in_class_order = sorted(class_dirs[split], key=lambda d: index[d.name])
+            splits[split] = [r for d in in_class_order for r in _class_records(d, index[d.name])]
     return IndexedDataset(splits, tuple(class_names))
 
 
 def index_folder(
-    root: str | Path, *, val_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 0
+    root: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    class_order: tuple[str, ...] | None = None,
 ) -> IndexedDataset:
     """Index ``root/<class>/**/<image>`` into splits; a class index is its place in ``class_name_key`` order.
 
@@ -187,7 +195,8 @@ def index_folder(
     folders are the splits as the dataset's authors made them and the fractions are not used; other
     subfolders next to them are ignored, unless they hold images as the split-named folders do (then
     all are classes), or hold the same class folders as a lone split-named folder (ambiguous, refused).
-    Otherwise the images are split per class with ``stratified_split``.
+    Otherwise the images are split per class with ``stratified_split``. ``class_order`` (a run's
+    recorded class names) orders classes that have the same names (``ordered_classes``).
     Records hold absolute paths. Hidden files and folders are skipped, and so are files with other
     suffixes unless they carry the DICOM marker (DICOM files named by UID or with no suffix).
     """
@@ -200,9 +209,10 @@ def index_folder(
     folder = folder.resolve()
     split_dirs = _split_folders(folder)
     if split_dirs:
-        return _index_presplit(folder, split_dirs)
-    class_dirs = _visible_subdirs(folder)
-    class_names = [d.name for d in class_dirs]
+        return _index_presplit(folder, split_dirs, class_order)
+    by_name = {d.name: d for d in _visible_subdirs(folder)}
+    class_names = ordered_classes(by_name, class_order)
+    class_dirs = [by_name[name] for name in class_names]
     _check_class_count(folder, class_names)
     records = [r for label, d in enumerate(class_dirs) for r in _class_records(d, label)]
     parts = stratified_split(

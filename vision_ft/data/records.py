@@ -21,6 +21,15 @@ def class_name_key(name: str) -> tuple:
     return (1, 0, parts, name)
 
 
+def ordered_classes(names, class_order: tuple[str, ...] | None) -> list[str]:
+    """``names`` in ``class_name_key`` order, or in ``class_order`` where that holds the same names:
+    a run's own order, so that data indexed again for its resume or evaluation keeps the class
+    indices (and the seeded split, drawn class by class) of a release that ordered names otherwise."""
+    if class_order is not None and sorted(class_order) == sorted(names):
+        return list(class_order)
+    return sorted(names, key=class_name_key)
+
+
 @dataclass(frozen=True)
 class Record:
     """One example: an absolute file path and its class index (or class indices when multi-label)."""

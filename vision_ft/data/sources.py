@@ -35,6 +35,8 @@ class DataOptions:
     seed: int = 0
     data_dir: str | None = None  # TFDS data_dir
     window: tuple[float, float] | None = None  # DICOM window (center, width)
+    # a run's recorded class names, for data indexed again to resume or evaluate it (ordered_classes)
+    class_order: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,9 @@ def _files(spec: str, kind: str, location: str, options: DataOptions) -> Dataset
     from vision_ft.data.files import FileSplit
 
     split_args = dict(
-        val_fraction=options.val_fraction, test_fraction=options.test_fraction, seed=options.seed
-    )
+        val_fraction=options.val_fraction, test_fraction=options.test_fraction, seed=options.seed,
+        class_order=options.class_order,
+    )  # fmt: skip
     if kind == "folder":
         from vision_ft.data.folder import index_folder
 

@@ -70,14 +70,15 @@ def from_run(run_dir: str | Path, *, which: str = "best", precision: str = "fp32
     geometry = eval_geometry(cfg, config["img_size"], config.get("eval_crop_pct"), config["in_chans"])
     geometry = dataclasses.replace(geometry, eval_crop_mode=evaluated_crop_mode(config))
     window = config.get("window")
+    names = tuple(config["class_names"]) if config.get("class_names") else None
     options = DataOptions(
         val_fraction=config.get("val_fraction", 0.1),
         test_fraction=config.get("test_fraction", 0.0),
         seed=config.get("seed", 0),
         data_dir=config.get("data_dir"),
         window=tuple(window) if window else None,
+        class_order=names,  # the run's split, drawn class by class, as it drew it
     )
-    names = tuple(config["class_names"]) if config.get("class_names") else None
     return Predictor(
         model, geometry, names, options, f"run {run_dir}", bool(config.get("tta_flip")),
         tta_shift=config.get("tta_shift") or 0.0, multi_label=bool(config.get("multi_label")),

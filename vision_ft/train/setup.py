@@ -78,7 +78,12 @@ def set_up_run(cfg: FitConfig, saved: dict | None, checkpoint_dir: epath.Path, o
         if earlier["model"] != cfg.model:
             log.info("model %s, as in run %s", earlier["model"], start_run)
         cfg = dataclasses.replace(cfg, model=earlier["model"])
-    options = DataOptions(cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.window)
+    # the classes in the order of the run this one continues or starts from (ordered_classes)
+    recorded_names = (saved or {}).get("class_names") or (earlier.get("class_names") if start_run else None)
+    options = DataOptions(
+        cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.window,
+        class_order=tuple(recorded_names) if recorded_names else None,
+    )  # fmt: skip
     data = load_dataset(cfg.data, options)
     num_classes = len(data.class_names)
     _check_select_metric(cfg, data)
