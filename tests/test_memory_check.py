@@ -43,24 +43,52 @@ def test_a_tight_step_runs_with_a_warning_and_an_unknown_budget_is_not_checked(c
     check_step_fits(10**15, _accelerator(None), batch_size=64, img_size=512)  # no figure, no refusal
 
 
-def test_the_host_memory_is_the_machine_s_or_its_container_s():
-    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    container = cgroup_limit_bytes()
-    assert host_memory_bytes() == (min(physical, container) if container else physical)
-
-
 def test_simulated_cpu_devices_share_the_host_memory(monkeypatch):
     monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * GIB)
     cpus = jax.local_devices(backend="cpu")
     assert device_memory_bytes(cpus[0]) == 8 * GIB // len(cpus)
 
 
+def _cgroup_tree(root, limits: dict[str, str]):
+    for path, text in limits.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text + "\n")
+
+
 @pytest.mark.parametrize(
-    "content, limit", [("max\n", None), ("1073741824\n", GIB), ("9223372036854771712\n", None)]
-)
-def test_a_container_limit_is_read_from_its_cgroup(tmp_path, content, limit):
-    (tmp_path / "memory.max").write_text(content)
-    assert cgroup_limit_bytes((str(tmp_path / "missing"), str(tmp_path / "memory.max"))) == limit
+    "membership, limits, expected",
+    [
+        # v2, in a namespace: the group is "/" and its limit at the root
+        ("0::/\n", {"memory.max": "1073741824"}, GIB),
+        ("0::/\n", {"memory.max": "max"}, None),
+        # v2, a job's group below the root: the limit of the job's parent holds it
+        ("0::/jobs/42/step\n", {"memory.max": "max", "jobs/42/memory.max": str(2 * GIB),
+                                 "jobs/42/step/memory.max": "max"}, 2 * GIB),
+        # v1, as in this sandbox: memory:/process_api/<id>, the limit on the group itself
+        ("4:memory:/process_api/abc\n3:cpuset:/\n", {
+            "memory/memory.limit_in_bytes": "9223372036854771712",
+            "memory/process_api/abc/memory.limit_in_bytes": str(3 * GIB)}, 3 * GIB),
+        ("4:memory:/process_api/abc\n", {"memory/memory.limit_in_bytes": "9223372036854771712"}, None),
+    ],
+)  # fmt: skip
+def test_a_memory_limit_is_read_from_the_process_s_cgroup_and_its_parents(
+    tmp_path, membership, limits, expected
+):
+    (tmp_path / "cgroup").write_text(membership)
+    _cgroup_tree(tmp_path / "fs", limits)
+    assert cgroup_limit_bytes(str(tmp_path / "cgroup"), str(tmp_path / "fs")) == expected
+
+
+def test_the_host_memory_is_at_most_the_machine_s():
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < host_memory_bytes() <= physical
+
+
+def test_a_device_that_cannot_tell_its_memory_is_not_checked():
+    def broken():
+        raise RuntimeError("memory_stats is not supported by this plugin")
+
+    assert device_memory_bytes(SimpleNamespace(platform="tpu", memory_stats=broken)) is None
 
 
 @pytest.mark.parametrize(
@@ -70,7 +98,7 @@ def test_a_container_limit_is_read_from_its_cgroup(tmp_path, content, limit):
         (2**20, "the train step needs about"),
         # less than the input batch alone (16 x 64 x 64 floats over 8 devices, 32 KiB each): refused
         # before compiling, which for a batch of 32 at 20000 px took minutes and 14 GB
-        (16 * 2**10, "its input batch alone needs about 0.0 GiB"),
+        (16 * 2**10, "its input batch alone needs about 0.0 MiB"),
     ],
 )
 def test_fit_refuses_an_oversized_step_before_loading_a_batch(tmp_path, monkeypatch, per_device, culprit):
@@ -97,3 +125,42 @@ def test_fit_refuses_an_oversized_step_before_loading_a_batch(tmp_path, monkeypa
     assert result.exit_code == 2, (result.output, result.exception)
     assert f"error: --batch-size 16 at --img-size 64: {culprit}" in result.output
     assert "of this machine's memory each device has" in result.output
+
+
+def test_a_later_phase_that_cannot_fit_is_refused_before_the_first(tmp_path, monkeypatch):
+    """fine_tune's head-only phase needs a fifth of what its unfrozen phase does (1.6 against 7.8 MB
+    per device here): only the first was checked, so the run spent its head epochs before failing."""
+    from tests.train_fixtures import tiny_config
+    from vision_ft.train import loop
+    from vision_ft.train.loop import FitRun
+
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 4 * 2**20)  # 4 MiB per device
+    monkeypatch.setattr(loop, "train_batches", lambda *a, **k: pytest.fail("a train batch was asked for"))
+    run = FitRun(tiny_config(tmp_path, recipe="fine_tune"), progress=False)
+    assert [p.name for p in run.phases] == ["head", "full"]
+    with pytest.raises(
+        StepMemoryError, match=r"^--batch-size 16 at --img-size 32: phase full's train step needs"
+    ):
+        run.run()
+
+
+def test_a_resume_checks_its_checkpoint_before_compiling_the_step(tmp_path, monkeypatch):
+    """The memory check compiles the train step (minutes on a CPU): a resume whose checkpoint does
+    not fit the run is refused first."""
+    from tests.train_fixtures import tiny_config
+    from vision_ft.train.checkpoint import CheckpointMismatchError
+    from vision_ft.train.config import load_config
+    from vision_ft.train.loop import FitRun
+    from vision_ft.train.step import Trainer
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    FitRun(cfg, progress=False).run()
+    resumed = FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False)
+
+    def mismatched(*args, **kwargs):
+        raise CheckpointMismatchError("the checkpoint holds other arrays")
+
+    monkeypatch.setattr(resumed.checkpoints, "restore_latest", mismatched)
+    monkeypatch.setattr(Trainer, "step_memory", lambda *a, **k: pytest.fail("the step was compiled first"))
+    with pytest.raises(CheckpointMismatchError):
+        resumed.run()

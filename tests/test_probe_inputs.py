@@ -378,6 +378,11 @@ def _with_row_3(values, value):
     [
         ("train", lambda e: {"labels": (e.labels * 0.6)}, "label 0.6 is not a whole class index"),
         (
+            "val",
+            lambda e: {"labels": _with_row_3(e.labels * 1.0, np.inf)},
+            "label inf is not a whole class index",
+        ),
+        (
             "train",
             lambda e: {"labels": _with_row_3(e.labels, 5)},
             "label 5 at row 3 is outside the 2 classes",

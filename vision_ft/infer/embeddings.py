@@ -151,7 +151,8 @@ def _class_indices(path: Path, labels: np.ndarray) -> np.ndarray:
         return labels.astype(np.int64)
     if labels.dtype.kind != "f":
         raise EmbeddingFileError(f"{path}: labels of type {labels.dtype}, not class indices")
-    fractional = labels != np.round(labels)  # NaN is never equal: refused too
+    # NaN is never equal, and inf (which equals its rounding) is no index: both refused too
+    fractional = (labels != np.round(labels)) | ~np.isfinite(labels) | (np.abs(labels) >= 2**62)
     if fractional.any():
         raise EmbeddingFileError(f"{path}: label {labels[fractional].flat[0]} is not a whole class index")
     return labels.astype(np.int64)

@@ -155,18 +155,26 @@ class FitRun:
 
     # -- phases ---------------------------------------------------------------------------------
     def _trainer(self, phase: Phase) -> Trainer:
-        cfg = self.cfg
-        plan = build_plan(
-            self.model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay
-        )
-        freeze_batchnorm(self.model, plan, enabled=not cfg.train_bn)
-        tx, learning_rate = phase_optimizer(cfg, phase, plan, self.steps_per_epoch)
+        """The phase's trainer for the run's model, its eval steps compiling in the background."""
+        trainer, plan = self._build_trainer(phase, self.model)
         trainable = sum(s.trainable for s in plan.values())
         log.info(
             "phase %s: %d/%d parameter tensors trainable, lr %.2e", phase.name, trainable, len(plan), phase.lr
         )
+        cfg = self.cfg
+        size = self.eval_geometry.img_size
+        eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.channels), jnp.float32)
+        self._check_memory(trainer, compile=False)  # before XLA spends minutes on a hopeless size
+        trainer.compile_in_background(eval_images)
+        return trainer
+
+    def _build_trainer(self, phase: Phase, model: nnx.Module) -> tuple[Trainer, dict]:
+        cfg = self.cfg
+        plan = build_plan(model, freeze=phase.freeze, lr_rules=cfg.lr_rules, layer_decay=phase.layer_decay)
+        freeze_batchnorm(model, plan, enabled=not cfg.train_bn)
+        tx, learning_rate = phase_optimizer(cfg, phase, plan, self.steps_per_epoch)
         trainer = Trainer(
-            self.model,
+            model,
             plan,
             tx,
             self.mesh,
@@ -193,14 +201,20 @@ class FitRun:
             seed=cfg.seed,
             learning_rate=learning_rate,
         )
-        size = self.eval_geometry.img_size
-        eval_images = jax.ShapeDtypeStruct((cfg.eval_batch_size, size, size, self.channels), jnp.float32)
-        self._check_memory(trainer, compile=False)  # before XLA spends minutes on a hopeless size
-        trainer.compile_in_background(eval_images)
-        self._check_memory(trainer, compile=True)
-        return trainer
+        return trainer, plan
 
-    def _check_memory(self, trainer: Trainer, *, compile: bool) -> None:
+    def _check_steps_fit(self, trainer: Trainer, phase: Phase) -> None:
+        """Compile ``trainer``'s step and check its memory, then that of every later phase (a
+        ``fine_tune`` recipe's unfrozen one needs the most) on an abstract copy of the model: a
+        phase that cannot fit is refused at the start, not after the epochs before it."""
+        self._check_memory(trainer, compile=True, phase=phase)
+        later = [p for p in self.phases if p.first_step > phase.first_step]
+        if later:
+            abstract = nnx.eval_shape(lambda: self.model)
+            for p in later:
+                self._check_memory(self._build_trainer(p, abstract)[0], compile=True, phase=p)
+
+    def _check_memory(self, trainer: Trainer, *, compile: bool, phase: Phase | None = None) -> None:
         """Refuse a train step that cannot fit in a device's memory before any batch is loaded: by the
         input batch alone, or by XLA's analysis of the step, compiled now for the batches it will get
         (the first step finds it in jit's cache)."""
@@ -210,7 +224,9 @@ class FitRun:
         try:
             if compile:
                 labels = self.data.splits["train"].labels.shape[1:]
-                needed, what = trainer.step_memory(images, labels)["peak_estimate"], "the train step"
+                needed = trainer.step_memory(images, labels)["peak_estimate"]
+                named = phase is not None and len(self.phases) > 1
+                what = f"phase {phase.name}'s train step" if named else "the train step"
             else:  # float32, spread over every device at best
                 needed, what = math.prod(images) * 4 // trainer.num_devices, "its input batch alone"
             check_step_fits(
@@ -286,6 +302,7 @@ class FitRun:
         except RunDirError as e:
             error = e
         stop_together(error, "metrics log")
+        self._check_steps_fit(trainer, phase)  # after a resume's restore and checks: it compiles
         # after a resume has restored: one that fails leaves the run's config.json as it was
         if primary:
             self._write_run_config()

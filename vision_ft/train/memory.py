@@ -21,20 +21,38 @@ class StepMemoryError(ConfigError):
     """The train step needs more memory than a device has; the message names the options to lower."""
 
 
-# cgroup v2's limit, then v1's
-_CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+def _limit_in(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) < 2**60 else None  # "max", or v1's near-2**63
 
 
-def cgroup_limit_bytes(files: tuple[str, ...] = _CGROUP_LIMIT_FILES) -> int | None:
-    """The memory limit of this process's control group (a container's), or None where it has none."""
-    for path in files:
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
+def cgroup_limit_bytes(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The tightest memory limit on this process's control group and its ancestors (a container's,
+    a batch job's), cgroup v2 or v1; None where none is set or none can be read."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # v2's one hierarchy
+            where, name = Path(root), "memory.max"
+        elif "memory" in controllers.split(","):
+            where, name = Path(root) / "memory", "memory.limit_in_bytes"
+        else:
             continue
-        if text.isdigit() and int(text) < 2**60:  # "max", or v1's near-2**63 "no limit"
-            return int(text)
-    return None
+        # the group and each group above it, to the hierarchy's root (inside a cgroup namespace,
+        # the group is "/" and the root is the container's own group)
+        parts = Path(group.lstrip("/")).parts
+        for depth in range(len(parts), -1, -1):
+            limit = _limit_in(where.joinpath(*parts[:depth], name))
+            if limit is not None:
+                limits.append(limit)
+    return min(limits) if limits else None
 
 
 def host_memory_bytes() -> int | None:
@@ -50,7 +68,10 @@ def host_memory_bytes() -> int | None:
 def device_memory_bytes(device: jax.Device) -> int | None:
     """What one device can hold: an accelerator's own memory, or a CPU device's share of the host's
     (simulated CPU devices all live in the one process's memory). None where it cannot be told."""
-    stats = device.memory_stats()
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a plugin that cannot say: the check is skipped, not the fit
+        stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     if device.platform == "cpu":
@@ -59,8 +80,8 @@ def device_memory_bytes(device: jax.Device) -> int | None:
     return None
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_step_fits(
@@ -75,12 +96,12 @@ def check_step_fits(
     options = f"--batch-size {batch_size} at --img-size {img_size}"
     if needed > available:
         raise StepMemoryError(
-            f"{options}: {what} needs about {_gib(needed)} per device, more than the "
-            f"{_gib(available)} of {where} each device has; lower --batch-size (accumulate_steps keeps "
+            f"{options}: {what} needs about {_size(needed)} per device, more than the "
+            f"{_size(available)} of {where} each device has; lower --batch-size (accumulate_steps keeps "
             "the effective batch) or --img-size"
         )
     if needed > _TIGHT_SHARE * available:
         log.warning(
             "%s: %s needs about %s per device, %.0f%% of the %s each device has",
-            options, what, _gib(needed), 100 * needed / available, _gib(available),
+            options, what, _size(needed), 100 * needed / available, _size(available),
         )  # fmt: skip

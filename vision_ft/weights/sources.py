@@ -106,8 +106,8 @@ def _hub_config(repo_id: str, *, cache_only: bool) -> dict:
 
 
 class _OneLineForHubRetries(logging.Filter):
-    """huggingface_hub logs two warning lines per retry of an unreachable hub (11 for one file);
-    this keeps the first, worded as what is happening, and drops the rest."""
+    """huggingface_hub logs two warning lines per retry of an unreachable or failing hub (11 for one
+    file); this keeps the first, worded as what is happening, and drops the rest."""
 
     def __init__(self, repo_id: str):
         super().__init__()
@@ -120,9 +120,8 @@ class _OneLineForHubRetries(logging.Filter):
         if not self.told:
             self.told = True
             log.warning(
-                "hf-hub:%s: the hub did not answer (%s); huggingface_hub retries for about 25 s "
-                "(HF_HUB_OFFLINE=1 reads the local cache at once)",
-                self.repo_id, message.split("' thrown")[0].lstrip("'"),
+                "hf-hub:%s: %s; huggingface_hub is retrying (HF_HUB_OFFLINE=1 reads the local cache at once)",
+                self.repo_id, message.split(" thrown while requesting")[0].strip("'"),
             )  # fmt: skip
         return False
 
