@@ -15,7 +15,9 @@ them.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import math
 import signal
 from collections.abc import Iterator
@@ -245,7 +247,33 @@ def _batched(ds: grain.MapDataset, local_batch: int, *, threads: int, workers: i
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_leave_interrupts_to_the_main
         )
-    return iter(it)
+        _finish_shared_memory_unlinks_at_exit()
+    iterator = iter(it)
+    try:
+        yield from iterator
+    finally:  # exhausted, or closed early: the workers' in-flight batches in shared memory are freed
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+@functools.cache
+def _finish_shared_memory_unlinks_at_exit() -> None:
+    atexit.register(_finish_shared_memory_unlinks)
+
+
+def _finish_shared_memory_unlinks() -> None:
+    """Batches from worker processes arrive in shared memory, which grain unlinks on a thread of its
+    own once a batch is dropped; at exit the last few were still queued, and Python's resource
+    tracker warned of "leaked shared_memory objects". Its one thread works first in, first out: a
+    no-op sent to it returns once the queued unlinks are done. (A private attribute: where grain
+    renames it, the warning comes back, and nothing else.)"""
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    gc.collect()  # batches held in reference cycles are dropped, queueing their unlinks
+    deleting = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if deleting is not None:
+        deleting.apply(int)
 
 
 def _leave_interrupts_to_the_main(worker_index: int, worker_count: int) -> None:
@@ -313,12 +341,17 @@ def prefetch_to_device(batches: Iterator[dict], sharding, *, keys=("image", "lab
         return tuple(jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys), batch
 
     queue = collections.deque()
-    for batch in batches:
-        queue.append(put(batch))
-        if len(queue) >= size:
+    try:
+        for batch in batches:
+            queue.append(put(batch))
+            if len(queue) >= size:
+                yield queue.popleft()
+        while queue:
             yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    finally:  # closed early (a preempted or failed fit): so is the source, and its workers
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def sharded_eval_batches(

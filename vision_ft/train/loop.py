@@ -315,7 +315,7 @@ class FitRun:
             "fit", self.total_steps, enabled=self.progress and is_primary(),
             images_per_unit=cfg.batch_size, fields=("loss",),
         )  # fmt: skip
-        watch = PreemptionWatch()
+        watch, batches = PreemptionWatch(), None
         try:
             progress.start_at(step)
             batches = train_batches(
@@ -391,6 +391,8 @@ class FitRun:
             final = self._finish(trainer, metrics_log, started)
         finally:
             watch.close()  # also when preempted or failing: SIGTERM ends a script or notebook again
+            if batches is not None:  # its worker processes stop, and free the batches they hold
+                batches.close()
         clear_marker(self.out)
         metrics_log.close()
         self.checkpoints.close()
