@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 __all__ = ["PretrainedCfg", "create_model", "list_models"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 if TYPE_CHECKING:
     from vision_ft.models import PretrainedCfg, create_model, list_models
