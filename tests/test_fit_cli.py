@@ -132,10 +132,19 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file, u
     assert {p: p.read_bytes() for p in killed.iterdir() if p.is_file()} == kept
 
 
+def _as_a_terminal_starts_it() -> None:
+    # a job started in the background without job control (`bash .ci/run &`, nohup) passes SIGINT on
+    # ignored, and a fit leaves an ignored Ctrl-C ignored: the tests would test the runner's shell
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signalled_after_a_checkpoint(config_file: Path, run: Path, signum: int) -> tuple[list[str], int, str]:
     """The fit command into ``run``, its exit code and stderr, sent ``signum`` after its 2nd step's save."""
     command = fit_cmd("--config", str(config_file), "--output", str(run))
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_as_a_terminal_starts_it,
+    )  # fmt: skip
     _wait_for_checkpoint(proc, run, 2)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=600)
@@ -175,6 +184,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_continues(tmp_path, conf
 def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored():
     from vision_ft.train.preemption import PreemptionWatch
 
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts in a terminal
     watch = PreemptionWatch()
     try:
         os.kill(os.getpid(), signal.SIGINT)
@@ -193,6 +203,7 @@ def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, started_with)
 
 
 def _one_line_exit_2(result, culprit):
