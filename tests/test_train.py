@@ -257,9 +257,9 @@ def test_eval_steps_and_ema_compile_in_the_background(tmp_path, caplog):
         return found
 
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        # the train step compiles in the set-up (its memory is checked), the others meanwhile
-        trainer = run._trainer(run.phases[0])
+        trainer = run._trainer(run.phases[0])  # starts compiling the eval steps and the EMA update
         assert trainer._background is not None
+        run._check_steps_fit(trainer, run.phases[0])  # compiles the train step to check its memory
         assert "train_step" in compiled_programs()
         trainer._wait_for_background()
         images = next(eval_batches(run.data.splits["val"], run.eval_geometry, batch_size=16))["image"]
