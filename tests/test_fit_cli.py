@@ -132,19 +132,25 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, config_file, u
     assert {p: p.read_bytes() for p in killed.iterdir() if p.is_file()} == kept
 
 
-def _as_a_terminal_starts_it() -> None:
-    # a job started in the background without job control (`bash .ci/run &`, nohup) passes SIGINT on
-    # ignored, and a fit leaves an ignored Ctrl-C ignored: the tests would test the runner's shell
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Python as a terminal starts it, with Ctrl-C raising KeyboardInterrupt: a runner started in the
+# background without job control (`bash .ci/run &`, nohup) passes SIGINT on ignored, and a fit leaves
+# an ignored Ctrl-C ignored, so these tests would test the runner's shell. (Not preexec_fn: a fork
+# of this multithreaded process may deadlock before its exec.)
+_WITH_CTRL_C = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('vision_ft.cli', run_name='__main__', alter_sys=True)"
+)
 
 
 def _signalled_after_a_checkpoint(config_file: Path, run: Path, signum: int) -> tuple[list[str], int, str]:
     """The fit command into ``run``, its exit code and stderr, sent ``signum`` after its 2nd step's save."""
-    command = fit_cmd("--config", str(config_file), "--output", str(run))
-    proc = subprocess.Popen(
-        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=_as_a_terminal_starts_it,
-    )  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        _WITH_CTRL_C,
+        *fit_cmd("--config", str(config_file), "--output", str(run))[3:],
+    ]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(proc, run, 2)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=600)
