@@ -401,7 +401,12 @@ def _with_row_3(values, value):
         (
             "val",
             lambda e: {"embeddings": np.where(np.arange(len(e))[:, None] == 3, np.nan, e.embeddings)},
-            "1 embeddings hold NaN or inf (first: row 3)",
+            "1 of 20 embeddings hold NaN or inf (first: row 3)",
+        ),
+        (
+            "val",
+            lambda e: {"embeddings": np.concatenate([e.embeddings, e.embeddings[:, :1]], axis=1)},
+            "embeddings have dimension 5, expected 4",
         ),
     ],
 )

@@ -17,6 +17,7 @@ from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.metrics import classification_metrics
 from vision_ft.train.probe import (
     LinearProbe,
+    check_embeddings,
     fit_knn,
     fit_linear_probe,
     knn_log_probabilities,
@@ -73,11 +74,11 @@ def _comparable(key: str, value):
 def _check_values(path: Path, part: Embeddings, role: str, train: Embeddings) -> None:
     """Raise ``DataError`` naming the file where its values would fail the probe, or pass it wrongly:
     the probe's own checks would name an array (``val_x``) instead, and a label beyond the classes
-    would quietly add classes of its own."""
-    finite = np.isfinite(part.embeddings).all(axis=1)
-    if not finite.all():
-        first = int(np.flatnonzero(~finite)[0])
-        raise DataError(f"{path}: {int((~finite).sum())} embeddings hold NaN or inf (first: row {first})")
+    would quietly add classes of its own. Embeddings get the probe's checks, under the file's name."""
+    try:
+        check_embeddings(part.embeddings, str(path), train.embeddings.shape[1])
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if (part.labels < 0).any():
         first = int(np.flatnonzero(part.labels < 0)[0])
         why = "cannot train a probe" if role == "train" else "cannot evaluate a probe"
@@ -154,11 +155,6 @@ def run_probe(
     if test is not None:
         roles["test"] = (test_path, test)
     _check_disjoint(roles)
-    for path, part in zip((val_path, test_path), splits, strict=False):
-        if part.embeddings.shape[1] != train.embeddings.shape[1]:
-            raise DataError(
-                f"{path}: dimension {part.embeddings.shape[1]}, train has {train.embeddings.shape[1]}"
-            )
     for role, (path, part) in roles.items():
         _check_values(path, part, role, train)
     names = _class_names(train, splits)

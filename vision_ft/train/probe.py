@@ -34,7 +34,9 @@ _PROBE_KEYS = ("weights", "bias", "mean", "scale", "l2", "class_names")
 # ---------------------------------------------------------------- validation
 
 
-def _check_embeddings(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+def check_embeddings(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    """``x`` as float32 (N, D) embeddings, or a one-line ValueError that starts with ``name``: empty,
+    not real numbers, of another dimension than ``dim``, or holding NaN or inf."""
     arr = np.asarray(x)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty (N, D) array of embeddings, got shape {arr.shape}")
@@ -46,7 +48,9 @@ def _check_embeddings(x: np.ndarray, name: str, dim: int | None = None) -> np.nd
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise ValueError(f"{name}: {int((~finite).sum())} rows hold NaN or inf (first: row {row})")
+        raise ValueError(
+            f"{name}: {int((~finite).sum())} of {len(arr)} embeddings hold NaN or inf (first: row {row})"
+        )
     return arr
 
 
@@ -67,7 +71,7 @@ def _check_labels(y: np.ndarray, name: str, count: int, num_classes: int) -> np.
 def _check_split(
     x, y, prefix: str, num_classes: int, dim: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    xs = _check_embeddings(x, f"{prefix}_x", dim)
+    xs = check_embeddings(x, f"{prefix}_x", dim)
     return xs, _check_labels(y, f"{prefix}_y", len(xs), num_classes)
 
 
@@ -97,7 +101,7 @@ class LinearProbe:
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
         """Class scores (N, C) float32 for raw (unstandardized) embeddings."""
-        x = _check_embeddings(embeddings, "embeddings", self.weights.shape[0])
+        x = check_embeddings(embeddings, "embeddings", self.weights.shape[0])
         return (((x - self.mean) / self.scale) @ self.weights + self.bias).astype(np.float32)
 
     def save(self, path: str | Path) -> None:
@@ -356,7 +360,7 @@ def knn_probabilities(
     """
     _check_knn_args(k, temperature)
     train_x, train_y = _check_train(train_x, train_y, num_classes)
-    query_x = _check_embeddings(query_x, "query_x", train_x.shape[1])
+    query_x = check_embeddings(query_x, "query_x", train_x.shape[1])
     k = min(int(k), len(train_x))
     sims, idx = _nearest(_normalize(train_x), _normalize(query_x), k)
     return _vote(sims, train_y[idx], num_classes, temperature)
