@@ -14,7 +14,13 @@ from PIL import Image
 from vision_ft.data.errors import DataError
 from vision_ft.data.files import FileSplit
 from vision_ft.data.npz import ArraySplit
-from vision_ft.data.pipeline import Geometry, eval_batches, train_batches, unusable_reason
+from vision_ft.data.pipeline import (
+    Geometry,
+    eval_batches,
+    sharded_eval_batches,
+    train_batches,
+    unusable_reason,
+)
 from vision_ft.data.records import Record
 from vision_ft.data.stats import band_statistics
 from vision_ft.train.step import Augment, augment_batch, mix_batch
@@ -130,6 +136,15 @@ def test_worker_batches_leave_no_shared_memory_behind(tmp_path):
 def test_closing_the_train_stream_stops_its_workers():
     split = _array_split()
     batches = train_batches(split, GEOMETRY, batch_size=8, seed=3, start_step=0, total_steps=40, workers=1)
+    next(batches)
+    assert multiprocessing.active_children()
+    batches.close()
+    assert not multiprocessing.active_children()
+
+
+def test_closing_an_evaluation_early_stops_its_workers():
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    batches = sharded_eval_batches(_array_split(n=40), GEOMETRY, sharding, batch_size=8, workers=1)
     next(batches)
     assert multiprocessing.active_children()
     batches.close()

@@ -252,9 +252,14 @@ def _batched(ds: grain.MapDataset, local_batch: int, *, threads: int, workers: i
     try:
         yield from iterator
     finally:  # exhausted, or closed early: the workers' in-flight batches in shared memory are freed
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+        _close_if_closable(iterator)
+
+
+def _close_if_closable(source: object) -> None:
+    """Closing a generator runs its ``finally``; closing grain's multiprocess iterator stops its workers."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
 
 
 @functools.cache
@@ -349,9 +354,7 @@ def prefetch_to_device(batches: Iterator[dict], sharding, *, keys=("image", "lab
         while queue:
             yield queue.popleft()
     finally:  # closed early (a preempted or failed fit): so is the source, and its workers
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        _close_if_closable(batches)
 
 
 def sharded_eval_batches(
@@ -367,13 +370,16 @@ def sharded_eval_batches(
         split, geometry, batch_size=batch_size, process_index=index, process_count=count,
         threads=threads, workers=workers,
     )  # fmt: skip
-    for batch in local_batches:
-        images = jax.make_array_from_process_local_data(sharding, batch["image"])
-        fields = {k: batch[k] for k in ("label", "mask", "row", "bad")}
-        if count > 1:
-            from jax.experimental import multihost_utils
+    try:
+        for batch in local_batches:
+            images = jax.make_array_from_process_local_data(sharding, batch["image"])
+            fields = {k: batch[k] for k in ("label", "mask", "row", "bad")}
+            if count > 1:
+                from jax.experimental import multihost_utils
 
-            fields = {
-                k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()
-            }
-        yield images, fields
+                fields = {
+                    k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in fields.items()
+                }
+            yield images, fields
+    finally:  # an evaluation stopped early frees its workers now, not when the generator is collected
+        _close_if_closable(local_batches)
