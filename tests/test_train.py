@@ -1,4 +1,4 @@
-"""The fine-tuning engine: rules, frozen layers, sharding, recompilation, EMA, metrics, reports."""
+"""The fine-tuning engine: rules, frozen layers, sharding, recompilation, reports."""
 
 import dataclasses
 import json
@@ -20,16 +20,13 @@ from vision_ft.data.npz import ArraySplit
 from vision_ft.data.pipeline import eval_batches, may_be_unusable
 from vision_ft.data.records import Record
 from vision_ft.train.config import ConfigError, load_config
-from vision_ft.train.evaluation import improves_selection, selection_score, worst_selection_score
 from vision_ft.train.groups import layer_decay_scales, named_group
 from vision_ft.train.loop import FitRun, RunDirError
-from vision_ft.train.metrics import binary_auc, classification_metrics
 from vision_ft.train.optimizer import build_optimizer, keypath_to_str
 from vision_ft.train.output_dir import RUN_ENTRIES
 from vision_ft.train.rules import RuleError, build_plan
-from vision_ft.train.step import Augment, Trainer, data_mesh, ema_decay_at, freeze_batchnorm
+from vision_ft.train.step import Augment, Trainer, data_mesh, freeze_batchnorm
 from vision_ft.train.tta import augmented_views
-from vision_ft.weights.mapping import format_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -326,50 +323,6 @@ def test_fine_tune_recipe_switches_phase(tmp_path):
     assert final["test"]["auc"] > 0.5
 
 
-def test_metrics_against_hand_computed_values():
-    labels = np.array([0, 0, 1, 1, 1])
-    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4])
-    # pairs (pos, neg): 0.35>0.1, 0.35<0.4, 0.8>both, 0.4>0.1, 0.4=0.4 (half) -> 4.5/6
-    assert binary_auc(labels, scores) == pytest.approx(4.5 / 6)
-    logits = np.log(np.stack([1 - scores, scores], axis=1))
-    m = classification_metrics(labels, logits)
-    assert m["confusion_matrix"] == [[2, 0], [2, 1]]
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    assert m["balanced_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
-    f1_0, f1_1 = 2 * 0.5 * 1 / 1.5, 2 * 1 * (1 / 3) / (4 / 3)
-    assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
-
-
-@pytest.mark.parametrize("select", ["accuracy", "balanced_accuracy", "macro_f1", "auc", "loss"])
-def test_a_diverged_model_scores_nan_and_is_never_kept_as_best(select):
-    """argmax of a NaN row is its first NaN: a model diverged to NaN logits "predicted" class 0 and
-    scored finite accuracy, balanced accuracy and macro-F1, so select_metric accuracy kept it as best."""
-    labels = np.array([0, 0, 0, 1, 2, 0, 1, 0])
-    logits = np.zeros((8, 3))
-    logits[2, 1] = np.nan  # one NaN is enough: the weights that made it are broken
-    m = classification_metrics(labels, logits)
-    for key in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "auc"):
-        assert np.isnan(m[key]), key
-    score = selection_score(m, select)
-    assert not improves_selection(score, worst_selection_score(select), select)  # not even a first
-
-
-def test_an_empty_split_has_no_accuracy():
-    m = classification_metrics(np.zeros(0, np.int64), np.zeros((0, 3)))
-    assert np.isnan(m["accuracy"]) and m["count"] == 0  # was 0.0, a score select_metric accuracy kept
-
-
-@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
-def test_macro_f1_counts_a_predicted_class_no_example_has_as_sklearn_does():
-    sk = pytest.importorskip("sklearn.metrics")
-    labels, preds = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
-    m = classification_metrics(labels, np.eye(3)[preds] * 5.0)
-    # class 0: F1 2/3, class 1: 1, class 2 (predicted once, never true): 0
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
-    assert m["macro_f1"] == pytest.approx(sk.f1_score(labels, preds, average="macro"))
-    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(labels, preds))
-
-
 def test_freeze_batchnorm_marks_only_fully_frozen_layers(resnet18):
     plan = build_plan(resnet18, freeze=["stem"])
     assert freeze_batchnorm(resnet18, plan) == 1 and resnet18.bn1.frozen_stats
@@ -387,84 +340,6 @@ def test_default_config_is_the_bundled_breastmnist_recipe():
     default = load_config(None)
     # every setting but where the run is written
     assert dataclasses.replace(cfg, output=default.output) == default
-
-
-def test_ema_warmups_follow_timm_and_tf():
-    steps = np.array([0, 1, 7, 100, 1000])
-    expected = {
-        "none": [0.0, 0.98, 0.98, 0.98, 0.98],
-        "power": [0.0, 1 - 2 ** (-2 / 3), 1 - 8 ** (-2 / 3), 1 - 101 ** (-2 / 3), 0.98],
-        "count": [0.1, 2 / 11, 8 / 17, 101 / 110, 0.98],
-    }
-    for warmup, values in expected.items():
-        got = [float(ema_decay_at(s, 0.98, warmup)) for s in steps]
-        np.testing.assert_allclose(got, values, rtol=1e-6, err_msg=warmup)
-    with pytest.raises(ValueError, match="ema_warmup"):
-        ema_decay_at(1, 0.98, "linear")
-
-
-@pytest.mark.parametrize("ema_warmup, accumulate", [("count", 1), ("none", 1), ("count", 2), ("count", 4)])
-def test_ema_is_the_warmed_up_average_and_what_gets_evaluated(tmp_path, ema_warmup, accumulate):
-    cfg = tiny_config(
-        tmp_path, ema_decay=0.5, ema_warmup=ema_warmup, tta_flip=False, tta_shift=0.0,
-        accumulate_steps=accumulate,
-    )  # fmt: skip
-    run = FitRun(cfg, progress=False)
-    trainer = run._trainer(run.phases[0])
-
-    def fc_kernel(tree):
-        return np.array({format_path(p): v.get_value() for p, v in nnx.to_flat_state(tree)}["fc.kernel"])
-
-    # as timm's, the EMA moves once per optimizer update: step -> update it closes. 6 steps an epoch,
-    # so accumulating 4 makes an update of 4 steps and one of the epoch's 2 left
-    updates = {1: {s: s for s in range(3)}, 2: {1: 0, 3: 1, 5: 2}, 4: {3: 0, 5: 1, 9: 2, 11: 3}}[accumulate]
-    assert run.steps_per_epoch == 6
-    expected = fc_kernel(trainer.trainable)
-    for step in range(max(updates) + 1):
-        trainer.train_step(*train_batch(run, step), step)
-        if step not in updates:
-            continue
-        update = updates[step]
-        decay = min(0.5, (1 + update) / (10 + update)) if ema_warmup == "count" else (0.5 if update else 0.0)
-        expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
-    np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
-    assert not np.allclose(fc_kernel(trainer.ema[0]), fc_kernel(trainer.trainable))
-    images = train_batch(run, 5)[0]
-    weights = run._weights(trainer, 3)  # the best checkpoint keeps the EMA ...
-    np.testing.assert_array_equal(
-        np.asarray(weights["params"]["fc"]["kernel"].get_value()), fc_kernel(trainer.ema[0])
-    )
-    ema_logits = np.asarray(trainer.predict(images))
-    trainer.write_back(run.model)  # ... while the model keeps training from the raw weights
-    np.testing.assert_array_equal(np.asarray(run.model.fc.kernel.get_value()), fc_kernel(trainer.trainable))
-    trainer.write_back(run.model, evaluated=True)
-    x = (images - np.asarray(run.model.pretrained_cfg.mean)) / np.asarray(run.model.pretrained_cfg.std)
-    np.testing.assert_allclose(np.asarray(run.model(x)), ema_logits, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_the_second_phase_ema_warms_up_from_its_own_first_update(tmp_path, accumulate):
-    """A fine_tune's full phase starts a new EMA, but its warmup counted the head phase's updates
-    too: TF's warmup began at (1 + 6) / (10 + 6) instead of at 0.1, as a new average's does."""
-    cfg = tiny_config(
-        tmp_path, recipe="fine_tune", head_epochs=1, epochs=2, ema_decay=0.9, ema_warmup="count",
-        accumulate_steps=accumulate, tta_flip=False, tta_shift=0.0,
-    )  # fmt: skip
-    run = FitRun(cfg, progress=False)
-    full = run.phases[1]
-    assert full.first_step == run.steps_per_epoch == 6
-    trainer = run._trainer(full)
-
-    def fc_kernel(tree):
-        return np.array({format_path(p): v.get_value() for p, v in nnx.to_flat_state(tree)}["fc.kernel"])
-
-    expected = fc_kernel(trainer.trainable)
-    for update in range(3):
-        for step in range(full.first_step + update * accumulate, full.first_step + (update + 1) * accumulate):
-            trainer.train_step(*train_batch(run, step), step)
-        decay = min(0.9, (1 + update) / (10 + update))  # counted from the phase's first update
-        expected = expected * decay + fc_kernel(trainer.trainable) * (1 - decay)
-    np.testing.assert_allclose(fc_kernel(trainer.ema[0]), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_compute_keeps_fp32_parameters(tmp_path):
