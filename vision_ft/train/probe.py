@@ -44,7 +44,7 @@ def check_embeddings(x: np.ndarray, name: str, dim: int | None = None) -> np.nda
         raise ValueError(f"{name}: embeddings must be real numbers, got dtype {arr.dtype}")
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{name}: embeddings have dimension {arr.shape[1]}, expected {dim}")
-    arr = arr.astype(np.float32)
+    arr = arr.astype(np.float32, copy=False)  # embeddings files hold float32 already: no second copy
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
