@@ -326,6 +326,43 @@ def test_csv_split_column_multi_label_and_skips(tmp_path):
     assert all(gone != r.path for records in ds.splits.values() for r in records)
 
 
+def test_each_skipped_csv_row_is_reported_with_the_split_it_was_placed_in(tmp_path):
+    """Rows without a path or a label were reported as bad examples of every split (only rows that
+    had both were given theirs), and a file placed in train whose test row had no label counted as
+    bad in train, not test."""
+    from vision_ft.data.sources import load_dataset
+
+    for name in ("a", "b", "c", "d"):
+        _png(tmp_path / f"{name}.png")
+    csv_path = _write_csv(
+        tmp_path / "m.csv",
+        [
+            "path,label,split",
+            "a.png,x,train",
+            "b.png,y,train",
+            "c.png,x,test",
+            "d.png,y,test",
+            "e.png,,train",
+            ",x,train",
+            "a.png,,test",
+            "gone.png,,train",
+            "gone.png,x,test",
+        ],
+    )
+    ds = load_dataset(f"csv:{csv_path}")
+    a, e, gone = (str((tmp_path / name).resolve()) for name in ("a.png", "e.png", "gone.png"))
+    assert ds.skipped_from("train") == {
+        e: "empty label (row 6)",
+        f"{csv_path.resolve()} row 7": "empty path (row 7)",
+        gone: "empty label (row 9)",
+    }
+    assert ds.skipped_from("test") == {
+        a: "empty label (row 8)",
+        f"{gone} (row 10)": "file does not exist (row 10)",
+    }
+    assert ds.skipped_from("val") == {}
+
+
 def test_csv_labels_outside_given_classes_are_skipped(tmp_path):
     for name in ("a", "b", "c"):
         _png(tmp_path / f"{name}.png")

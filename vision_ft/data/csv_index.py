@@ -81,8 +81,24 @@ def _split_of(csv_path: Path, value: str, line: int) -> str:
     return split
 
 
+class _Skipped:
+    """Rows left out while indexing: what each was (a path, or the CSV row that had none) -> why, and,
+    with a split column, the split the user placed it in, so a split reports only its own rows."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+        self.splits: dict[str, str] = {}
+
+    def add(self, key: str, reason: str, line: int, split: str | None) -> None:
+        if key in self.reasons:  # one file on two rows (of two splits): each row is reported
+            key = f"{key} (row {line})"
+        self.reasons[key] = reason
+        if split is not None:
+            self.splits[key] = split
+
+
 def _parse_rows(
-    csv_path: Path, positions: dict[str, int], table: list[tuple[int, list[str]]], skipped: dict[str, str]
+    csv_path: Path, positions: dict[str, int], table: list[tuple[int, list[str]]], skipped: _Skipped
 ) -> list[_Row]:
     """Rows with a path and a label; rows missing either are recorded in ``skipped``."""
     # relative to the folder of the path the user gave, even if the CSV itself is a link to a file
@@ -95,7 +111,7 @@ def _parse_rows(
         split = _split_of(csv_path, _cell(cells, split_at), line) if split_at is not None else None
         raw_path = _cell(cells, positions["path"])
         if not raw_path:
-            skipped[f"{csv_path} row {line}"] = f"empty path (row {line})"
+            skipped.add(f"{csv_path} row {line}", f"empty path (row {line})", line, split)
             continue
         path = os.path.normpath(os.path.join(folder, os.path.expanduser(raw_path)))
         if split_at is None and path in first_line:
@@ -111,7 +127,7 @@ def _parse_rows(
             dict.fromkeys(p.strip() for p in _cell(cells, positions["label"]).split("|") if p.strip())
         )
         if not labels:
-            skipped[path] = f"empty label (row {line})"
+            skipped.add(path, f"empty label (row {line})", line, split)
             continue
         rows.append(_Row(line, path, labels, split))
     return rows
@@ -136,7 +152,7 @@ def _class_names(
 
 
 def _records(
-    rows: list[_Row], class_names: tuple[str, ...], multi_label: bool, skipped: dict[str, str]
+    rows: list[_Row], class_names: tuple[str, ...], multi_label: bool, skipped: _Skipped
 ) -> tuple[list[Record], list[str | None]]:
     """Records for rows whose labels are known and whose files exist, with each one's split."""
     index = {name: i for i, name in enumerate(class_names)}
@@ -144,11 +160,11 @@ def _records(
     for row in rows:
         unknown = [label for label in row.labels if label not in index]
         if unknown:
-            skipped[row.path] = f"label {unknown[0]!r} out of range (row {row.line})"
+            skipped.add(row.path, f"label {unknown[0]!r} out of range (row {row.line})", row.line, row.split)
             continue
         if not os.path.isfile(row.path):
             reason = "is not a file" if os.path.exists(row.path) else "file does not exist"
-            skipped[row.path] = f"{reason} (row {row.line})"
+            skipped.add(row.path, f"{reason} (row {row.line})", row.line, row.split)
             continue
         indices = tuple(index[label] for label in row.labels)
         records.append(Record(row.path, indices[0], indices if multi_label else ()))
@@ -189,14 +205,14 @@ def index_csv(
     positions = _column_positions(csv_path, header)
     if "split" not in positions:
         check_fractions(val_fraction, test_fraction)
-    skipped: dict[str, str] = {}
+    skipped = _Skipped()
     rows = _parse_rows(csv_path, positions, table, skipped)
     class_names = _class_names(csv_path, rows, classes, class_order) if rows else ()
     multi_label = any(len(row.labels) > 1 for row in rows)
     records, row_splits = _records(rows, class_names, multi_label, skipped)
     if not records:
-        first = "; first: {}: {}".format(*next(iter(skipped.items()))) if skipped else ""
-        raise DataError(f"CSV file {csv_path} has no usable rows ({len(skipped)} skipped{first})")
+        first = "; first: {}: {}".format(*next(iter(skipped.reasons.items()))) if skipped.reasons else ""
+        raise DataError(f"CSV file {csv_path} has no usable rows ({len(skipped.reasons)} skipped{first})")
     if "split" in positions:
         splits = _given_splits(csv_path, records, row_splits)
     else:
@@ -204,7 +220,6 @@ def index_csv(
             [r.label for r in records], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
         )
         splits = {split: [records[i] for i in indices] for split, indices in parts.items()}
-    placed = {row.path: row.split for row in rows if row.split is not None and row.path in skipped}
     return IndexedDataset(
-        splits, class_names, multi_label=multi_label, skipped=skipped, skipped_splits=placed
+        splits, class_names, multi_label=multi_label, skipped=skipped.reasons, skipped_splits=skipped.splits
     )
