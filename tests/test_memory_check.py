@@ -164,3 +164,31 @@ def test_a_resume_checks_its_checkpoint_before_compiling_the_step(tmp_path, monk
     monkeypatch.setattr(Trainer, "step_memory", lambda *a, **k: pytest.fail("the step was compiled first"))
     with pytest.raises(CheckpointMismatchError):
         resumed.run()
+
+
+def test_a_resume_refused_by_the_memory_check_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    """The resume cut metrics.jsonl back to its checkpoint (a finished run lost its test record) and
+    purged TensorBoard's later events before the check refused the step."""
+    from tests.train_fixtures import tiny_config
+    from vision_ft.train.config import load_config
+    from vision_ft.train.loop import FitRun
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    FitRun(cfg, progress=False).run()
+    run_dir = tmp_path / "run"
+
+    def contents() -> dict:
+        return {
+            str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+        }
+
+    before = contents()
+    assert b'"split": "test"' in before["metrics.jsonl"]
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 2**20)  # 1 MiB per device
+    resumed = FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False)
+    with pytest.raises(StepMemoryError):
+        resumed.run()
+    after = contents()
+    assert after.keys() == before.keys()
+    changed = [name for name in before if after[name] != before[name]]
+    assert changed == [], changed

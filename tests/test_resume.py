@@ -372,3 +372,37 @@ def test_a_run_saved_before_the_crop_mode_was_recorded_resumes_with_the_center_c
     path.write_text(json.dumps(config))
     older = FitRun(resumed, progress=False)
     assert older.eval_geometry.eval_crop_mode == older.train_geometry.eval_crop_mode == "center"
+
+
+class _StopsAfter:
+    """A PreemptionWatch whose SIGTERM (or Ctrl-C) arrives during the ``steps``-th step."""
+
+    def __init__(self, steps: int, *, ctrl_c: bool):
+        self.left, self.ctrl_c, self.interrupted = steps, ctrl_c, False
+
+    def requested(self, *, failed: bool = False) -> tuple[bool, bool]:
+        self.left -= 1
+        self.interrupted = self.ctrl_c and self.left == 0
+        return self.left == 0, False
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_ctrl_c_in_a_preempted_run_s_rerun_is_not_resumed_by_the_same_command(tmp_path, monkeypatch):
+    """The rerun kept the first stop's PREEMPTED marker through its Ctrl-C, so the same command
+    resumed it again, where a Ctrl-C'd run needs --resume."""
+    from vision_ft.train import loop
+    from vision_ft.train.preemption import Interrupted
+
+    cfg = tiny_config(tmp_path)
+    monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopsAfter(2, ctrl_c=False))
+    with pytest.raises(Preempted):
+        FitRun(cfg, progress=False).run()
+    assert (tmp_path / "run" / MARKER).read_text() == "2\n"
+    monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopsAfter(2, ctrl_c=True))
+    with pytest.raises(Interrupted, match="interrupted at step 4"):
+        FitRun(cfg, progress=False).run()  # the same command: it resumes the preempted run
+    assert not (tmp_path / "run" / MARKER).exists()
+    with pytest.raises(RunDirError, match="pass --resume"):
+        FitRun(cfg, progress=False)

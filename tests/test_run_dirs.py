@@ -53,6 +53,11 @@ def test_a_refused_set_up_leaves_no_new_directory_behind(tmp_path):
     with pytest.raises(RuleError, match="matches no parameter"):
         FitRun(dataclasses.replace(cfg, output=str(kept), checkpoint_dir=None), progress=False)
     assert kept.is_dir() and not any(kept.iterdir())
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")  # an --output that is a file: refused after --checkpoint-dir was made
+    with pytest.raises(OutputDirError, match="is a file"):
+        FitRun(dataclasses.replace(cfg, output=str(a_file), freeze=()), progress=False)
+    assert not store.exists() and a_file.read_text() == "mine\n"
 
 
 def test_a_fit_into_the_output_of_a_fit_still_running_is_refused(tmp_path):

@@ -296,14 +296,17 @@ class FitRun:
             step, best_score, phase, trainer = self._resume()
         else:
             trainer = self._trainer(phase)
-        metrics_log, error = None, None
+        error = None
         try:  # each host reads the log in its own --output: one that is damaged stops all
-            metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None, write=primary)
+            if cfg.resume:
+                report.MetricsLog.read(self.out / "metrics.jsonl")
         except RunDirError as e:
             error = e
         stop_together(error, "metrics log")
         self._check_steps_fit(trainer, phase)  # after a resume's restore and checks: it compiles
-        # after a resume has restored: one that fails leaves the run's config.json as it was
+        # only once every check has passed is the run's directory changed: a refused resume leaves its
+        # metrics log (which a resume cuts back to the checkpoint), TensorBoard events and config
+        metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None, write=primary)
         if primary:
             self._write_run_config()
         has_val = "val" in self.data.splits
@@ -379,7 +382,8 @@ class FitRun:
                     progress.close()
                     metrics_log.close()
                     self.checkpoints.close()
-                    if watch.interrupted:  # the user's choice: the same command does not resume it
+                    if watch.interrupted:  # the user's choice: the same command does not resume it,
+                        clear_marker(self.out)  # even where this run was itself a preempted one's rerun
                         raise Interrupted(step, self.out)
                     mark_preempted(self.out, step)
                     raise Preempted(step, self.out)

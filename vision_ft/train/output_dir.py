@@ -23,7 +23,7 @@ from etils import epath
 
 from vision_ft.data.sources import Dataset
 from vision_ft.data.splitting import matches_split_file
-from vision_ft.output_dirs import absent_directories, make_directory
+from vision_ft.output_dirs import absent_directories, make_directory, remove_empty
 from vision_ft.train.checkpoint import check_checkpoint_storage, checkpoint_location, holds_checkpoint
 from vision_ft.train.config import FitConfig, resume_conflicts
 from vision_ft.train.distributed import check_shared_directory, is_primary, process_zero_says, stop_together
@@ -79,9 +79,11 @@ def claim_output_dir(cfg: FitConfig) -> OutputDir:
     try:
         stop_together(error, "--output")
         check_shared_directory(claimed.checkpoint_dir, "the checkpoint directory")
-    except BaseException:  # another host refused: this one's lock goes too
-        if claimed is not None and claimed.lock is not None:
-            claimed.lock.release()
+    except BaseException:  # another host refused: this one's lock and new, empty folders go too
+        if claimed is not None:
+            if claimed.lock is not None:
+                claimed.lock.release()
+            remove_empty(claimed.made)
         raise
     return claimed
 
@@ -153,10 +155,14 @@ def _checked_claim(cfg: FitConfig, *, preempted: bool) -> OutputDir:
             out,
         )
     made = [*absent_directories(out)]
-    if cfg.checkpoint_dir and "://" not in cfg.checkpoint_dir:  # Orbax would fail on a traceback
-        made += absent_directories(Path(cfg.checkpoint_dir))
-        make_directory(Path(cfg.checkpoint_dir), "--checkpoint-dir")
-    make_directory(out)
+    try:
+        if cfg.checkpoint_dir and "://" not in cfg.checkpoint_dir:  # Orbax would fail on a traceback
+            made += absent_directories(Path(cfg.checkpoint_dir))
+            make_directory(Path(cfg.checkpoint_dir), "--checkpoint-dir")
+        make_directory(out)
+    except BaseException:  # an --output that is a file: the checkpoint folders made for it go again
+        remove_empty(made)
+        raise
     return OutputDir(cfg, checkpoint_dir, saved, saved_by_release, tuple(made))
 
 
