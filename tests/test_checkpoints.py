@@ -165,6 +165,26 @@ def test_new_fine_tune_starts_from_an_earlier_run(tmp_path):
         FitRun(tiny_config(tmp_path, pretrained=f"run:{tmp_path}", output=str(tmp_path / "x")))
 
 
+def test_a_vit_run_fine_tuned_anew_at_another_size_gets_its_position_embeddings_resampled(tmp_path):
+    """A new fine-tune from a ViT run at another --img-size (progressive resizing, a higher-resolution
+    second stage) was refused: the run's pos_embed has another patch grid's length."""
+    from vision_ft.models.vit import resample_abs_pos_embed
+
+    FitRun(tiny_config(tmp_path, model="vit_tiny_patch16_224", epochs=1), progress=False).run()  # 32 px
+    saved = load_run_model(tmp_path / "run")
+    grown = load_run_model(tmp_path / "run", img_size=48)
+    assert (saved.grid_size, grown.grid_size) == ((2, 2), (3, 3))
+    before, after = numpy_state(saved, nnx.Param), numpy_state(grown, nnx.Param)
+    assert before.keys() == after.keys()
+    expected = resample_abs_pos_embed(before["pos_embed"], (3, 3), old_size=(2, 2), num_prefix_tokens=1)
+    assert after["pos_embed"].shape == (1, 10, 192)
+    np.testing.assert_allclose(after["pos_embed"], expected, rtol=1e-6, atol=1e-7)
+    for path in before.keys() - {"pos_embed"}:
+        np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    channels = grown.pretrained_cfg.input_size[0]
+    assert np.isfinite(np.asarray(grown(np.zeros((1, 48, 48, channels), np.float32)))).all()
+
+
 def test_abandoned_metadata_reads_of_a_damaged_checkpoint_are_hushed_and_nothing_else(caplog):
     """A damaged checkpoint's failed restore leaves tensorstore's other reads behind; one that was
     opening an array's metadata ends as a future nobody awaits, which asyncio logs with its whole

@@ -46,6 +46,8 @@ class PretrainedCfg:
 
 StateDict = dict[str, np.ndarray]
 StateDictFilter = Callable[[StateDict, nnx.Module], StateDict]
+# (the model a run saved, the model at another input size, its weights by NNX path) -> adapted weights
+SizeAdapter = Callable[[nnx.Module, nnx.Module, dict[tuple, np.ndarray]], dict[tuple, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class ModelEntry:
     classifier_aliases: tuple[str, ...] = ()
     # keys timm's state dict holds that carry no parameter (BatchNorm's step counter, buffers)
     ignore_keys: tuple[str, ...] = field(default=(r".*num_batches_tracked$",))
+    # for architectures with weights shaped by the input size (ViT's position embeddings): a run's
+    # weights made fit for the same model at another --img-size, as timm's filter does for checkpoints
+    adapt_to_img_size: SizeAdapter | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -403,6 +403,21 @@ def checkpoint_filter(state: StateDict, model: VisionTransformer, antialias: boo
     return state
 
 
+def adapt_to_img_size(
+    saved: VisionTransformer, model: VisionTransformer, weights: dict[tuple, np.ndarray]
+) -> dict[tuple, np.ndarray]:
+    """A run's weights, saved by ``saved``, for ``model``: the same architecture at another input size,
+    whose patch grid and so ``pos_embed`` differ (resampled as ``checkpoint_filter`` does)."""
+    path = ("pos_embed",)
+    if path not in weights or saved.grid_size == model.grid_size:
+        return weights
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    resampled = resample_abs_pos_embed(
+        np.asarray(weights[path]), model.grid_size, old_size=saved.grid_size, num_prefix_tokens=prefix
+    )
+    return {**weights, path: resampled}
+
+
 WEIGHT_RULES = (
     conv(r"patch_embed\.proj"),
     param(r"cls_token|reg_token|pos_embed"),
@@ -485,5 +500,6 @@ for _name, _config in CONFIGS.items():
             rules=WEIGHT_RULES,
             tags=_tags,
             filter_state_dict=checkpoint_filter,
+            adapt_to_img_size=adapt_to_img_size,
         )
     )

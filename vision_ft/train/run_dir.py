@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from vision_ft.models.factory import create_model
-from vision_ft.models.registry import PretrainedCfg
+from vision_ft.models.registry import PretrainedCfg, get_model_entry
 from vision_ft.train.checkpoint import (
     CheckpointMismatchError,
     RunCheckpoints,
@@ -161,18 +161,25 @@ def load_run_model(
     run_dir = Path(run_dir).expanduser()
     config = read_run_config(run_dir)
     restored = {}
+    entry = get_model_entry(config["model"])
+    resized = img_size is not None and img_size != config["img_size"] and entry.adapt_to_img_size is not None
 
     def checkpoint_weights(abstract: nnx.Module) -> dict[tuple, jax.Array]:
+        saved = _abstract_run_model(config) if resized else abstract  # the shapes the run saved
         # Orbax restores onto the device an eagerly built model's arrays would live on
         device = jnp.zeros(()).sharding
         target = {
-            "params": _on(nnx.state(abstract, nnx.Param), device),
-            "stats": _on(nnx.state(abstract, nnx.BatchStat), device),
+            "params": _on(nnx.state(saved, nnx.Param), device),
+            "stats": _on(nnx.state(saved, nnx.BatchStat), device),
             "step": jax.ShapeDtypeStruct((), np.int32, sharding=device),
         }
         restored.update(_restore(run_dir, config, target, which))
         flat = nnx.to_flat_state(nnx.merge_state(restored["params"], restored["stats"]))
-        return {tuple(path): var.get_value() for path, var in flat}
+        weights = {tuple(path): var.get_value() for path, var in flat}
+        if resized:
+            weights = entry.adapt_to_img_size(saved, abstract, weights)
+            log.info("%s: the run's %s px weights adapted to %s px", entry.name, config["img_size"], img_size)
+        return weights
 
     model = create_model(
         config["model"],
@@ -194,6 +201,18 @@ def load_run_model(
         model.reset_classifier(config["num_classes"], rngs=nnx.Rngs(params=seed))
         log.info("new head: the classes are %s, the run's were %s", list(class_names), config["class_names"])
     return model
+
+
+def _abstract_run_model(config: dict) -> nnx.Module:
+    """The run's model, abstract, at the run's own input size: the shapes its checkpoints hold."""
+
+    def build() -> nnx.Module:
+        return create_model(
+            config["model"], num_classes=config["num_classes"], in_chans=config["in_chans"],
+            img_size=config["img_size"],
+        )  # fmt: skip
+
+    return nnx.eval_shape(build)
 
 
 def unnamed_classes(names: Sequence[str]) -> bool:
