@@ -406,3 +406,19 @@ def test_a_ctrl_c_in_a_preempted_run_s_rerun_is_not_resumed_by_the_same_command(
     assert not (tmp_path / "run" / MARKER).exists()
     with pytest.raises(RunDirError, match="pass --resume"):
         FitRun(cfg, progress=False)
+
+
+def test_a_finished_one_epoch_run_without_its_latest_checkpoint_keeps_its_best(tmp_path):
+    """--resume took a one-epoch run whose latest checkpoint was gone for one that died before its
+    first save: it started again and discarded the best checkpoint, the run's only weights."""
+    import shutil
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    FitRun(cfg, progress=False).run()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(checkpoints / "latest")
+    best = sorted(p.name for p in (checkpoints / "best").iterdir())
+    assert best
+    with pytest.raises(RunDirError, match="no checkpoint in"):
+        FitRun(load_config(None, {**cfg.to_dict(), "resume": True}), progress=False).run()
+    assert sorted(p.name for p in (checkpoints / "best").iterdir()) == best

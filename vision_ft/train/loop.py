@@ -428,7 +428,9 @@ class FitRun:
         latest = self.checkpoints.latest_step()
         if latest is None:
             logged = report.MetricsLog.read(self.out / "metrics.jsonl")
-            if any(r["step"] > self.steps_per_epoch for r in logged):  # it saved, somewhere else
+            # past its first epoch, or finished (a one-epoch run's test record): it saved, somewhere
+            # else, and its best checkpoint is not to be discarded
+            if any(r["step"] > self.steps_per_epoch or r["split"] == "test" for r in logged):
                 raise RunDirError(f"--resume: no checkpoint in {self.checkpoint_dir}")
             # stopped between its first epoch's end and its first checkpoint (out of memory in the
             # first validation, killed): nothing to resume, and nothing to lose by starting again
