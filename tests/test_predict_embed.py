@@ -48,6 +48,12 @@ def test_embeddings_are_the_pre_logits_and_bit_identical_run_to_run(fitted, tmp_
         under_a_file = cli(*command, "--checkpoint", root / "run", "--output", tmp_path / "notes" / "x.npz")
         assert under_a_file.exit_code == 2, under_a_file.output
         assert "notes is a file, not a directory" in under_a_file.output
+        dangling = tmp_path / ("embed-link.npz" if command[0] == "embed" else "predict-link.csv")
+        dangling.symlink_to(tmp_path / "nowhere" / "x.npz")  # the file would be written at the end
+        through_a_link = cli(*command, "--checkpoint", root / "run", "--output", dangling)
+        assert through_a_link.exit_code == 2, through_a_link.output
+        assert "which does not exist" in through_a_link.output and "Traceback" not in through_a_link.output
+        assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,39 @@ def test_predict_refuses_a_probe_the_model_cannot_feed(small_folder, tmp_path):
     ], result.output
 
 
+@pytest.mark.parametrize(
+    "field, value, what",
+    [
+        ("in_chans", "3", "a positive channel count"),
+        ("in_chans", True, "a positive channel count"),
+        ("checkpoint", 5, "a run directory"),
+        ("zoo_model", ["test_resnet"], "a model name"),
+        ("layer", "x", "a stage or block index"),
+        ("dataset_classes", 5, "a list of class names"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_named_in_embeddings_and_probe_files(
+    small_folder, tmp_path, field, value, what
+):
+    """A hand-edited field failed later as a traceback: in the probe (len() of an int), or in predict
+    --probe (a str channel count divided)."""
+    train = blob_file(tmp_path / "train.npz", "train", 40, 0, **{field: value})
+    val = blob_file(tmp_path / "val.npz", "val", 20, 1)
+    result = cli("probe", "--train", train, "--val", val, "--output", tmp_path / "probe")
+    assert error_lines(result) == [f"error: {train}: metadata {field} {value!r} is not {what}"], result.output
+    assert result.exit_code == 2 and not (tmp_path / "probe").exists()
+    probe_dir = tmp_path / "made"
+    probe_dir.mkdir()
+    (probe_dir / SOURCE_FILE).write_text(json.dumps({**MADE_BY, field: value}))
+    LinearProbe(np.zeros((96, 2), np.float32), np.zeros(2, np.float32), np.zeros(96, np.float32),
+                np.ones(96, np.float32), 0.1, ("cat", "dog")).save(probe_dir / PROBE_FILE)  # fmt: skip
+    out = tmp_path / "preds.csv"
+    result = cli("predict", "--probe", probe_dir, "--input", small_folder, "--output", out)
+    culprit = f"error: {probe_dir / SOURCE_FILE}: metadata {field} {value!r} is not {what}"
+    assert error_lines(result) == [culprit], result.output
+    assert result.exit_code == 2 and not out.exists()
+
+
 def test_the_probe_refuses_val_or_test_examples_it_is_fitted_on(tmp_path):
     val_ids = [f"/images/val/{i}.png" for i in range(20)]
     everything = [f"/images/train/{i}.png" for i in range(30)] + val_ids[:10]  # embed --split all

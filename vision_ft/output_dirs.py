@@ -56,6 +56,8 @@ def refuse_unwritable_file(path: Path) -> None:
     work that fills it (an embedding of a whole split), not after."""
     if path.exists():
         raise OutputDirError(f"--output {path} exists; not overwriting it")
+    if path.is_symlink():  # a link to nothing: the exclusive create at the end would fail on it
+        raise OutputDirError(f"--output {path} is a link to {os.readlink(path)}, which does not exist")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -142,7 +142,37 @@ def read_embeddings(path: str | Path) -> Embeddings:
         )
     if not isinstance(read.metadata, dict):
         raise EmbeddingFileError(f"{path}: its metadata is not a JSON object")
+    check_metadata_fields(path, read.metadata)
     return read
+
+
+# the metadata fields that probe and predict act on, as embed writes them (each may be null)
+_METADATA_FIELDS = {
+    "checkpoint": (str, "a run directory"),
+    "zoo_model": (str, "a model name"),
+    "pretrained": ((str, bool), "a weights source"),
+    "data": (str, "a --data spec"),
+    "tta": (str, "none or flip"),
+    "in_chans": (int, "a positive channel count"),
+    "layer": (int, "a stage or block index"),
+    "dataset_classes": (list, "a list of class names"),
+}
+
+
+def check_metadata_fields(where: str | Path, metadata: dict) -> None:
+    """Raise ``EmbeddingFileError`` naming ``where`` if a field embed writes has another type: a file
+    made or edited by hand would otherwise fail later, in the middle of a probe or a prediction."""
+    for key, (kinds, what) in _METADATA_FIELDS.items():
+        value = metadata.get(key)
+        if value is None:
+            continue
+        fits = isinstance(value, kinds) and (not isinstance(value, bool) or kinds == (str, bool))
+        if fits and key == "in_chans":
+            fits = value > 0
+        if fits and key == "dataset_classes":
+            fits = all(isinstance(name, str) for name in value)
+        if not fits:
+            raise EmbeddingFileError(f"{where}: metadata {key} {value!r} is not {what}")
 
 
 def _class_indices(path: Path, labels: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 
 from vision_ft.data.errors import DataError
 from vision_ft.data.sources import recorded_data
-from vision_ft.infer.embeddings import Embeddings, read_embeddings
+from vision_ft.infer.embeddings import Embeddings, check_metadata_fields, read_embeddings
 from vision_ft.infer.predictor import Predictor, embedding_dim, from_pretrained, from_run
 from vision_ft.output_dirs import make_directory, refuse_used_directory
 from vision_ft.train.metrics import classification_metrics
@@ -235,6 +235,10 @@ def _probe_source(path: Path) -> dict:
         raise DataError(f"{path}: unreadable ({e})") from None
     if not isinstance(source, dict):
         raise DataError(f"{path}: not the metadata of a probe's embeddings (a JSON object)")
+    try:
+        check_metadata_fields(path, source)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     missing = _missing_source(source)
     if missing:
         raise DataError(f"{path}: names no checkpoint, and misses {', '.join(missing)}")
