@@ -219,3 +219,40 @@ def test_pth_whose_views_copy_out_far_more_than_the_file_holds_is_refused(tmp_pa
         tmp_path / "tied.pth", storage, **{name: views[name] for name in ("w0", "w1")}
     )
     assert set(load_torch_state_dict(tied)) == {"w0", "w1"}
+
+
+def test_pth_storage_that_unpacks_beyond_its_declared_size_is_refused(tmp_path):
+    """A storage entry was unpacked whole, unchecked: 40 KB of deflated zeros in a .pth made the
+    reader hold 40 MB for a 4-element tensor (any file size times about a thousand)."""
+    path = tmp_path / "small.pth"
+    torch.save({"w": torch.ones(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    [storage_name] = [name for name in entries if name.endswith("/data/0")]
+    for name, payload, problem in (
+        ("bomb.pth", bytes(40 * 2**20), "unpacks to 41943040 bytes, but its record declares 16"),
+        ("deflated.pth", bytes(16), None),  # the declared size, deflated: not torch's way, no bomb
+    ):
+        crafted = tmp_path / name
+        with zipfile.ZipFile(crafted, "w") as archive:
+            for entry, data in entries.items():
+                compression = zipfile.ZIP_DEFLATED if entry == storage_name else zipfile.ZIP_STORED
+                archive.writestr(entry, payload if entry == storage_name else data, compression)
+        if problem is None:
+            np.testing.assert_array_equal(load_torch_state_dict(crafted)["w"], np.zeros(4, np.float32))
+        else:
+            with pytest.raises(pickle.UnpicklingError, match=problem):
+                load_torch_state_dict(crafted)
+
+
+def test_legacy_pth_storage_declaring_more_than_the_file_holds_is_refused(tmp_path):
+    path = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    header = (4).to_bytes(8, "little", signed=True)  # the storage's element count, before its data
+    assert raw.count(header) == 1
+    for numel in (2**40, -1):
+        crafted = tmp_path / f"legacy_{numel}.pth"
+        crafted.write_bytes(raw.replace(header, numel.to_bytes(8, "little", signed=True)))
+        with pytest.raises(pickle.UnpicklingError, match=f"declares {numel} elements"):
+            load_torch_state_dict(crafted)

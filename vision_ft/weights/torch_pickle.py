@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import io
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -235,9 +236,31 @@ def _load_zip(path: Path) -> object:
         obj = _weights_of(_RestrictedUnpickler(io.BytesIO(archive.read(pkl_name)), storages).load())
         for key in _storage_keys(obj):
             storage = storages[key]
-            raw = archive.read(f"{prefix}data/{storage.key}")
-            storage.data = np.frombuffer(raw, dtype=storage.dtype)
+            name = f"{prefix}data/{storage.key}"
+            _check_storage_size(storage, archive.getinfo(name))
+            storage.data = np.frombuffer(archive.read(name), dtype=storage.dtype)
     return obj
+
+
+# torch.save stores storages uncompressed; a compressed entry may not expand more than this
+_LARGEST_COMPRESSION = 64
+
+
+def _check_storage_size(storage: _Storage, info: zipfile.ZipInfo) -> None:
+    """Refuse a storage entry that unpacks to another size than its record declares, or far beyond
+    its packed size: a few KB of deflated zeros would otherwise take any amount of memory."""
+    declared = None if storage.numel is None else storage.numel * np.dtype(storage.dtype).itemsize
+    if declared is not None and info.file_size != declared:
+        raise pickle.UnpicklingError(
+            f"storage {storage.key} unpacks to {info.file_size} bytes, but its record declares {declared}"
+        )
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _LARGEST_COMPRESSION * max(
+        info.compress_size, 1
+    ):
+        raise pickle.UnpicklingError(
+            f"storage {storage.key} unpacks from {info.compress_size} to {info.file_size} bytes; "
+            "torch.save stores storages uncompressed"
+        )
 
 
 def _load_legacy(path: Path) -> object:
@@ -251,10 +274,16 @@ def _load_legacy(path: Path) -> object:
         obj = _weights_of(_RestrictedUnpickler(f, storages).load())
         needed = _storage_keys(obj)
         keys = _RestrictedUnpickler(f, storages).load()
+        size = os.fstat(f.fileno()).st_size
         for key in keys:
             storage = storages[str(key)]
             (numel,) = struct.unpack("<q", f.read(8))
             nbytes = numel * np.dtype(storage.dtype).itemsize
+            if numel < 0 or nbytes > size - f.tell() or storage.numel not in (None, numel):
+                raise pickle.UnpicklingError(
+                    f"storage {storage.key} declares {numel} elements, which the file "
+                    f"({size - f.tell()} bytes left) or its record ({storage.numel}) does not hold"
+                )
             if storage.key not in needed:
                 f.seek(nbytes, io.SEEK_CUR)
                 continue
