@@ -123,6 +123,17 @@ def test_safetensors_loading_needs_no_torch(resnet18_ckpt):
     assert out.stdout.strip() == "1000"
 
 
+def test_bf16_safetensors_read_as_torch_wrote_them(tmp_path):
+    """Hub repos may ship bf16 weights only; safetensors' numpy reader knows bfloat16 by the name
+    ml_dtypes gives numpy."""
+    weights = {"w": torch.randn(3, 2).bfloat16(), "b": torch.ones(2)}
+    path = tmp_path / "bf16.safetensors"
+    save_file(weights, str(path))
+    state = sources.read_checkpoint(path)
+    assert (str(state["w"].dtype), state["b"].dtype) == ("bfloat16", np.float32)
+    np.testing.assert_array_equal(state["w"].astype(np.float32), weights["w"].float().numpy())
+
+
 @pytest.mark.parametrize("in_chans", [1, 4, 13])
 def test_in_chans_adapted_like_timm(tmp_path, resnet18_ckpt, in_chans):
     _, path = resnet18_ckpt

@@ -58,6 +58,7 @@ def read_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
         raise WeightSourceError(f"checkpoint {path} does not exist")
     try:
         if path.suffix == ".safetensors":
+            import ml_dtypes  # noqa: F401 - names bfloat16 for numpy, which bf16 files need
             from safetensors.numpy import load_file
 
             return dict(load_file(str(path)))
