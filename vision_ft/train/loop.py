@@ -296,17 +296,16 @@ class FitRun:
             step, best_score, phase, trainer = self._resume()
         else:
             trainer = self._trainer(phase)
-        error = None
+        self._check_steps_fit(trainer, phase)  # after a resume's restore and checks: it compiles
+        # only once every check has passed is the run's directory changed: a refused resume leaves its
+        # metrics log (which a resume cuts back to the checkpoint), TensorBoard events and config. The
+        # claim read a resumed log already, so a damaged one was refused before the compile
+        metrics_log, error = None, None
         try:  # each host reads the log in its own --output: one that is damaged stops all
-            if cfg.resume:
-                report.MetricsLog.read(self.out / "metrics.jsonl")
+            metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None, write=primary)
         except RunDirError as e:
             error = e
         stop_together(error, "metrics log")
-        self._check_steps_fit(trainer, phase)  # after a resume's restore and checks: it compiles
-        # only once every check has passed is the run's directory changed: a refused resume leaves its
-        # metrics log (which a resume cuts back to the checkpoint), TensorBoard events and config
-        metrics_log = report.MetricsLog(self.out, resume_step=step if cfg.resume else None, write=primary)
         if primary:
             self._write_run_config()
         has_val = "val" in self.data.splits
